@@ -1,0 +1,336 @@
+"""Typed configuration for every stage: dataclasses, YAML files, and `--set key=value` overrides.
+
+    cfg = load_config("configs/pretrain/demo.yaml", ["optim.lr=1e-4", "model.variant=small"])
+    save_config(cfg, "runs/x/config.yaml")   # the resolved config; loads back to an equal one
+
+A YAML file holds only what differs from the defaults below. An unknown key, a value of the wrong
+type or an impossible value is a `ConfigError` whose message names the key (and the file or the
+override it came from).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from crate_mae.model.variants import VARIANTS
+
+
+class ConfigError(ValueError):
+    """A configuration value at fault; the message names the key."""
+
+
+def _doc(default: Any, doc: str) -> Any:
+    """A dataclass field with its one-line documentation (shown by `config_help` and `--help`)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    """The network. Unset sizes come from the `variant` row; a set one overrides it."""
+
+    variant: str = _doc("base", f"row of the size table: {', '.join(VARIANTS)}")
+    dim: Optional[int] = _doc(None, "width d (default: the variant's)")
+    heads: Optional[int] = _doc(None, "attention heads H; d must divide by H (default: the variant's)")
+    encoder_depth: Optional[int] = _doc(None, "encoder layers (default: the variant's)")
+    decoder_depth: Optional[int] = _doc(None, "decoder layers (default: the variant's)")
+    img_size: Optional[int] = _doc(None, "square image side in pixels (default: the variant's)")
+    patch_size: Optional[int] = _doc(None, "patch side in pixels; must divide img_size (default: the variant's)")
+    eta: float = _doc(0.1, "ISTA step size η")
+    lambd: Optional[float] = _doc(None, "ISTA sparsity λ (default: 0.5 for CRATE-MAE, 0.1 for a classifier from scratch)")
+    mask_ratio: float = _doc(0.75, "fraction of patches masked in pretraining, in (0, 1)")
+    norm_pix_loss: bool = _doc(False, "regress per-patch normalised pixels (MAE's norm_pix_loss)")
+    pool: Literal["cls", "mean"] = _doc("cls", "classifier pooling: the CLS token or the mean of patch tokens")
+    num_classes: int = _doc(1000, "classifier outputs")
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"model.variant: unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        row = VARIANTS[self.variant]
+        for name in ("dim", "heads", "encoder_depth", "decoder_depth", "img_size", "patch_size"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(row, name))
+            _require(getattr(self, name) > 0, f"model.{name}", "must be positive", getattr(self, name))
+        _require(self.dim % self.heads == 0, "model.heads", f"width {self.dim} is not divisible by heads", self.heads)
+        _require(self.dim % 4 == 0, "model.dim", "must be divisible by 4 (2-D sin-cos table), got", self.dim)
+        _require(self.img_size % self.patch_size == 0, "model.img_size",
+                 f"must be divisible by model.patch_size {self.patch_size}, got", self.img_size)
+        _require(0 < self.mask_ratio < 1, "model.mask_ratio", "must lie in (0, 1), got", self.mask_ratio)
+        _require(self.eta > 0, "model.eta", "must be positive, got", self.eta)
+        _require(self.lambd is None or self.lambd >= 0, "model.lambd", "must be >= 0, got", self.lambd)
+        _require(self.num_classes > 0, "model.num_classes", "must be positive, got", self.num_classes)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are batched."""
+
+    train_shards: Optional[str] = _doc(None, "training shards: a path, brace pattern or URL (default: the bundled demo set)")
+    val_shards: Optional[str] = _doc(None, "evaluation shards, read exactly once per evaluation")
+    batch_size: int = _doc(64, "images per device per step (global batch = batch_size × devices × accum_steps)")
+    num_workers: int = _doc(4, "data-loading processes per device")
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, "data.batch_size", "must be positive, got", self.batch_size)
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0, got", self.num_workers)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (warm-up, then cosine, updated every iteration)."""
+
+    optimizer: Literal["adamw", "lion"] = _doc("adamw", "adamw (torch) or lion (lion-pytorch)")
+    lr: Optional[float] = _doc(None, "absolute peak learning rate (default: blr × global batch / 256)")
+    blr: float = _doc(1.5e-4, "base learning rate per 256 images, scaled as MAE does")
+    min_lr: float = _doc(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = _doc(0.05, "decoupled weight decay (none on norms, biases and tokens)")
+    betas: tuple[float, float] = _doc((0.9, 0.95), "AdamW / Lion betas")
+    epochs: int = _doc(800, "training epochs")
+    warmup_epochs: float = _doc(40.0, "linear warm-up epochs")
+    accum_steps: int = _doc(1, "micro-batches accumulated per optimiser step")
+    clip_grad: Optional[float] = _doc(None, "clip the global gradient norm to this value (None: no clipping)")
+
+    def __post_init__(self) -> None:
+        _require(self.lr is None or self.lr > 0, "optim.lr", "must be positive, got", self.lr)
+        _require(self.blr > 0, "optim.blr", "must be positive, got", self.blr)
+        _require(self.min_lr >= 0, "optim.min_lr", "must be >= 0, got", self.min_lr)
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0, got", self.weight_decay)
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", "must lie in [0, 1), got", self.betas)
+        _require(self.epochs > 0, "optim.epochs", "must be positive, got", self.epochs)
+        _require(0 <= self.warmup_epochs <= self.epochs, "optim.warmup_epochs",
+                 f"must lie in [0, optim.epochs={self.epochs}], got", self.warmup_epochs)
+        _require(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1, got", self.accum_steps)
+        _require(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad", "must be positive, got", self.clip_grad)
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, how it computes, and how often it logs and saves."""
+
+    name: str = _doc("crate-mae", "run name: outputs go to out_dir/name")
+    out_dir: str = _doc("runs", "folder that holds the runs")
+    seed: int = _doc(0, "seed for weights, masking and data order")
+    device: str = _doc("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _doc("auto", "auto: bf16 on GPUs that have it, fp32 on CPU")
+    compile: bool = _doc(False, "torch.compile the model")
+    log_every: int = _doc(20, "optimiser steps between log lines")
+    ckpt_every: int = _doc(1000, "optimiser steps between checkpoints")
+    keep_last: int = _doc(2, "periodic checkpoints kept besides the final one")
+    resume: Optional[str] = _doc(None, "'auto' (the run's latest checkpoint) or a checkpoint path")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty folder name, got", self.name)
+        for name in ("log_every", "ckpt_every"):
+            _require(getattr(self, name) > 0, f"run.{name}", "must be positive, got", getattr(self, name))
+        _require(self.keep_last >= 0, "run.keep_last", "must be >= 0, got", self.keep_last)
+
+
+@dataclass
+class Config:
+    """Everything one run needs; sections `model`, `data`, `optim`, `run`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _require(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message} {value!r}")
+
+
+# ----------------------------------------------------------------------------- typing and coercion
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """Optional[X] → (X, True); X → (X, False)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert the lossless cases (int → float)."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: expected {_type_name(inner)}, got null")
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        if value in typing.get_args(inner):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(inner)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif inner is bool:
+        if isinstance(value, bool):
+            return value
+    elif inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif inner is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{key}: unsupported annotation {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(inner)}, got {value!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Construct dataclass `cls` from a nested dict, checking every key and type on the way."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
+    hints, names = _hints(cls), [f.name for f in fields(cls)]
+    for key in data:
+        if key not in names:
+            raise _unknown(prefix + str(key), names)
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        kwargs[name] = _build(tp, value, f"{prefix}{name}.") if is_dataclass(tp) else _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """'optim.lr=1e-4' → (['optim', 'lr'], 0.0001), parsed by the type of the field it names."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+    key, raw = item.split("=", 1)
+    path, cls = key.strip().split("."), Config
+    for depth, part in enumerate(path):
+        names = [f.name for f in fields(cls)] if is_dataclass(cls) else []
+        if part not in names:
+            raise ConfigError(f"--set {item!r}: " + str(_unknown(".".join(path[: depth + 1]), names)))
+        cls = _hints(cls)[part]
+    if is_dataclass(cls):
+        raise ConfigError(f"--set {item!r}: '{key}' is a section; set one of its keys, e.g. {key}.{fields(cls)[0].name}=...")
+    inner, optional = _unwrap_optional(cls)
+    if inner is str or (typing.get_origin(inner) is Literal and all(isinstance(a, str) for a in typing.get_args(inner))):
+        value: Any = None if optional and raw.strip().lower() in ("null", "none", "~") else raw
+    else:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return path, _coerce(value, cls, key)
+    except ConfigError as err:
+        raise ConfigError(f"--set {item!r}: {err}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The defaults, updated by the YAML file at `path` (if any), then by each `KEY=VALUE` override."""
+    data: dict[str, Any] = {}
+    origin = "the defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for part in keys[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[keys[-1]] = value
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    try:
+        return _build(Config, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of the config (tuples become lists, as YAML writes them)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+    return plain(asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (a temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def config_help(cls: type = Config, prefix: str = "") -> str:
+    """One line per key: `section.key  default  doc`, for `--help`."""
+    lines = []
+    for f in fields(cls):
+        tp = _hints(cls)[f.name]
+        if is_dataclass(tp):
+            lines.append(config_help(tp, f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not MISSING else "?"
+            lines.append(f"  {prefix + f.name:<22} {default!r:<12} {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    """`--config FILE` and `--set KEY=VALUE ...` (repeatable), with every key listed in `--help`."""
+    parser.add_argument("--config", default=default_config, metavar="FILE",
+                        help=f"YAML file of values that differ from the defaults (default: {default_config})")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set optim.lr=1e-4 model.variant=small (repeatable)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (parser.epilog or "") + "\nconfig keys (--set KEY=VALUE), defaults and meaning:\n" + config_help()
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config named by parsed `add_config_args` arguments."""
+    return load_config(args.config, [item for group in args.overrides for item in group])

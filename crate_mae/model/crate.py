@@ -1,0 +1,161 @@
+"""The two CRATE operators and the layers built from them (SPEC.md, "The two CRATE layers").
+
+Each layer is one step of sparse rate reduction on the token matrix Z (rows are tokens):
+MSSA compresses the tokens against H learned subspaces, ISTA sparsifies them in a dictionary D.
+Legend: B batch, N tokens, d width, H heads, p = d/H head width. `F.linear(x, W) = x Wᵀ`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def xavier_linear(dim_in: int, dim_out: int, *, bias: bool) -> nn.Linear:
+    """A Linear with Xavier-uniform weight and zero bias, as the released model initialises all of them."""
+    linear = nn.Linear(dim_in, dim_out, bias=bias)
+    nn.init.xavier_uniform_(linear.weight)
+    if bias:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+class MSSA(nn.Module):
+    """Multi-head subspace self-attention.
+
+    With one shared projection W = Z Uᵀ (queries = keys = values) split into heads W_h (B, H, N, p):
+        A_h = softmax(W_h W_hᵀ / √p),   O_h = A_h W_h,   MSSA(Z) = [O_1 … O_H] Wₒᵀ + b.
+    The paper writes the output operator as U itself; the released model (and so this one) has a
+    separate output Linear `proj`, so that its checkpoint loads.
+    """
+
+    def __init__(self, *, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.U = xavier_linear(dim, dim, bias=False)
+        self.proj = xavier_linear(dim, dim, bias=True)
+
+    def _project(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, N, d) → W split into heads (B, H, N, p)."""
+        b, n, d = z.shape
+        return self.U(z).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def _merge(self, o: torch.Tensor) -> torch.Tensor:
+        """O (B, H, N, p) → proj(concat heads) (B, N, d)."""
+        b, h, n, p = o.shape
+        return self.proj(o.transpose(1, 2).reshape(b, n, h * p))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, N, d) → (B, N, d), through fused attention (flash / memory-efficient / cuDNN kernels)."""
+        w = self._project(z)  # (B, H, N, p)
+        return self._merge(F.scaled_dot_product_attention(w, w, w))  # default scale 1/√p
+
+    def attention(self, z: torch.Tensor) -> torch.Tensor:
+        """The explicit attention maps A_h = softmax(W_h W_hᵀ / √p): z (B, N, d) → (B, H, N, N)."""
+        w = self._project(z)
+        return torch.softmax(w @ w.transpose(-2, -1) * w.shape[-1] ** -0.5, dim=-1)
+
+    def forward_reference(self, z: torch.Tensor) -> torch.Tensor:
+        """The same output as `forward` through the explicit softmax: the test oracle."""
+        return self._merge(self.attention(z) @ self._project(z))
+
+
+class ISTA(nn.Module):
+    """One ISTA step toward a non-negative sparse code of u in the dictionary D (d, d).
+
+    Column-vector notation: ISTA(u) = ReLU(u + η·Dᵀ(u − D u) − η·λ). In row form, with two matrix
+    products instead of the released model's three (Dᵀu − DᵀDu = Dᵀ(u − Du) exactly):
+        ReLU(u + η·(u − u Dᵀ) D − η·λ).
+    D is a bare parameter initialised Kaiming-uniform with PyTorch's default arguments, as released.
+    """
+
+    def __init__(self, *, dim: int, eta: float, lambd: float) -> None:
+        super().__init__()
+        self.D = nn.Parameter(torch.empty(dim, dim))
+        nn.init.kaiming_uniform_(self.D)
+        self.eta, self.lambd = eta, lambd
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, N, d) → sparse code (B, N, d)."""
+        residual = u - F.linear(u, self.D)  # (u − D u) in row form, (B, N, d)
+        return F.relu(u + self.eta * (residual @ self.D) - self.eta * self.lambd)
+
+    def forward_reference(self, u: torch.Tensor) -> torch.Tensor:
+        """The released three-product form ReLU(u + η·(Dᵀu − DᵀDu) − η·λ): the test oracle."""
+        d_u = F.linear(u, self.D)  # D u
+        grad = F.linear(u, self.D.t()) - F.linear(d_u, self.D.t())  # Dᵀu − DᵀD u
+        return F.relu(u + self.eta * grad - self.eta * self.lambd)
+
+    def extra_repr(self) -> str:
+        return f"eta={self.eta}, lambd={self.lambd}"
+
+
+class EncoderLayer(nn.Module):
+    """One CRATE layer: z½ = z + MSSA(LN₁(z));  z⁺ = ISTA(LN₂(z½)).
+
+    There is no residual around ISTA: its own `u +` term is the skip, on the normalised input.
+    """
+
+    def __init__(self, *, dim: int, heads: int, eta: float, lambd: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)  # in-layer norms keep PyTorch's eps 1e-5, as released
+        self.attn = MSSA(dim=dim, heads=heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ista = ISTA(dim=dim, eta=eta, lambd=lambd)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, N, d) → (B, N, d)."""
+        z = z + self.attn(self.norm1(z))
+        return self.ista(self.norm2(z))
+
+
+class DecoderLayer(nn.Module):
+    """The approximate inverse of an encoder layer: g = LN₁(z) Aᵀ;  z⁺ = g − MSSA(LN₂(g)).
+
+    A (d, d) undoes the sparse coding (a bare parameter, Kaiming-uniform, as released); the MSSA
+    step is then taken backwards (minus instead of plus), expanding what the encoder compressed.
+    """
+
+    def __init__(self, *, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.A = nn.Parameter(torch.empty(dim, dim))
+        nn.init.kaiming_uniform_(self.A)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn = MSSA(dim=dim, heads=heads)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, N, d) → (B, N, d)."""
+        g = F.linear(self.norm1(z), self.A)
+        return g - self.attn(self.norm2(g))
+
+
+class LayerStack(nn.Module):
+    """Layers applied in order, then a final LayerNorm (eps 1e-6)."""
+
+    def __init__(self, layers: list[nn.Module], *, dim: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, d) → (B, N, d)."""
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+class Encoder(LayerStack):
+    """`depth` CRATE encoder layers (the compression-and-sparsification half)."""
+
+    def __init__(self, *, dim: int, heads: int, depth: int, eta: float, lambd: float) -> None:
+        super().__init__([EncoderLayer(dim=dim, heads=heads, eta=eta, lambd=lambd) for _ in range(depth)], dim=dim)
+
+
+class Decoder(LayerStack):
+    """`depth` CRATE decoder layers, with weights of their own (not tied to the encoder's)."""
+
+    def __init__(self, *, dim: int, heads: int, depth: int) -> None:
+        super().__init__([DecoderLayer(dim=dim, heads=heads) for _ in range(depth)], dim=dim)

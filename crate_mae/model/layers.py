@@ -1,0 +1,119 @@
+"""Patch embedding, the fixed 2-D sin-cos position table, and patchify / unpatchify.
+
+Legend: B batch, N = h·w patches, d width, p patch side, P = 3·p·p pixels per patch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def grid_size(img_hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """Patch grid (h, w) of an image of size (H, W); an error if the patch does not divide it."""
+    height, width = img_hw
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
+    return height // patch_size, width // patch_size
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches → d-dim tokens: a p×p stride-p convolution 3→d with bias.
+
+    The weight is Xavier-uniform on its flattened (d, 3·p·p) view, as MAE initialises it, so that
+    the convolution starts like the Linear layer it is.
+    """
+
+    def __init__(self, *, patch_size: int, dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """img (B, 3, H, W) → tokens (B, N, d) in row-major patch order, and the grid (h, w)."""
+        grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
+        x = self.proj(img)  # (B, d, h, w)
+        return x.flatten(2).transpose(1, 2), grid  # (B, N, d)
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """pos (M,) → (M, dim): [sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(−2k/dim), k < dim/2."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.to(torch.float64)[:, None] * omega[None, :]  # (M, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_pos_table(dim: int, grid: tuple[int, int], *, cls_token: bool = True) -> torch.Tensor:
+    """The fixed 2-D sin-cos position table (1 + h·w, d), with a zero row for CLS first.
+
+    Channels [0, d/2) encode the patch's column and [d/2, d) its row: MAE's table (its meshgrid
+    puts w first), which the released CRATE-MAE checkpoint stores, so the two agree to float
+    precision. Rows follow the row-major patch order of `PatchEmbed`.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position table needs a width divisible by 4, got {dim}")
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
+    table = torch.cat([_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)
+    return table.float()  # (1 + h·w, d)
+
+
+class SinCosPosition(nn.Module):
+    """Adds the fixed sin-cos table to a CLS-first token sequence, for any patch grid.
+
+    The table for the grid the model was built for is a non-persistent buffer (it is a function
+    of (d, h, w), so it never enters a state dict and cannot be trained by mistake); other grids,
+    as for a classifier fine-tuned at another resolution, get their table computed on the fly.
+    """
+
+    def __init__(self, *, dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.dim, self.grid = dim, tuple(grid)
+        self.register_buffer("table", sincos_pos_table(dim, self.grid)[None], persistent=False)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """x (B, 1 + h·w, d) → x + table (B, 1 + h·w, d)."""
+        if tuple(grid) == self.grid:
+            table = self.table
+        else:
+            table = sincos_pos_table(self.dim, grid)[None].to(x.device)
+        return x + table.to(x.dtype)
+
+
+def prepend_cls(x: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
+    """x (B, N, d), cls_token (1, 1, d) → (B, 1 + N, d) with CLS first."""
+    return torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+def patchify(img: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """img (B, C, H, W) → (B, h·w, p·p·C), pixels in (row, col, channel) order inside a patch.
+
+    This is the order of the released model's prediction head and MAE's, so `pred` rows line up.
+    """
+    b, c, _, _ = img.shape
+    h, w = grid_size((img.shape[-2], img.shape[-1]), patch_size)
+    x = img.reshape(b, c, h, patch_size, w, patch_size)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(b, h * w, patch_size * patch_size * c)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
+    """(B, h·w, p·p·C) → img (B, C, h·p, w·p); the inverse of `patchify`.
+
+    `grid` (h, w) is needed only for non-square grids; a square one is inferred from N.
+    """
+    b, n, length = x.shape
+    if length != patch_size * patch_size * channels:
+        raise ValueError(f"patch length {length} != {patch_size}·{patch_size}·{channels}")
+    if grid is None:
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise ValueError(f"{n} patches make no square grid; pass grid=(h, w)")
+        grid = (side, side)
+    h, w = grid
+    x = x.reshape(b, h, w, patch_size, patch_size, channels)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+    return x.reshape(b, channels, h * patch_size, w * patch_size)

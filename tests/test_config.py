@@ -1,0 +1,133 @@
+"""Config: YAML and --set overrides, errors that name the key, and the resolved config written back."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from crate_mae.config import (Config, ConfigError, ModelConfig, add_config_args, config_from_args, load_config,
+                              save_config)
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_resolve_the_variant() -> None:
+    cfg = load_config()
+    assert cfg == Config()
+    assert (cfg.model.dim, cfg.model.heads, cfg.model.encoder_depth, cfg.model.img_size) == (768, 12, 12, 224)
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "model:\n  variant: small\noptim:\n  lr: 1e-3\n  betas: [0.9, 0.99]\n")
+    cfg = load_config(path, ["optim.lr=1e-4", "model.heads=8", "run.resume=auto", "optim.clip_grad=null"])
+    assert cfg.model.dim == 576 and cfg.model.heads == 8
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.9, 0.99)
+    assert cfg.run.resume == "auto" and cfg.optim.clip_grad is None
+
+
+def test_an_explicit_size_overrides_the_variant() -> None:
+    cfg = load_config(None, ["model.variant=tiny", "model.encoder_depth=3"])
+    assert (cfg.model.dim, cfg.model.encoder_depth, cfg.model.decoder_depth) == (384, 3, 12)
+
+
+def test_int_is_accepted_for_float_and_yaml_exponent_strings(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "optim:\n  blr: 1\n  min_lr: 1e-6\n"))
+    assert cfg.optim.blr == 1.0 and cfg.optim.min_lr == 1e-6
+
+
+@pytest.mark.parametrize("text, key", [
+    ("optim:\n  lrr: 0.1\n", "optim.lrr"),
+    ("modle:\n  dim: 8\n", "modle"),
+    ("model:\n  variant: base\n  depth: 3\n", "model.depth"),
+])
+def test_unknown_key_in_yaml_is_named(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"{path}.*unknown key '{key}'"):
+        load_config(path)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"did you mean 'optim\.lr'"):
+        load_config(write(tmp_path, "optim:\n  lrr: 0.1\n"))
+    with pytest.raises(ConfigError, match=r"--set 'optim\.wieght_decay=0'.*weight_decay"):
+        load_config(None, ["optim.wieght_decay=0"])
+
+
+@pytest.mark.parametrize("text, key", [
+    ("optim:\n  lr: fast\n", "optim.lr"),
+    ("model:\n  dim: 64.5\n", "model.dim"),
+    ("model:\n  norm_pix_loss: 1\n", "model.norm_pix_loss"),
+    ("model:\n  pool: max\n", "model.pool"),
+    ("optim:\n  betas: [0.9]\n", "optim.betas"),
+    ("optim:\n  epochs: null\n", "optim.epochs"),
+    ("optim: 3\n", "optim"),
+])
+def test_wrong_type_is_named(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"\b{key}\b"):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.dim=100", "model.heads"),  # 100 is not divisible by base's 12 heads
+    ("model.img_size=225", "model.img_size"),
+    ("model.mask_ratio=1.0", "model.mask_ratio"),
+    ("model.mask_ratio=0", "model.mask_ratio"),
+    ("model.variant=huge", "model.variant"),
+    ("optim.warmup_epochs=900", "optim.warmup_epochs"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("optim.lr=-1", "optim.lr"),
+])
+def test_impossible_values_are_named(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}:"):
+        load_config(None, [override])
+
+
+def test_malformed_overrides_and_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="'optim' is a section"):
+        load_config(None, ["optim=3"])
+    with pytest.raises(ConfigError, match=r"--set 'data.batch_size=many'.*data\.batch_size"):
+        load_config(None, ["data.batch_size=many"])
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_direct_construction_is_checked_too() -> None:
+    with pytest.raises(ConfigError, match="model.heads"):
+        ModelConfig(variant="nano", heads=5)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.variant=small", "optim.betas=[0.8, 0.9]", "optim.lr=2e-4", "run.name=x"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert "dim: 576" in (tmp_path / "run" / "config.yaml").read_text()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]  # no temp file left
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_bundled_config_loads(path: Path) -> None:
+    load_config(path)
+
+
+def test_argparse_helpers() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    args = parser.parse_args(["--set", "optim.lr=1e-4", "model.variant=nano", "--set", "run.seed=3"])
+    cfg = config_from_args(args)
+    assert (cfg.optim.lr, cfg.model.variant, cfg.run.seed) == (1e-4, "nano", 3)
+    assert "optim.weight_decay" in parser.format_help()
