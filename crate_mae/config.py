@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import tempfile
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -21,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from crate_mae.atomic import atomic_path
 from crate_mae.model.variants import VARIANTS
 
 
@@ -73,14 +73,24 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are batched."""
 
-    train_shards: Optional[str] = _doc(None, "training shards: a path, brace pattern or URL (default: the bundled demo set)")
+    train_shards: Optional[str] = _doc(None, "training shards: manifest .json, brace pattern, glob or URL (default: the bundled digits)")
     val_shards: Optional[str] = _doc(None, "evaluation shards, read exactly once per evaluation")
+    train_samples: Optional[int] = _doc(None, "samples per epoch when the training shards have no manifest")
     batch_size: int = _doc(64, "images per device per step (global batch = batch_size × devices × accum_steps)")
     num_workers: int = _doc(4, "data-loading processes per device")
+    resample: bool = _doc(True, "draw training shards at random with replacement (else: shuffle and deal them out)")
+    shuffle_buffer: int = _doc(5000, "samples in each worker's shuffle buffer")
+    fast_decode: bool = _doc(True, "decode JPEGs at reduced size when the crop allows it (PIL draft)")
+    max_bad_fraction: float = _doc(0.001, "stop when more than this fraction of samples cannot be used")
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be positive, got", self.batch_size)
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0, got", self.num_workers)
+        _require(self.train_samples is None or self.train_samples > 0, "data.train_samples", "must be positive, got",
+                 self.train_samples)
+        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0, got", self.shuffle_buffer)
+        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in [0, 1], got",
+                 self.max_bad_fraction)
 
 
 @dataclass
@@ -296,16 +306,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (a temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_help(cls: type = Config, prefix: str = "") -> str:

@@ -1,0 +1,124 @@
+"""The shard command line: write shard sets, write a manifest for existing shards, check a set.
+
+    python -m crate_mae.data.shards write digits                          # the bundled demo → shards/digits
+    python -m crate_mae.data.shards write cifar10 --root ~/data --download
+    python -m crate_mae.data.shards write imagefolder --root /data/imagenet/train --split train \\
+        --out shards/imagenet --resize 256 --quality 90
+    python -m crate_mae.data.shards manifest 'shards/in1k/train-{000000..001023}.tar'
+    python -m crate_mae.data.shards check shards/imagenet/val.json
+
+See shards/README.md for the format.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, resolve_shards, write_manifest
+from crate_mae.data.transforms import decode_rgb
+from crate_mae.data.writer import cifar_source, digits_source, imagefolder_source, write_split
+
+DIGITS_DIR = "shards/digits"
+
+
+def ensure_digits(out: str | os.PathLike = DIGITS_DIR, *, size: int = 32) -> tuple[str, str]:
+    """The bundled demo set's train and val manifests, written first if missing (about a second)."""
+    out = Path(out)
+    paths = (out / "train.json", out / "val.json")
+    for split, path in zip(("train", "val"), paths):
+        if not path.exists():
+            write_split(digits_source(split, size=size), out, split, shard_size=250, overwrite=True)
+    return str(paths[0]), str(paths[1])
+
+
+def count_manifest(spec: str, split: str | None = None) -> Manifest:
+    """A manifest for existing shards, by reading every sample key (classes unknown: left empty)."""
+    shards = resolve_shards(spec)
+    infos = []
+    for url in shards.urls:
+        count = sum(1 for _ in wds.tarfile_samples([{"url": url}]))
+        infos.append(ShardInfo(os.path.basename(url), count, None if "://" in url else os.path.getsize(url)))
+    name = os.path.basename(shards.urls[0])
+    return Manifest(split=split or name.rsplit("-", 1)[0], shards=infos, source=spec)
+
+
+def _decode_only(data: bytes, rng: object = None) -> torch.Tensor:
+    """A full decode, for `check`: a corrupt or truncated image raises here."""
+    decode_rgb(data)
+    return torch.zeros(0)
+
+
+def _write(args: argparse.Namespace) -> None:
+    common = dict(shard_size=args.shard_size, shard_bytes=int(args.shard_bytes), resize=args.resize,
+                  quality=args.quality, seed=args.seed, overwrite=args.overwrite)
+    out = args.out or f"shards/{args.source}"
+    if args.source == "digits":
+        sources = {split: digits_source(split, size=args.size) for split in ("train", "val")}
+    elif args.source in ("cifar10", "cifar100"):
+        if not args.root:
+            raise ShardError(f"--root is required for {args.source} (where torchvision keeps it)")
+        sources = {split: cifar_source(args.source, args.root, split, download=args.download) for split in ("train", "val")}
+    else:
+        if not args.root:
+            raise ShardError("--root is required for imagefolder (a folder of class folders)")
+        sources = {args.split: imagefolder_source(args.root)}
+    for split, source in sources.items():
+        manifest = write_split(source, out, split, **common)
+        print(f"{out}/{split}.json: {manifest.total} samples in {len(manifest.shards)} shards, "
+              f"{manifest.num_classes} classes" + (f", {manifest.skipped} unreadable images skipped" if manifest.skipped else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m crate_mae.data.shards", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="write a shard set and its manifest")
+    w.add_argument("source", choices=["digits", "cifar10", "cifar100", "imagefolder"])
+    w.add_argument("--root", help="dataset folder (cifar: torchvision's root; imagefolder: root/<class>/<image>)")
+    w.add_argument("--out", help="output folder (default: shards/<source>)")
+    w.add_argument("--split", default="train", help="split name for imagefolder (default: train)")
+    w.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
+    w.add_argument("--size", type=int, default=32, help="digits: image side in pixels (default: 32)")
+    w.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: 10000; digits: 250)")
+    w.add_argument("--shard-bytes", type=float, default=1e9, help="bytes per shard at most (default: 1e9)")
+    w.add_argument("--resize", type=int, default=None, help="resize the shorter side to N and store JPEG")
+    w.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default: 90)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the sample order (default: 0)")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing split")
+    m = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
+    m.add_argument("spec", help="brace pattern or glob of local shards")
+    m.add_argument("--split", help="split name (default: the shard name before its last '-')")
+    c = sub.add_parser("check", help="read every sample of a shard set and report the bad ones")
+    c.add_argument("spec")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "write":
+            args.shard_size = args.shard_size or (250 if args.source == "digits" else 10_000)
+            _write(args)
+        elif args.command == "manifest":
+            manifest = count_manifest(args.spec, args.split)
+            path = Path(resolve_shards(args.spec).urls[0]).parent / f"{manifest.split}.json"
+            write_manifest(manifest, path)
+            print(f"{path}: {manifest.total} samples in {len(manifest.shards)} shards")
+        else:
+            from crate_mae.data.reader import eval_loader
+
+            loader = eval_loader(args.spec, _decode_only, batch_size=256, max_bad_fraction=1.0)
+            for _ in loader:
+                pass
+            print(f"{args.spec}: {loader.seen} samples, {loader.skipped} bad")
+            return 1 if loader.skipped else 0
+    except (ShardError, OSError) as err:
+        parser.exit(2, f"error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

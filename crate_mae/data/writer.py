@@ -1,0 +1,202 @@
+"""Writing shard sets: sources (ImageFolder, torchvision CIFAR, the bundled digits) → tar shards + manifest.
+
+Each sample is `{__key__, jpg | png, cls}`: the source's own bytes when it is already a JPEG (or PNG),
+re-encoded otherwise; with `resize`, images whose shorter side exceeds it are resized to it and stored
+as JPEG of the given quality, as FFCV does, so that every later decode is cheaper. The order is shuffled
+with a seed so each shard mixes classes. A shard is written to a temp file and renamed when complete;
+the manifest is written last, so an interrupted write never leaves a set that looks complete.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from crate_mae.atomic import AtomicFile
+from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, write_manifest
+
+log = logging.getLogger("crate_mae.data")
+
+JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Source:
+    """A split of a dataset: `load(i)` gives (encoded bytes, label) for i < count."""
+
+    name: str
+    classes: list[str]
+    count: int
+    load: Callable[[int], tuple[bytes, int]]
+    describe: Callable[[int], str] = str  # sample i in words, for messages
+
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digits_source(split: str, *, size: int = 32) -> Source:
+    """scikit-learn's digits (1,797 real 8×8 scans, shipped inside the package), upscaled to RGB `size`.
+
+    The split is fixed: 300 images (stratified, random_state 0) are `val`, the other 1,497 `train`.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=300, stratify=digits.target,
+                                          random_state=0)
+    indices = {"train": np.sort(train_idx), "val": np.sort(val_idx)}[split]
+
+    def load(i: int) -> tuple[bytes, int]:
+        j = int(indices[i])
+        gray = Image.fromarray((digits.images[j] * (255.0 / 16.0)).round().astype(np.uint8))
+        rgb = gray.resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
+        return encode_png(np.asarray(rgb)), int(digits.target[j])
+
+    return Source(f"digits-{size}px", [str(c) for c in range(10)], len(indices), load)
+
+
+def cifar_source(name: str, root: str, split: str, *, download: bool = False) -> Source:
+    """torchvision's CIFAR-10 / CIFAR-100 (`val` is the test set), stored as PNG."""
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    try:
+        data = cls(root, train=split == "train", download=download)
+    except RuntimeError as err:
+        raise ShardError(f"{root}: {name} not found there ({err}); pass --download on a machine with internet") from None
+    return Source(name, list(data.classes), len(data), lambda i: (encode_png(data.data[i]), int(data.targets[i])))
+
+
+def imagefolder_source(root: str) -> Source:
+    """An ImageFolder tree (`root/<class>/<image>`, ImageNet's layout): the files' own bytes."""
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise ShardError(f"{root}: no such folder")
+    folder = ImageFolder(root)  # classes sorted by name, as torchvision and timm number them
+
+    def load(i: int) -> tuple[bytes, int]:
+        path, label = folder.samples[i]
+        return Path(path).read_bytes(), label
+
+    return Source(f"imagefolder:{root}", list(folder.classes), len(folder.samples), load,
+                  describe=lambda i: folder.samples[i][0])
+
+
+def prepare(data: bytes, *, resize: int | None, quality: int) -> tuple[bytes, str, tuple[int, int]]:
+    """(bytes to store, extension, (width, height)): original JPEG/PNG bytes unless a resize or format needs re-encoding."""
+    img = Image.open(io.BytesIO(data))
+    size = img.size
+    if resize is not None and min(size) > resize:
+        scale = resize / min(size)
+        size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        img = img.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue(), "jpg", size
+    if data.startswith(JPEG_MAGIC):
+        return data, "jpg", size
+    if data.startswith(PNG_MAGIC):
+        return data, "png", size
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")  # other formats: stored losslessly as PNG
+    return buf.getvalue(), "png", size
+
+
+class ShardWriter:
+    """Writes `<split>-NNNNNN.tar` shards of at most `max_count` samples and about `max_bytes` bytes."""
+
+    def __init__(self, folder: Path, split: str, *, max_count: int, max_bytes: int) -> None:
+        self.folder, self.split, self.max_count, self.max_bytes = folder, split, max_count, max_bytes
+        self.shards: list[ShardInfo] = []
+        self._tar: wds.TarWriter | None = None
+
+    def _open(self) -> None:
+        self._name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._target = AtomicFile(self.folder / self._name)  # only a complete shard gets its real name
+        self._file = open(self._target.tmp, "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)  # mtime 0: the same input gives the same bytes
+        self._count, self._bytes = 0, 0
+
+    def _close(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._file.close()
+        self._target.commit()
+        self.shards.append(ShardInfo(self._name, self._count, os.path.getsize(self.folder / self._name)))
+        self._tar = None
+
+    def write(self, key: str, data: bytes, ext: str, label: int) -> None:
+        if self._tar is not None and (self._count >= self.max_count or self._bytes + len(data) > self.max_bytes):
+            self._close()
+        if self._tar is None:
+            self._open()
+        self._tar.write({"__key__": key, ext: data, "cls": str(label).encode()})
+        self._count += 1
+        self._bytes += len(data)
+
+    def abort(self) -> None:
+        """Drop the shard being written (an interrupted write leaves only complete shards, and no manifest)."""
+        if self._tar is not None:
+            self._tar.close()  # finish the tar stream, so nothing is flushed later into a closed file
+            self._file.close()
+            self._target.abort()
+            self._tar = None
+
+    def finish(self) -> list[ShardInfo]:
+        if self._tar is not None:
+            self._close()
+        return self.shards
+
+
+def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_size: int = 10_000,
+                shard_bytes: int = 1 << 30, resize: int | None = None, quality: int = 90, seed: int = 0,
+                overwrite: bool = False) -> Manifest:
+    """Write one split of `source` to `out/<split>-NNNNNN.tar` and its manifest `out/<split>.json`."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / f"{split}.json"
+    old = sorted(folder.glob(f"{split}-*.tar")) + sorted(folder.glob(f".{split}-*.tar.*.tmp"))
+    if manifest_path.exists() or any(p.suffix == ".tar" for p in old):
+        if not overwrite:
+            raise ShardError(f"{folder}: split '{split}' exists already; pass overwrite (--overwrite) to replace it")
+    for path in old + [manifest_path]:
+        path.unlink(missing_ok=True)  # stale shards of an earlier, longer or interrupted write
+
+    order = list(range(source.count))
+    random.Random(seed).shuffle(order)  # every shard mixes classes
+    writer, sizes, skipped = ShardWriter(folder, split, max_count=shard_size, max_bytes=shard_bytes), set(), 0
+    try:
+        for n, i in enumerate(order):
+            data, label = source.load(i)
+            try:
+                data, ext, size = prepare(data, resize=resize, quality=quality)
+            except Exception as err:  # an unreadable source image: skipped, counted, named
+                skipped += 1
+                log.warning("skipped %s: cannot read the image (%s: %s)", source.describe(i), type(err).__name__, err)
+                continue
+            sizes.add(size)
+            writer.write(f"{i:09d}", data, ext, label)
+            if (n + 1) % 10_000 == 0:
+                log.info("%s %s: %d / %d samples", folder, split, n + 1, source.count)
+    except BaseException:
+        writer.abort()
+        raise
+    fixed = list(sizes.pop()) if len(sizes) == 1 else None
+    manifest = Manifest(split=split, shards=writer.finish(), classes=source.classes, image_size=fixed,
+                        source=source.name, skipped=skipped)
+    write_manifest(manifest, manifest_path)
+    return manifest

@@ -1,0 +1,46 @@
+"""Small shard sets made by the tests: real JPEG/PNG images in real tars, some deliberately broken."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from crate_mae.data.manifest import Manifest, ShardInfo, write_manifest
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (40, 30), fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=3)
+    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    img = (base + 60 * np.sin(xx / 7.0 + seed)[..., None] + 40 * np.cos(yy / 5.0)[..., None]).clip(0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(img.astype(np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar_set(folder: Path, split: str, shards: list[list[dict]], classes: int = 3, manifest: bool = True) -> str:
+    """Write each list of samples as `<split>-NNNNNN.tar` (samples are dicts of bytes), plus a manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    infos = []
+    for n, samples in enumerate(shards):
+        path = folder / f"{split}-{n:06d}.tar"
+        with wds.TarWriter(str(path), encoder=False) as tar:
+            for sample in samples:
+                tar.write(sample)
+        infos.append(ShardInfo(path.name, len(samples), path.stat().st_size))
+    if manifest:
+        write_manifest(Manifest(split=split, shards=infos, classes=[str(c) for c in range(classes)]),
+                       folder / f"{split}.json")
+    return str(folder / f"{split}.json")
+
+
+def good_sample(index: int, classes: int = 3) -> dict:
+    return {"__key__": f"{index:06d}", "jpg": image_bytes(index), "cls": str(index % classes).encode()}
+
+
+def make_set(folder: Path, split: str = "train", n_shards: int = 5, per_shard: int = 12) -> str:
+    shards = [[good_sample(s * per_shard + i) for i in range(per_shard)] for s in range(n_shards)]
+    return write_tar_set(folder, split, shards)

@@ -1,0 +1,316 @@
+"""Shards: writing, reading, splitting over ranks and workers, determinism, and every bad-data case."""
+from __future__ import annotations
+
+import io
+import logging
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crate_mae.data import (DataError, EvalTransform, PretrainTransform, ShardError, eval_loader, read_manifest,
+                            resolve_shards, train_loader)
+from crate_mae.data.shards import ensure_digits, main as shards_main
+from crate_mae.data.writer import Source, digits_source, imagefolder_source, write_split
+from tests.data_helpers import good_sample, image_bytes, make_set, write_tar_set
+
+T32 = EvalTransform(16, crop_pct=1.0)
+
+
+def keys_of(loader) -> list[str]:
+    return [k.rsplit("/", 1)[1] for batch in loader for k in batch.keys]
+
+
+# ---------------------------------------------------------------------------- writing
+
+def test_digits_demo_writer(tmp_path: Path) -> None:
+    train, val = ensure_digits(tmp_path / "digits")
+    mt, mv = read_manifest(train), read_manifest(val)
+    assert (mt.total, mv.total, mt.num_classes, mt.image_size) == (1497, 300, 10, [32, 32])
+    assert len(mt.shards) == 6 and all(s.samples <= 250 for s in mt.shards)
+    labels = [b.labels for b in eval_loader(val, T32, batch_size=100)]
+    counts = torch.bincount(torch.cat(labels), minlength=10)
+    assert counts.sum() == 300 and (counts >= 25).all()  # stratified split: ~30 per class
+    first_shard = eval_loader(str(tmp_path / "digits" / "train-000000.tar"), T32, batch_size=250)
+    assert len(torch.unique(next(iter(first_shard)).labels)) == 10  # the order is shuffled: shards mix classes
+    before = (tmp_path / "digits" / "train-000003.tar").read_bytes()
+    ensure_digits(tmp_path / "digits")  # present: nothing rewritten
+    write_split(digits_source("train"), tmp_path / "again", "train", shard_size=250)
+    assert (tmp_path / "again" / "train-000003.tar").read_bytes() == before  # same seed, same bytes
+
+
+def make_image_folder(root: Path) -> dict[str, tuple[int, bytes]]:
+    """3 classes of JPEGs and PNGs of mixed sizes; returns file name → (label, bytes)."""
+    files = {}
+    for c, name in enumerate(["cat", "dog", "eel"]):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            fmt, ext = ("JPEG", "jpg") if i % 2 == 0 else ("PNG", "png")
+            data = image_bytes(10 * c + i, size=(60 + 10 * i, 40 + 5 * c), fmt=fmt)
+            (root / name / f"{name}{i}.{ext}").write_bytes(data)
+            files[f"{name}{i}.{ext}"] = (c, data)
+    return files
+
+
+def test_imagefolder_round_trip_keeps_original_bytes(tmp_path: Path) -> None:
+    files = make_image_folder(tmp_path / "tree")
+    assert shards_main(["write", "imagefolder", "--root", str(tmp_path / "tree"), "--out", str(tmp_path / "s"),
+                        "--split", "val", "--shard-size", "4"]) == 0
+    manifest = read_manifest(tmp_path / "s" / "val.json")
+    assert manifest.total == 15 and len(manifest.shards) == 4 and manifest.classes == ["cat", "dog", "eel"]
+    stored = {}
+    for info in manifest.shards:
+        with tarfile.open(tmp_path / "s" / info.name) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                stored.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    assert len(stored) == 15
+    originals = sorted((label, data) for label, data in files.values())
+    written = sorted((int(s["cls"]), s.get("jpg", s.get("png"))) for s in stored.values())
+    assert written == originals  # every sample, its label, and the source's own bytes
+    loader = eval_loader(str(tmp_path / "s" / "val.json"), T32, batch_size=4)
+    assert sum(len(b.keys) for b in loader) == 15 and loader.skipped == 0
+
+
+def test_resize_at_write_time(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "tree")  # shorter sides: cat 40, dog 45, eel 50
+    write_split(imagefolder_source(str(tmp_path / "tree")), tmp_path / "r", "train", resize=45, quality=80)
+    seen = 0
+    for batch_keys, sample in _tar_samples(tmp_path / "r"):
+        data = sample.get("jpg", sample.get("png"))
+        img = Image.open(io.BytesIO(data))
+        if int(sample["cls"]) == 2:  # larger than 45: resized, stored as JPEG
+            assert min(img.size) == 45 and img.format == "JPEG" and "jpg" in sample
+        else:  # small enough: the original bytes, JPEG or PNG
+            assert min(img.size) in (40, 45)
+        seen += 1
+    assert seen == 15
+
+
+def _tar_samples(folder: Path):
+    for info in read_manifest(folder / "train.json").shards:
+        with tarfile.open(folder / info.name) as tar:
+            samples: dict[str, dict] = {}
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+            yield from samples.items()
+
+
+def test_existing_split_needs_overwrite_and_stale_shards_go(tmp_path: Path) -> None:
+    source = digits_source("val")
+    write_split(source, tmp_path, "val", shard_size=50)
+    assert len(list(tmp_path.glob("val-*.tar"))) == 6
+    with pytest.raises(ShardError, match="exists already"):
+        write_split(source, tmp_path, "val", shard_size=100)
+    write_split(source, tmp_path, "val", shard_size=100, overwrite=True)
+    assert len(list(tmp_path.glob("val-*.tar"))) == 3
+
+
+def test_interrupted_write_leaves_no_complete_looking_set(tmp_path: Path) -> None:
+    real = digits_source("val")
+
+    def load(i: int):
+        if i == real.count - 1:  # the last sample: after some shards are complete
+            raise KeyboardInterrupt
+        return real.load(i)
+    order = list(range(real.count))
+    random.Random(0).shuffle(order)
+    stop_at = order.index(real.count - 1)
+    with pytest.raises(KeyboardInterrupt):
+        write_split(Source("x", real.classes, real.count, load), tmp_path, "val", shard_size=40)
+    assert not (tmp_path / "val.json").exists()
+    assert not list(tmp_path.glob(".*.tmp"))  # the shard in progress is gone
+    assert len(list(tmp_path.glob("val-*.tar"))) == stop_at // 40  # only complete shards have real names
+
+
+def test_unreadable_source_image_is_skipped_and_counted(tmp_path: Path, caplog) -> None:
+    make_image_folder(tmp_path / "tree")
+    (tmp_path / "tree" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with caplog.at_level(logging.WARNING, logger="crate_mae.data"):
+        manifest = write_split(imagefolder_source(str(tmp_path / "tree")), tmp_path / "s", "train")
+    assert manifest.total == 15 and manifest.skipped == 1
+    assert "broken.jpg" in caplog.text
+
+
+# ---------------------------------------------------------------------------- splitting
+
+@pytest.mark.parametrize("n_shards", [5, 2])  # 2 < ranks × workers: the by-sample fallback
+def test_eval_split_over_2_ranks_x_2_workers_is_disjoint_and_complete(tmp_path: Path, n_shards: int) -> None:
+    spec = make_set(tmp_path, "val", n_shards=n_shards, per_shard=13)
+    per_rank = [keys_of(eval_loader(spec, T32, batch_size=5, rank=r, world_size=2, num_workers=2)) for r in (0, 1)]
+    everything = per_rank[0] + per_rank[1]
+    assert len(everything) == len(set(everything)) == n_shards * 13
+    assert all(per_rank)
+
+
+@pytest.mark.parametrize("resample, n_shards", [(True, 5), (False, 5), (False, 2)])
+def test_train_ranks_run_equal_steps(tmp_path: Path, resample: bool, n_shards: int) -> None:
+    spec = make_set(tmp_path, "train", n_shards=n_shards, per_shard=12)
+    steps = []
+    for rank in (0, 1):
+        loader = train_loader(spec, T32, batch_size=4, rank=rank, world_size=2, num_workers=2, resample=resample,
+                              shuffle_buffer=10)
+        batches = list(loader)
+        assert all(len(b.keys) == 4 for b in batches)
+        steps.append(len(batches))
+        assert len(batches) == len(loader) == (n_shards * 12) // 8
+    assert steps[0] == steps[1]
+
+
+def test_train_order_is_determined_by_seed_and_epoch(tmp_path: Path) -> None:
+    spec = make_set(tmp_path, "train", n_shards=4, per_shard=10)
+
+    def run(seed: int, epoch: int) -> tuple[list[str], torch.Tensor]:
+        loader = train_loader(spec, PretrainTransform(16), batch_size=4, seed=seed, num_workers=2, shuffle_buffer=8)
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        return [k for b in batches for k in b.keys], torch.cat([b.images for b in batches])
+
+    keys, images = run(0, 1)
+    keys2, images2 = run(0, 1)
+    assert keys == keys2 and torch.equal(images, images2)  # same seed and epoch: same samples, same crops
+    assert run(0, 2)[0] != keys and run(1, 1)[0] != keys
+
+
+def test_more_epochs_are_counted(tmp_path: Path) -> None:
+    spec = make_set(tmp_path, "train", n_shards=2, per_shard=8)
+    loader = train_loader(spec, T32, batch_size=4, shuffle_buffer=4)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == 4
+    assert loader.seen == 32 and loader.skipped == 0  # both epochs
+
+
+# ---------------------------------------------------------------------------- bad data
+
+def bad_set(tmp_path: Path) -> str:
+    samples = [good_sample(i) for i in range(40)]
+    samples[3] = {"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 garbage", "cls": b"1"}
+    samples[7] = {"__key__": "nolabel", "jpg": image_bytes(7)}
+    samples[11] = {"__key__": "cutjpeg", "jpg": image_bytes(11)[:200], "cls": b"2"}
+    samples[13] = {"__key__": "badlabel", "jpg": image_bytes(13), "cls": b"seven"}
+    return write_tar_set(tmp_path, "val", [samples[:20], samples[20:]])
+
+
+def test_bad_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog) -> None:
+    spec = bad_set(tmp_path)
+    loader = eval_loader(spec, T32, batch_size=8, max_bad_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="crate_mae.data"):
+        keys = keys_of(loader)
+    assert len(keys) == 36 and loader.seen == 40 and loader.skipped == 4
+    for key in ("val-000000.tar/corrupt", "val-000000.tar/nolabel", "val-000000.tar/cutjpeg", "val-000000.tar/badlabel"):
+        assert key in caplog.text
+    assert "no label" in caplog.text and "undecodable" in caplog.text
+
+
+def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path: Path) -> None:
+    spec = bad_set(tmp_path)
+    with pytest.raises(DataError, match=r"4 of 40 samples were bad.*max_bad_fraction=0\.05"):
+        list(eval_loader(spec, T32, batch_size=8, max_bad_fraction=0.05))
+    samples = [{"__key__": f"{i}", "jpg": b"junk", "cls": b"0"} for i in range(30)]
+    spec = write_tar_set(tmp_path / "all_bad", "train", [samples])
+    with pytest.raises(DataError, match="samples were bad"):
+        list(train_loader(spec, T32, batch_size=2, max_bad_fraction=0.1, shuffle_buffer=4))
+
+
+def test_truncated_tar_is_named_before_reading(tmp_path: Path) -> None:
+    spec = make_set(tmp_path, "train", n_shards=3)
+    shard = tmp_path / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(ShardError, match=r"train-000001\.tar: \d+ bytes but the manifest says"):
+        train_loader(spec, T32, batch_size=4)
+
+
+@pytest.mark.parametrize("cut", [5000, 5120, 3333])
+def test_truncated_tar_without_manifest_is_named(tmp_path: Path, cut: int) -> None:
+    make_set(tmp_path, "train", n_shards=2)
+    (tmp_path / "train.json").unlink()
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:cut])
+    with pytest.raises(ShardError, match=r"train-000000\.tar: not a complete tar file"):
+        eval_loader(str(tmp_path / "train-{000000..000001}.tar"), T32, batch_size=4)
+
+
+def test_unreadable_shard_is_named_when_read(tmp_path: Path) -> None:
+    """A shard that passes the cheap checks but is no tar (e.g. a remote one): named on reading."""
+    make_set(tmp_path, "train", n_shards=1)
+    (tmp_path / "train.json").unlink()
+    (tmp_path / "train-000000.tar").write_bytes(b"\x01" * 512 + b"\x00" * 1024)
+    with pytest.raises(ShardError, match=r"train-000000\.tar: cannot read the shard"):
+        list(eval_loader(str(tmp_path / "train-000000.tar"), T32, batch_size=4))
+
+
+def test_spec_errors_name_the_path(tmp_path: Path) -> None:
+    make_set(tmp_path, "train", n_shards=2)
+    with pytest.raises(ShardError, match=r"train-000002\.tar: no such shard file"):
+        resolve_shards(str(tmp_path / "train-{000000..000002}.tar"))
+    with pytest.raises(ShardError, match="matches no file"):
+        resolve_shards(str(tmp_path / "val-*.tar"))
+    with pytest.raises(ShardError, match="empty shard spec"):
+        resolve_shards("  ")
+    with pytest.raises(ShardError, match="nothing.json: no such manifest"):
+        resolve_shards(str(tmp_path / "nothing.json"))
+    (tmp_path / "train.json").write_text("{not json")
+    with pytest.raises(ShardError, match="not a shard manifest"):
+        resolve_shards(str(tmp_path / "train.json"))
+    (tmp_path / "train.json").unlink()
+    with pytest.raises(ShardError, match="no manifest gives the number of samples"):
+        train_loader(str(tmp_path / "train-*.tar"), T32, batch_size=4)
+    with pytest.raises(ShardError, match="no full global batch"):
+        train_loader(str(tmp_path / "train-*.tar"), T32, batch_size=16, world_size=2, samples_per_epoch=24)
+
+
+def test_pattern_uses_its_sibling_manifest(tmp_path: Path) -> None:
+    make_set(tmp_path, "train", n_shards=4, per_shard=10)
+    shards = resolve_shards(str(tmp_path / "train-{000001..000002}.tar"))
+    assert shards.samples == [10, 10] and shards.total == 20
+    assert len(train_loader(str(tmp_path / "train-*.tar"), T32, batch_size=5)) == 8
+
+
+def test_manifest_and_check_commands(tmp_path: Path, capsys) -> None:
+    make_set(tmp_path, "train", n_shards=3, per_shard=7)
+    (tmp_path / "train.json").unlink()
+    assert shards_main(["manifest", str(tmp_path / "train-*.tar")]) == 0
+    assert read_manifest(tmp_path / "train.json").total == 21
+    assert shards_main(["check", str(tmp_path / "train.json")]) == 0
+    assert "21 samples, 0 bad" in capsys.readouterr().out
+    bad_set(tmp_path / "bad")
+    assert shards_main(["check", str(tmp_path / "bad" / "val.json")]) == 1
+    with pytest.raises(SystemExit):
+        shards_main(["check", str(tmp_path / "missing.json")])
+
+
+# ---------------------------------------------------------------------------- transforms
+
+def test_pretrain_transform_shape_range_and_rng() -> None:
+    data = image_bytes(1, size=(500, 375))
+    t = PretrainTransform(64)
+    x = t(data, random.Random(0))
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert torch.equal(x, t(data, random.Random(0))) and not torch.equal(x, t(data, random.Random(1)))
+
+
+def test_fast_decode_gives_nearly_the_same_crop() -> None:
+    """Reduced-size JPEG decode changes only the resampling path, not the crop or its geometry."""
+    data = image_bytes(3, size=(800, 600))
+    fast, full = PretrainTransform(32, fast_decode=True), PretrainTransform(32, fast_decode=False)
+    for seed in range(5):
+        a, b = fast(data, random.Random(seed)), full(data, random.Random(seed))
+        assert (a - b).abs().mean() < 0.08, seed  # normalised units: a few grey levels on average
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (100, 75))
+    assert img.size == (100, 75)  # the scale the fast path can use here really is available
+
+
+def test_eval_transform_is_deterministic_and_centred() -> None:
+    data = image_bytes(2, size=(300, 200), fmt="PNG")
+    t = EvalTransform(64)
+    assert t(data).shape == (3, 64, 64) and torch.equal(t(data), t(data))
+    gray = io.BytesIO()
+    Image.fromarray(np.full((50, 50), 128, np.uint8)).save(gray, format="PNG")
+    assert EvalTransform(32)(gray.getvalue()).shape == (3, 32, 32)  # grayscale becomes RGB
