@@ -15,6 +15,7 @@ from PIL import Image
 from crate_mae.data import (DataError, EvalTransform, PretrainTransform, ShardError, eval_loader, read_manifest,
                             resolve_shards, train_loader)
 from crate_mae.data.shards import ensure_digits, main as shards_main
+from crate_mae.data.transforms import MEAN, STD, normalise
 from crate_mae.data.writer import Source, digits_source, imagefolder_source, write_split
 from tests.data_helpers import good_sample, image_bytes, make_set, write_tar_set
 
@@ -287,11 +288,19 @@ def test_manifest_and_check_commands(tmp_path: Path, capsys) -> None:
 
 # ---------------------------------------------------------------------------- transforms
 
+def test_normalise_makes_model_input_from_uint8() -> None:
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    y = normalise(x)
+    expected = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(y, expected)
+    assert normalise(y) is y
+
+
 def test_pretrain_transform_shape_range_and_rng() -> None:
     data = image_bytes(1, size=(500, 375))
     t = PretrainTransform(64)
     x = t(data, random.Random(0))
-    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
     assert torch.equal(x, t(data, random.Random(0))) and not torch.equal(x, t(data, random.Random(1)))
 
 
@@ -300,17 +309,43 @@ def test_fast_decode_gives_nearly_the_same_crop() -> None:
     data = image_bytes(3, size=(800, 600))
     fast, full = PretrainTransform(32, fast_decode=True), PretrainTransform(32, fast_decode=False)
     for seed in range(5):
-        a, b = fast(data, random.Random(seed)), full(data, random.Random(seed))
-        assert (a - b).abs().mean() < 0.08, seed  # normalised units: a few grey levels on average
+        a, b = fast(data, random.Random(seed)).float(), full(data, random.Random(seed)).float()
+        assert (a - b).abs().mean() < 4, seed  # a few grey levels of 255 on average
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (100, 75))
     assert img.size == (100, 75)  # the scale the fast path can use here really is available
 
 
-def test_eval_transform_is_deterministic_and_centred() -> None:
+def test_eval_transform_is_torchvisions_resize_and_centre_crop() -> None:
     data = image_bytes(2, size=(300, 200), fmt="PNG")
     t = EvalTransform(64)
-    assert t(data).shape == (3, 64, 64) and torch.equal(t(data), t(data))
+    assert t(data).shape == (3, 64, 64) and t(data).dtype == torch.uint8 and torch.equal(t(data), t(data))
+    from torchvision.transforms import functional as TF
+    yy, xx = np.mgrid[0:200, 0:300]
+    smooth = np.stack([xx * 0.8, yy * 1.2, (xx + yy) * 0.5], -1).clip(0, 255).astype(np.uint8)
+    img, buf = Image.fromarray(smooth), io.BytesIO()
+    img.save(buf, format="PNG")
+    reference = TF.pil_to_tensor(TF.center_crop(TF.resize(img, 73, interpolation=TF.InterpolationMode.BICUBIC), 64))
+    # One resampling of the same central region instead of two: the same pixels up to sub-pixel alignment.
+    assert (t(buf.getvalue()).float() - reference.float()).abs().max() <= 3
+    fast = EvalTransform(32)(image_bytes(4, size=(400, 300)))
+    full = EvalTransform(32, fast_decode=False)(image_bytes(4, size=(400, 300)))
+    assert (fast.float() - full.float()).abs().mean() < 4
     gray = io.BytesIO()
     Image.fromarray(np.full((50, 50), 128, np.uint8)).save(gray, format="PNG")
     assert EvalTransform(32)(gray.getvalue()).shape == (3, 32, 32)  # grayscale becomes RGB
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_a_resumed_epoch_continues_with_the_same_batches(tmp_path: Path, workers: int) -> None:
+    spec = make_set(tmp_path, "train", n_shards=3, per_shard=14)  # 42 samples → 10 batches of 4
+    loader = train_loader(spec, PretrainTransform(16), batch_size=4, seed=5, num_workers=workers, shuffle_buffer=8)
+    loader.set_epoch(3)
+    full = list(loader)
+    assert len(full) == 10
+    for skip in (1, 4, 7):
+        loader.set_epoch(3, skip_batches=skip)
+        rest = list(loader)
+        assert [b.keys for b in rest] == [b.keys for b in full[skip:]], skip
+        assert all(torch.equal(a.images, b.images) for a, b in zip(rest, full[skip:]))

@@ -41,7 +41,7 @@ class DataError(RuntimeError):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (B, 3, S, S) float, normalised
+    images: torch.Tensor  # (B, 3, S, S): uint8 pixels (transforms.normalise makes model input), or float
     labels: torch.Tensor  # (B,) int64
     keys: list[str]  # "<shard url>/<sample key>"
 
@@ -81,11 +81,16 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed, self.resample = rank, world_size, seed, resample
         self.shuffle_buffer, self.steps_per_epoch, self.max_bad_fraction = shuffle_buffer, steps_per_epoch, max_bad_fraction
         self.num_classes = shards.manifest.num_classes if shards.manifest else 0
-        self.epoch = 0
+        self.epoch, self.skip_batches = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseeds the order; call before iterating (workers must not be persistent to see it)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Reseeds the order for `epoch`; `skip_batches` resumes it after that many batches of this rank.
+
+        Call before iterating (workers must not be persistent to see it). Skipped batches are replayed
+        without decoding (`transform.skip` draws the same random numbers), so a resumed epoch continues
+        with exactly the batches the interrupted one would have produced, given the same num_workers.
+        """
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     # ------------------------------------------------------------------ which shards this slot reads
     def _urls(self, slot: int, slots: int, rng: random.Random) -> tuple[Iterator[str], bool]:
@@ -119,7 +124,8 @@ class ShardStream(IterableDataset):
                 raise ShardError(f"{self.shards.spec}: the shards hold no samples")
 
     # ------------------------------------------------------------------ one sample
-    def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: dict, rng: random.Random, dry: bool = False) -> tuple[torch.Tensor | None, int]:
+        """(image, label) of one sample, or `_Skip`; `dry` draws the transform's random numbers only."""
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
             raise _Skip(f"no image ({'/'.join(IMAGE_KEYS)})")
@@ -132,6 +138,9 @@ class ShardStream(IterableDataset):
         if label < 0 or (self.num_classes and label >= self.num_classes):
             raise _Skip(f"label {label} outside [0, {self.num_classes})")
         try:
+            if dry:
+                getattr(self.transform, "skip", self.transform)(data, rng)
+                return None, label
             return self.transform(data, rng), label
         except Exception as err:  # PIL raises several types for corrupt or truncated images
             raise _Skip(f"undecodable image ({type(err).__name__}: {err})".split("\n")[0]) from None
@@ -147,11 +156,16 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[_WorkerItem]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, worker))
+        # The DataLoader takes batch i from worker i mod workers. After `skip` batches the next one must
+        # come from role skip mod workers, but a new DataLoader starts at worker 0: rotate the roles.
+        skip = self.skip_batches
+        role = (worker + skip) % workers
+        skip_mine = max(0, (skip - role + workers - 1) // workers)  # batches i < skip with i ≡ role
+        slot, slots = self.rank * workers + role, self.world_size * workers
+        rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, role))
         if info is not None:  # seed the global generators timm's transforms draw from; only inside workers
-            s = mix_seed(self.seed, self.epoch, self.rank, worker, "global")
-            random.seed(s), torch.manual_seed(s), np.random.seed(s % 2**32)
+            global_seed = mix_seed(self.seed, self.epoch, self.rank, role, "global")
+            random.seed(global_seed), torch.manual_seed(global_seed), np.random.seed(global_seed % 2**32)
         urls, by_sample = self._urls(slot, slots, rng)
         samples: Iterator[dict] = self._read(urls)
         if by_sample:
@@ -160,7 +174,7 @@ class ShardStream(IterableDataset):
             samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
         limit = None
         if self.train:
-            limit = self.steps_per_epoch // workers + (worker < self.steps_per_epoch % workers)
+            limit = self.steps_per_epoch // workers + (role < self.steps_per_epoch % workers)
         counter, batch, done, last = SkipCounter(), [], 0, ""
         for sample in samples:
             if limit is not None and done >= limit:
@@ -168,17 +182,19 @@ class ShardStream(IterableDataset):
             counter.seen += 1
             key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
             try:
-                batch.append((*self._decode(sample, rng), key))
-            except _Skip as skip:
+                # While replaying the start of a resumed epoch: the same random draws, no decode.
+                batch.append((*self._decode(sample, rng, dry=done < skip_mine), key))
+            except _Skip as skip_reason:
                 counter.skipped += 1
-                last = f"{key}: {skip}"
+                last = f"{key}: {skip_reason}"
                 if counter.skipped <= 100 or counter.skipped % 100 == 0:
                     log.warning("skipped %s (%d skipped of %d so far)", last, counter.skipped, counter.seen)
                 self._check_bad(counter, last, final=False)
                 continue
             if len(batch) == self.batch_size:
                 done += 1
-                yield _WorkerItem(_collate(batch), slot, counter.seen, counter.skipped)
+                if done > skip_mine:
+                    yield _WorkerItem(_collate(batch), slot, counter.seen, counter.skipped)
                 batch = []
         if not self.train:
             self._check_bad(counter, last, final=True)
@@ -195,8 +211,11 @@ class ShardLoader:
 
     def __init__(self, stream: ShardStream, *, num_workers: int = 0, pin_memory: bool = False) -> None:
         self.stream = stream
+        # Its own generator: creating an iterator must not draw from the training process's global RNG
+        # (the model's masking uses it; a resumed run creates its iterator at another moment).
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                                 persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                                 generator=torch.Generator())
         self._done = SkipCounter()  # finished epochs
         self._current: dict[int, tuple[int, int]] = {}  # slot → (seen, skipped) in this epoch
 
@@ -209,8 +228,8 @@ class ShardLoader:
             raise TypeError("an evaluation loader has no fixed length per rank")
         return self.stream.steps_per_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.stream.set_epoch(epoch, skip_batches)
 
     @property
     def seen(self) -> int:
@@ -231,17 +250,18 @@ class ShardLoader:
 
 def train_loader(spec: str, transform: Transform, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 0, resample: bool = True, shuffle_buffer: int = 1000,
-                 samples_per_epoch: int | None = None, max_bad_fraction: float = 0.001,
+                 samples_per_epoch: int | None = None, max_bad_fraction: float = 0.001, accum_steps: int = 1,
                  pin_memory: bool = False) -> ShardLoader:
-    """The training loader of one rank: `steps_per_epoch` = samples // (batch_size × world_size) full batches."""
+    """The training loader of one rank: full batches per epoch = samples // (batch × ranks × accum) × accum."""
     shards = resolve_shards(spec)
     total = samples_per_epoch or shards.total
     if total is None:
         raise ShardError(f"{spec}: no manifest gives the number of samples; write one with "
                          "`python -m crate_mae.data.shards manifest` or set data.train_samples")
-    steps = total // (batch_size * world_size)
+    steps = total // (batch_size * world_size * accum_steps) * accum_steps
     if steps == 0:
-        raise ShardError(f"{spec}: {total} samples make no full global batch of {batch_size} × {world_size} ranks")
+        raise ShardError(f"{spec}: {total} samples make no full global batch of {batch_size} × {world_size} ranks"
+                         f" × {accum_steps} accumulation steps")
     stream = ShardStream(shards, transform, batch_size=batch_size, train=True, rank=rank, world_size=world_size,
                          seed=seed, resample=resample, shuffle_buffer=shuffle_buffer, steps_per_epoch=steps,
                          max_bad_fraction=max_bad_fraction)

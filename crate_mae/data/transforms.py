@@ -1,25 +1,38 @@
-"""Image transforms for every stage, from encoded bytes to a normalised tensor (3, S, S).
+"""Image transforms for every stage, from encoded bytes to an image tensor (3, S, S).
+
+The pretraining and evaluation transforms return uint8 pixels: a batch is 4× smaller to collate, pin
+and copy to the GPU than in float32, and `normalise` turns it into model input on the device, where it
+costs nothing. (timm's fine-tuning transform returns normalised float32, which `normalise` passes through.)
 
 Each transform is called as `transform(data: bytes, rng: random.Random) -> Tensor`: the shard reader
 hands it the stored JPEG/PNG bytes and a generator seeded by (seed, epoch, rank, worker), so the
 augmentations of a run are reproducible and never touch the training process's global RNG.
 
-Fast decode: JPEG can be decoded at 1/2, 1/4 or 1/8 scale for a fraction of the cost (PIL's `draft`,
-libjpeg's DCT scaling). The pretraining crop is drawn first, on the full-size geometry read from the
-header, then the image is decoded at the smallest scale at which that crop still has at least the output
-resolution: the result is the same crop at the same output size, only cheaper ("when the crop allows it").
+Decoding and resampling use torchvision's kernels on uint8 tensors (libjpeg-turbo's decoder, the
+antialiased bicubic `resized_crop`): measured in bench/RESULTS.md, they are faster than PIL's for the
+same pixels. The crop is drawn first, from the image size in the header. Fast decode: when that crop
+is at least twice the output size, a JPEG is decoded at 1/2, 1/4 or 1/8 scale instead (PIL's `draft`,
+libjpeg's DCT scaling), at the smallest scale at which the crop still has the output resolution: the
+same crop, only cheaper.
 """
 from __future__ import annotations
 
 import io
 import math
 import random
+import warnings
 from typing import Callable, Protocol
 
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+try:
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # a torchvision without its image decoders: PIL decodes everything
+    decode_image = None
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as TF2
 
 MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # the one definition used everywhere
 STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
@@ -34,17 +47,55 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def decode_rgb(data: bytes, min_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode bytes to RGB; with `min_size` (w, h), a JPEG is decoded at the smallest DCT scale ≥ it."""
-    img = open_image(data)
-    if min_size is not None and img.format == "JPEG":
-        img.draft("RGB", (max(1, min_size[0]), max(1, min_size[1])))
-    return img.convert("RGB")
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode bytes to a PIL RGB image (any format PIL reads); corrupt or truncated data raises."""
+    return open_image(data).convert("RGB")
 
 
-def to_normalised_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB (S, S) → float tensor (3, S, S), (x/255 − mean) / std."""
-    return TF.normalize(TF.pil_to_tensor(img).float().div_(255.0), MEAN, STD)
+def decode_tensor(data: bytes) -> torch.Tensor:
+    """Decode bytes to uint8 RGB (3, H, W): torchvision's decoders, PIL for formats they do not read.
+
+    Both raise on corrupt or truncated data (tested), so a bad image is never silently half-decoded.
+    """
+    if decode_image is None:
+        return TF.pil_to_tensor(decode_rgb(data))
+    try:
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work
+            # and are the fastest available here. When they go, the PIL path below takes over.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return TF.pil_to_tensor(decode_rgb(data))
+
+
+def crop_resize(data: bytes, img: Image.Image, box: tuple[float, float, float, float], size: int,
+                fast_decode: bool) -> torch.Tensor:
+    """The region box = (left, top, width, height) of the image, resampled to (size, size): uint8 (3, S, S).
+
+    `img` is the lazily opened image (its header gives the size and format).
+    """
+    left, top, w, h = box
+    width, height = img.size  # before `draft`, which changes it
+    k = size / min(w, h)  # output pixels per source pixel
+    if fast_decode and img.format == "JPEG" and k < 0.5:  # a 1/2-scale decode or smaller keeps the resolution
+        drafted = img.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
+        if drafted is not None:
+            f = drafted[1][2] / width  # decoded pixels per source pixel
+            small = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC,
+                                              box=(left * f, top * f, (left + w) * f, (top + h) * f))
+            return TF.pil_to_tensor(small)
+    return TF2.resized_crop(decode_tensor(data), round(top), round(left), round(h), round(w), [size, size],
+                            interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """Model input from a batch: uint8 (B, 3, H, W) → float (x/255 − mean) / std; float input is returned as is."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255.0
+    return (images.float() - mean) / std
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -75,46 +126,44 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 
 
 class PretrainTransform:
-    """MAE's pretraining augmentation: RandomResizedCrop(scale (0.2, 1), bicubic) → flip → normalise."""
+    """MAE's pretraining augmentation: RandomResizedCrop(scale (0.2, 1), bicubic) → flip → uint8 (3, S, S)."""
 
     def __init__(self, img_size: int, *, scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, fast_decode: bool = True) -> None:
         self.img_size, self.scale, self.ratio, self.hflip, self.fast_decode = img_size, scale, ratio, hflip, fast_decode
 
+    def _draw(self, width: int, height: int, rng: random.Random) -> tuple[tuple[int, int, int, int], bool]:
+        """All the random numbers of one sample: the crop box and whether to flip."""
+        return random_resized_crop_box(width, height, self.scale, self.ratio, rng), rng.random() < self.hflip
+
+    def skip(self, data: bytes, rng: random.Random) -> None:
+        """Draw exactly what `__call__` draws, reading only the header: replays a resumed epoch cheaply."""
+        self._draw(*open_image(data).size, rng)
+
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         img = open_image(data)
-        width, height = img.size
-        left, top, w, h = random_resized_crop_box(width, height, self.scale, self.ratio, rng)
-        factor = 1.0  # decoded pixels per source pixel
-        if self.fast_decode and img.format == "JPEG":
-            k = self.img_size / min(w, h)  # the crop must keep ≥ img_size pixels on its shorter side
-            if k < 0.5:  # a 1/2 scale or smaller is possible
-                drafted = img.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
-                if drafted is not None:
-                    factor = drafted[1][2] / width
-        img = img.convert("RGB")
-        box = (left * factor, top * factor, (left + w) * factor, (top + h) * factor)
-        img = img.resize((self.img_size, self.img_size), Image.Resampling.BICUBIC, box=box)
-        if rng.random() < self.hflip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_normalised_tensor(img)
+        box, flip = self._draw(img.width, img.height, rng)
+        x = crop_resize(data, img, box, self.img_size, self.fast_decode)
+        return x.flip(-1) if flip else x
 
 
 class EvalTransform:
-    """Resize the shorter side to img_size / crop_pct (bicubic), centre-crop img_size, normalise."""
+    """The centre crop of side crop_pct × the shorter side, resized to img_size (bicubic) → uint8 (3, S, S).
+
+    This is torchvision's Resize(img_size / crop_pct) + CenterCrop(img_size) done as one resampling of
+    the source region (no intermediate full-size resize: the same pixels, less work).
+    """
 
     def __init__(self, img_size: int, *, crop_pct: float = 0.875, fast_decode: bool = True) -> None:
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
-        self.img_size, self.resize, self.fast_decode = img_size, int(math.floor(img_size / crop_pct)), fast_decode
+        self.img_size, self.crop_pct, self.fast_decode = img_size, crop_pct, fast_decode
 
     def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
         img = open_image(data)
-        if self.fast_decode and img.format == "JPEG":
-            k = self.resize / min(img.size)
-            img.draft("RGB", (max(1, math.ceil(img.width * k)), max(1, math.ceil(img.height * k))))
-        img = TF.resize(img.convert("RGB"), self.resize, interpolation=TF.InterpolationMode.BICUBIC)
-        return to_normalised_tensor(TF.center_crop(img, self.img_size))
+        side = min(img.width, img.height) * self.crop_pct  # the central square that becomes the output
+        box = ((img.width - side) / 2, (img.height - side) / 2, side, side)
+        return crop_resize(data, img, box, self.img_size, self.fast_decode)
 
 
 class FinetuneTransform:
