@@ -63,6 +63,10 @@ class CrateClassifier(nn.Module):
         """img (B, 3, H, W) → logits (B, K)."""
         return self.forward_head(self.forward_features(img))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept free of weight decay besides norms and biases (timm's convention)."""
+        return {"cls_token"}
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

@@ -30,6 +30,11 @@ class PatchEmbed(nn.Module):
         nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
         nn.init.zeros_(self.proj.bias)
 
+    def num_patches(self, img_size: int) -> int:
+        """N for a square image of side img_size."""
+        h, w = grid_size((img_size, img_size), self.patch_size)
+        return h * w
+
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """img (B, 3, H, W) → tokens (B, N, d) in row-major patch order, and the grid (h, w)."""
         grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)

@@ -101,6 +101,10 @@ class CrateMAE(nn.Module):
         per_patch = (pred.float() - self.target(img.float())).pow(2).mean(dim=-1)  # (B, N)
         return (per_patch * mask).sum() / mask.sum()
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept free of weight decay besides norms and biases (timm's convention)."""
+        return {"cls_token", "mask_token"}
+
     def forward(
         self, img: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None
     ) -> MAEOutput:

@@ -1,0 +1,1 @@
+"""The training engine shared by pretraining, probing and fine-tuning: ranks, step, optimiser, checkpoints, logs."""

@@ -1,0 +1,102 @@
+"""Checkpoints: atomic saves, the last K kept, exact resume, architecture checks, encoder export.
+
+A run folder holds `ckpt-<step>.pth` every run.ckpt_every steps (the last run.keep_last kept),
+`final.pth` at the end, and `encoder.pth` (the pretrained encoder alone, for probing and fine-tuning).
+A checkpoint holds the model, optimiser, schedule, scaler, the position (step, epoch, micro-batch in
+the epoch), every rank's RNG states and the resolved config; everything loads with weights_only=True.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crate_mae.atomic import atomic_path
+from crate_mae.config import ModelConfig
+
+# Fields that change the network's shapes or the function it computes: a resume must match them.
+ARCH_FIELDS = ("dim", "heads", "encoder_depth", "decoder_depth", "patch_size", "img_size", "eta", "lambd")
+_PERIODIC = re.compile(r"ckpt-(\d+)\.pth$")
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """torch.save through a temp file and a rename: a crash mid-write leaves the old file intact."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint dict, read with weights_only=True; a clear error naming the file otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except Exception as err:
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})".split("\n")[0]) from None
+
+
+def periodic(run_dir: str | Path) -> list[Path]:
+    """The run's periodic checkpoints, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("ckpt-*.pth") if (m := _PERIODIC.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """What `--resume auto` continues from: final.pth if the run finished, else the newest periodic one."""
+    final = Path(run_dir) / "final.pth"
+    if final.exists():
+        return final
+    found = periodic(run_dir)
+    return found[-1] if found else None
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    for path in periodic(run_dir)[: max(0, len(periodic(run_dir)) - keep_last)]:
+        path.unlink(missing_ok=True)
+
+
+def check_arch(ckpt: dict[str, Any], cfg: ModelConfig, path: str | Path) -> None:
+    """A checkpoint must be of the configured architecture; the first field that differs is named."""
+    saved = (ckpt.get("config") or {}).get("model")
+    if saved is None:
+        raise ValueError(f"{path}: holds no config, so its architecture cannot be checked")
+    for name in ARCH_FIELDS:
+        if saved.get(name) != getattr(cfg, name):
+            raise ValueError(f"{path}: model.{name} is {saved.get(name)!r} in the checkpoint but "
+                             f"{getattr(cfg, name)!r} in the config; resume with the run's own config.yaml")
+
+
+def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder side of a CrateMAE state dict: what a CrateClassifier loads."""
+    from crate_mae.model.convert import MAE_ONLY_PREFIXES
+
+    return {k: v for k, v in model_state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
+
+
+def export_encoder(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Write `{"model": encoder tensors, "config": the run's config}`, loadable with weights_only=True."""
+    save(path, {"model": encoder_state(ckpt["model"]), "config": ckpt.get("config")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m crate_mae.engine.checkpoint export CKPT OUT`: the encoder of any pretraining checkpoint."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m crate_mae.engine.checkpoint", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write the encoder alone (loads with weights_only=True)")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    args = parser.parse_args(argv)
+    try:
+        export_encoder(load(args.checkpoint), args.out)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"{args.out}: encoder of {args.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

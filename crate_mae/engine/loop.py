@@ -1,0 +1,123 @@
+"""The train step: mixed precision, gradient accumulation with no_sync, clipping, a non-finite guard.
+
+One optimiser step takes `accum_steps` micro-batches. Under DDP the gradients are all-reduced only
+on the last of them (`no_sync` on the others), so accumulation costs no extra communication. The loss
+never forces a host sync inside the step: a device-side flag records the first non-finite step, and
+`check_finite` (called at each log line and before each checkpoint) turns it into an error, so a
+checkpoint is never written after a non-finite loss.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from crate_mae.engine.dist import Dist, all_reduce_max
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimiser steps done, the epoch, and micro-batches of that epoch consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' → bf16 on GPUs that support it (else fp16), fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Trainer:
+    """Owns the wrapped model, optimiser, schedule and scaler; `step(micro_batches)` is one update.
+
+    `loss_fn(model, batch) -> scalar loss` gives the loss of one micro-batch (the stage decides what a
+    batch is). The raw (unwrapped) model stays in `self.module`, for checkpoints.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, dist: Dist,
+                 loss_fn: Callable[[nn.Module, Any], torch.Tensor], precision: str = "auto",
+                 clip_grad: float | None = None, compile: bool = False) -> None:
+        self.module, self.optimizer, self.scheduler, self.dist = model, optimizer, scheduler, dist
+        self.loss_fn, self.clip_grad = loss_fn, clip_grad
+        self.precision = resolve_precision(precision, dist.device)
+        # Every parameter receives a gradient in every step (tested), so DDP needs no unused-parameter search.
+        self.ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
+            if dist.enabled else None
+        wrapped = self.ddp or model
+        self.model = torch.compile(wrapped) if compile else wrapped
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.precision == "fp16")
+        self.state = TrainState()
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=dist.device)
+
+    def step(self, micro_batches: Sequence[Any]) -> torch.Tensor:
+        """One optimiser step over the micro-batches; returns their mean loss (detached, on the device)."""
+        self.model.train()
+        n, total = len(micro_batches), torch.zeros((), device=self.dist.device)
+        for i, batch in enumerate(micro_batches):
+            sync = i == n - 1
+            with (self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()):
+                with autocast(self.dist.device, self.precision):
+                    loss = self.loss_fn(self.model, batch)
+                self.scaler.scale(loss / n).backward()
+            total += loss.detach().float()
+        if self.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.scheduler.step_update(num_updates=self.state.step)
+        mean = total / n
+        bad = ~torch.isfinite(mean) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, self.state.step), self._first_bad)
+        return mean
+
+    def check_finite(self) -> None:
+        """Raise if any step since the start had a non-finite loss on any rank (one host sync).
+
+        Collective under DDP, so that every rank stops together instead of some waiting on the others.
+        """
+        first = int(all_reduce_max(self.dist, self._first_bad.clone()).item())
+        if first >= 0:
+            raise NonFiniteLoss(f"the loss is not finite at step {first} (lr {self.lr:.3g}); stopping. "
+                                "Checkpoints written before it are intact: lower optim.lr/blr or set optim.clip_grad")
+
+    @property
+    def lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "state": vars(self.state).copy()}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.module.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["state"])
+        self.scheduler.step_update(num_updates=self.state.step)

@@ -1,0 +1,221 @@
+"""Pretraining end to end on the digits demo: outputs, learning, DDP, exact resume, accumulation, failures."""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from crate_mae.config import ModelConfig, OptimConfig, load_config
+from crate_mae.data.shards import ensure_digits
+from crate_mae.engine import checkpoint as ckpt
+from crate_mae.engine.dist import Dist
+from crate_mae.engine.loop import NonFiniteLoss, Trainer
+from crate_mae.engine.optim import build_scheduler
+from crate_mae.model import build_classifier, build_mae
+from crate_mae.model.mae import CrateMAE
+from crate_mae.pretraining import run_pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return ensure_digits(tmp_path_factory.mktemp("shards") / "digits")
+
+
+def tiny(digits: tuple[str, str], out: Path, *extra: str):
+    """The nano model on the digits demo: a CPU step in milliseconds."""
+    return load_config(ROOT / "configs/pretrain/demo.yaml", [
+        "model.variant=nano", f"data.train_shards={digits[0]}", f"data.val_shards={digits[1]}", "data.batch_size=32",
+        "data.num_workers=0", "data.shuffle_buffer=64", "optim.epochs=1", "optim.warmup_epochs=0.2",
+        "optim.blr=2e-2", f"run.out_dir={out}", "run.name=t", "run.log_every=5", "run.ckpt_every=10", *extra])
+
+
+def test_default_command_writes_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python pretrain.py` with a shortened schedule, from an empty folder: the demo shards are written too."""
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(ROOT))
+    import pretrain
+
+    assert pretrain.main(["--set", "model.variant=nano", "optim.epochs=2", "optim.warmup_epochs=0.5", "run.ckpt_every=20",
+                          "run.keep_last=1"]) == 0
+    run = tmp_path / "runs" / "demo"
+    assert (tmp_path / "shards/digits/train.json").exists()
+    for name in ("config.yaml", "final.pth", "encoder.pth", "reconstructions.png", "log.jsonl"):
+        assert (run / name).stat().st_size > 0, name
+    assert [p.name for p in ckpt.periodic(run)] == ["ckpt-00000040.pth"]  # keep_last=1 of 20, 40
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert load_config(run / "config.yaml").model.variant == "nano"
+    assert pretrain.main(["--set", "model.variant=nano"]) == 1  # the run exists: resume or rename, said clearly
+
+
+def test_loss_falls_on_the_demo_set(digits, tmp_path: Path) -> None:
+    result = run_pretrain(tiny(digits, tmp_path, "optim.epochs=2", "run.log_every=10"))
+    assert result.steps == 2 * (1497 // 32)
+    assert result.last_loss < 0.8 * result.first_loss, (result.first_loss, result.last_loss)
+
+
+def test_exported_encoder_loads_into_a_classifier(digits, tmp_path: Path) -> None:
+    result = run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))
+    exported = torch.load(result.run_dir / "encoder.pth", weights_only=True)
+    clf = build_classifier(ModelConfig(variant="nano", num_classes=10), from_mae=True)
+    clf.load_pretrained(exported)
+    img = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(clf.forward_features(img), result.model.eval().encode(img))
+
+
+def test_mismatched_checkpoint_names_the_field(digits, tmp_path: Path) -> None:
+    run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))
+    with pytest.raises(ValueError, match=r"model\.encoder_depth is 2 in the checkpoint but 3"):
+        run_pretrain(tiny(digits, tmp_path, "optim.epochs=1", "model.encoder_depth=3", "run.resume=auto"))
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real_loss, calls = CrateMAE.loss, {"n": 0}
+
+    def poisoned(self, img, pred, mask):  # fault injection: the 13th step's loss is NaN
+        calls["n"] += 1
+        return real_loss(self, img, pred, mask) * (float("nan") if calls["n"] == 13 else 1.0)
+
+    monkeypatch.setattr(CrateMAE, "loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match="not finite at step 13"):
+        run_pretrain(tiny(digits, tmp_path, "run.ckpt_every=10", "run.log_every=100"))
+    run = tmp_path / "t"
+    assert [p.name for p in ckpt.periodic(run)] == ["ckpt-00000010.pth"] and not (run / "final.pth").exists()
+    good = ckpt.load(run / "ckpt-00000010.pth")
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_trainer_names_the_first_non_finite_step() -> None:
+    model = build_mae(ModelConfig(variant="nano"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    values = iter([1.0, 1.0, float("inf"), 1.0])
+    trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1),
+                      dist=CPU, loss_fn=lambda m, b: m(b).loss * next(values))
+    for _ in range(4):
+        trainer.step([torch.randn(2, 3, 32, 32)])
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        trainer.check_finite()
+
+
+def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch() -> None:
+    torch.manual_seed(0)
+    base = build_mae(ModelConfig(variant="nano"))
+    img, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 64)
+    after = []
+    for micro in ([(img, noise)], [(img[:4], noise[:4]), (img[4:], noise[4:])],
+                  [(img[i:i + 2], noise[i:i + 2]) for i in range(0, 8, 2)]):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        trainer = Trainer(model=model, optimizer=opt, dist=CPU, loss_fn=lambda m, b: m(b[0], noise=b[1]).loss,
+                          scheduler=build_scheduler(OptimConfig(epochs=10_000, warmup_epochs=0), opt, 1))
+        trainer.step(micro)
+        after.append(model.state_dict())
+    for key in after[0]:
+        torch.testing.assert_close(after[1][key], after[0][key], atol=1e-6, rtol=1e-5, msg=key)
+        torch.testing.assert_close(after[2][key], after[0][key], atol=1e-6, rtol=1e-5, msg=key)
+    assert not torch.equal(after[0]["decoder_pred.weight"], base.state_dict()["decoder_pred.weight"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, port: int, digits: tuple[str, str], out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    result = run_pretrain(tiny(digits, Path(out), "data.batch_size=16", "run.ckpt_every=1000"))
+    torch.save({"steps": result.steps, "model": result.model.state_dict()}, Path(out) / f"rank{rank}.pt")
+
+
+def test_two_process_gloo_ddp_ranks_end_identical(digits, tmp_path: Path) -> None:
+    mp.spawn(_ddp_rank, args=(2, _free_port(), digits, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 1497 // (16 * 2)
+    for key, value in r0["model"].items():
+        assert torch.equal(value, r1["model"][key]), key
+    assert (tmp_path / "t" / "final.pth").exists()
+
+
+def _pretrain_cmd(digits: tuple[str, str], out: Path, name: str) -> list[str]:
+    return [sys.executable, str(ROOT / "pretrain.py"), "--set", "model.variant=demo", f"data.train_shards={digits[0]}",
+            f"data.val_shards={digits[1]}", "data.batch_size=32", "data.num_workers=2", "data.shuffle_buffer=64",
+            "optim.epochs=1", "optim.warmup_epochs=0.3", f"run.out_dir={out}", f"run.name={name}",
+            "run.ckpt_every=11", "run.log_every=10"]
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(digits, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_pretrain_cmd(digits, tmp_path, "whole"), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_pretrain_cmd(digits, tmp_path, "cut"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = tmp_path / "cut" / "ckpt-00000011.pth"  # mid-epoch, odd: the worker roles rotate
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (tmp_path / "cut" / "final.pth").exists(), "the run was not cut mid-way"
+
+    subprocess.run([*_pretrain_cmd(digits, tmp_path, "cut"), "--resume", "auto"], check=True, env=env,
+                   capture_output=True)
+    whole, cut = (ckpt.load(tmp_path / n / "final.pth") for n in ("whole", "cut"))
+    assert whole["state"] == cut["state"]
+    for key, value in whole["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+
+
+def test_export_command_and_lion(digits, tmp_path: Path) -> None:
+    result = run_pretrain(tiny(digits, tmp_path, "optim.optimizer=lion", "optim.blr=1e-3", "run.ckpt_every=20"))
+    assert result.last_loss < result.first_loss
+    assert ckpt.main(["export", str(tmp_path / "t" / "ckpt-00000020.pth"), str(tmp_path / "enc.pth")]) == 0
+    exported = torch.load(tmp_path / "enc.pth", weights_only=True)
+    assert set(exported["model"]) == set(ckpt.encoder_state(result.model.state_dict()))
+    assert exported["config"]["optim"]["optimizer"] == "lion"
+
+
+def test_param_groups_spare_norms_biases_and_tokens() -> None:
+    from crate_mae.engine.optim import param_groups
+
+    model = build_mae(ModelConfig(variant="nano"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in param_groups(model, 0.05)}
+    assert {"cls_token", "mask_token", "encoder.norm.weight", "encoder.layers.0.attn.proj.bias"} <= groups[0.0]
+    assert {"encoder.layers.0.ista.D", "decoder.layers.1.A", "encoder.layers.0.attn.U.weight"} <= groups[0.05]
+    assert not groups[0.0] & groups[0.05]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_training_on_cuda(digits, tmp_path: Path, compile: bool) -> None:
+    result = run_pretrain(tiny(digits, tmp_path, "run.device=cuda", "run.precision=bf16", f"run.compile={compile}",
+                               "optim.epochs=2", "run.log_every=10"))
+    assert result.last_loss < 0.9 * result.first_loss
+
+
+@pytest.mark.gpu
+def test_mssa_fused_attention_matches_explicit_in_bf16() -> None:
+    from crate_mae.model.crate import MSSA
+
+    mssa = MSSA(dim=768, heads=12).cuda()
+    z = torch.randn(8, 197, 768, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast, slow = mssa(z), mssa.forward_reference(z)
+    torch.testing.assert_close(fast.float(), slow.float(), atol=3e-2, rtol=3e-2)
