@@ -49,6 +49,7 @@ class ModelConfig:
     mask_ratio: float = _doc(0.75, "fraction of patches masked in pretraining, in (0, 1)")
     norm_pix_loss: bool = _doc(False, "regress per-patch normalised pixels (MAE's norm_pix_loss)")
     pool: Literal["cls", "mean"] = _doc("cls", "classifier pooling: the CLS token or the mean of patch tokens")
+    drop_path: float = _doc(0.0, "classifier: stochastic depth on the MSSA residual branch, rising to this rate")
     num_classes: int = _doc(1000, "classifier outputs")
 
     def __post_init__(self) -> None:
@@ -67,6 +68,7 @@ class ModelConfig:
         _require(self.eta > 0, "model.eta", "must be positive, got", self.eta)
         _require(self.lambd is None or self.lambd >= 0, "model.lambd", "must be >= 0, got", self.lambd)
         _require(self.num_classes > 0, "model.num_classes", "must be positive, got", self.num_classes)
+        _require(0 <= self.drop_path < 1, "model.drop_path", "must lie in [0, 1), got", self.drop_path)
 
 
 @dataclass
@@ -76,6 +78,11 @@ class DataConfig:
     train_shards: Optional[str] = _doc(None, "training shards: manifest .json, brace pattern, glob or URL (default: the bundled digits)")
     val_shards: Optional[str] = _doc(None, "evaluation shards, read exactly once per evaluation")
     train_samples: Optional[int] = _doc(None, "samples per epoch when the training shards have no manifest")
+    dataset: Optional[Literal["cifar10", "cifar100"]] = _doc(None, "a torchvision set instead of *_shards: written "
+                                                                  "once to shards/<name> from data.root")
+    root: str = _doc("data", "where torchvision keeps (or downloads) data.dataset")
+    download: bool = _doc(False, "let torchvision download data.dataset (rank 0 only; needs internet)")
+    eval_crop_pct: float = _doc(0.875, "evaluation: centre crop of this fraction of the shorter side (1.0: none)")
     batch_size: int = _doc(64, "images per device per step (global batch = batch_size × devices × accum_steps)")
     num_workers: int = _doc(4, "data-loading processes per device")
     resample: bool = _doc(True, "draw training shards at random with replacement (else: shuffle and deal them out)")
@@ -91,18 +98,22 @@ class DataConfig:
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0, got", self.shuffle_buffer)
         _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in [0, 1], got",
                  self.max_bad_fraction)
+        _require(0 < self.eval_crop_pct <= 1, "data.eval_crop_pct", "must lie in (0, 1], got", self.eval_crop_pct)
 
 
 @dataclass
 class OptimConfig:
     """Optimiser and schedule (warm-up, then cosine, updated every iteration)."""
 
-    optimizer: Literal["adamw", "lion"] = _doc("adamw", "adamw (torch) or lion (lion-pytorch)")
+    optimizer: Literal["adamw", "lion", "lars", "sgd"] = _doc("adamw", "adamw (torch), lion (lion-pytorch), lars "
+                                                               "(timm; MAE's linear probe) or sgd")
     lr: Optional[float] = _doc(None, "absolute peak learning rate (default: blr × global batch / 256)")
     blr: float = _doc(1.5e-4, "base learning rate per 256 images, scaled as MAE does")
     min_lr: float = _doc(0.0, "learning rate at the end of the cosine")
     weight_decay: float = _doc(0.05, "decoupled weight decay (none on norms, biases and tokens)")
     betas: tuple[float, float] = _doc((0.9, 0.95), "AdamW / Lion betas")
+    momentum: float = _doc(0.9, "LARS / SGD momentum")
+    layer_decay: Optional[float] = _doc(None, "layer-wise lr decay: layer i of L gets lr × decay^(L − i) (fine-tuning)")
     epochs: int = _doc(800, "training epochs")
     warmup_epochs: float = _doc(40.0, "linear warm-up epochs")
     accum_steps: int = _doc(1, "micro-batches accumulated per optimiser step")
@@ -119,6 +130,9 @@ class OptimConfig:
                  f"must lie in [0, optim.epochs={self.epochs}], got", self.warmup_epochs)
         _require(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1, got", self.accum_steps)
         _require(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad", "must be positive, got", self.clip_grad)
+        _require(0 <= self.momentum < 1, "optim.momentum", "must lie in [0, 1), got", self.momentum)
+        _require(self.layer_decay is None or 0 < self.layer_decay <= 1, "optim.layer_decay", "must lie in (0, 1], got",
+                 self.layer_decay)
 
 
 @dataclass
@@ -144,13 +158,71 @@ class RunConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Linear probing of a frozen pretrained encoder (linprobe.py)."""
+
+    checkpoint: Optional[str] = _doc(None, "pretrained weights: our encoder.pth / final.pth or the released "
+                                           "CRATE-MAE file; None: a randomly initialised encoder (a baseline)")
+    protocol: Literal["logreg", "linear"] = _doc("logreg", "logreg: CRATE-MAE's logistic regression on extracted "
+                                                   "features; linear: MAE's BatchNorm + Linear head trained over epochs")
+    feature: Literal["cls", "mean"] = _doc("cls", "the feature probed: the CLS token or the mean of patch tokens")
+    Cs: tuple[float, ...] = _doc((1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), "logreg: inverse L2 strengths searched")
+    heldout: float = _doc(0.1, "logreg: fraction of train held out to choose C")
+    solver: Literal["auto", "sklearn", "torch"] = _doc("auto", "logreg: scikit-learn, full-batch L-BFGS in torch, "
+                                                        "or auto (torch for large sets)")
+    max_iter: int = _doc(1000, "logreg: solver iterations")
+    crop_scale: tuple[float, float] = _doc((0.08, 1.0), "linear: RandomResizedCrop area range of the weak augmentation")
+    knn_k: int = _doc(20, "kNN: neighbours (0: no kNN)")
+    knn_temperature: float = _doc(0.07, "kNN: temperature of the exp(similarity / T) vote weights")
+    cache_dir: str = _doc("runs/feature_cache", "extracted features, keyed by checkpoint and data")
+
+    def __post_init__(self) -> None:
+        _require(0 < self.heldout < 1, "probe.heldout", "must lie in (0, 1), got", self.heldout)
+        _require(all(c > 0 for c in self.Cs), "probe.Cs", "must all be positive, got", self.Cs)
+        _require(self.max_iter > 0, "probe.max_iter", "must be positive, got", self.max_iter)
+        _require(self.knn_k >= 0, "probe.knn_k", "must be >= 0, got", self.knn_k)
+        _require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "probe.crop_scale",
+                 "must be (low, high) with 0 < low <= high <= 1, got", self.crop_scale)
+        _require(self.knn_temperature > 0, "probe.knn_temperature", "must be positive, got", self.knn_temperature)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning the encoder as a CRATE classifier, or training one from scratch (finetune.py)."""
+
+    checkpoint: Optional[str] = _doc(None, "pretrained weights (encoder.pth, final.pth or the released file); "
+                                           "None: from scratch (supervised CRATE)")
+    auto_augment: Optional[str] = _doc("rand-m9-mstd0.5-inc1", "timm RandAugment policy (None: off)")
+    crop_scale: tuple[float, float] = _doc((0.08, 1.0), "RandomResizedCrop area range")
+    hflip: float = _doc(0.5, "horizontal flip probability")
+    reprob: float = _doc(0.25, "random erasing probability")
+    mixup: float = _doc(0.8, "mixup alpha (0: off)")
+    cutmix: float = _doc(1.0, "cutmix alpha (0: off)")
+    smoothing: float = _doc(0.1, "label smoothing")
+    ema_decay: Optional[float] = _doc(None, "keep an EMA of the weights with this decay and evaluate it too")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.reprob <= 1, "finetune.reprob", "must lie in [0, 1], got", self.reprob)
+        _require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "finetune.crop_scale",
+                 "must be (low, high) with 0 < low <= high <= 1, got", self.crop_scale)
+        _require(0 <= self.hflip <= 1, "finetune.hflip", "must lie in [0, 1], got", self.hflip)
+        _require(self.mixup >= 0 and self.cutmix >= 0, "finetune.mixup", "alphas must be >= 0, got",
+                 (self.mixup, self.cutmix))
+        _require(0 <= self.smoothing < 1, "finetune.smoothing", "must lie in [0, 1), got", self.smoothing)
+        _require(self.ema_decay is None or 0 < self.ema_decay < 1, "finetune.ema_decay", "must lie in (0, 1), got",
+                 self.ema_decay)
+
+
+@dataclass
 class Config:
-    """Everything one run needs; sections `model`, `data`, `optim`, `run`."""
+    """Everything one run needs; sections `model`, `data`, `optim`, `run`, and the stages' `probe`, `finetune`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _require(ok: bool, key: str, message: str, value: Any) -> None:
@@ -173,7 +245,10 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
-        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a non-empty list of {_type_name(args[0])}"
+        return "a list of " + ", ".join(_type_name(a) for a in args)
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -190,6 +265,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif origin is tuple:
         args = typing.get_args(inner)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)) and value:
+            args = (args[0],) * len(value)  # tuple[X, ...]: any non-empty length
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     elif inner is bool:

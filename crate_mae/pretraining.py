@@ -6,20 +6,19 @@ Works the same on one CPU, one GPU, or many GPUs and nodes under torchrun (see e
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from crate_mae.config import Config, config_to_dict, save_config
+from crate_mae.config import Config, save_config
 from crate_mae.data import EvalTransform, PretrainTransform, eval_loader, train_loader
 from crate_mae.data.transforms import normalise
-from crate_mae.data.shards import DIGITS_DIR, ensure_digits
+from crate_mae.data.shards import stage_data
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
 from crate_mae.engine.log import RunLogger
-from crate_mae.engine.loop import Trainer
+from crate_mae.engine.loop import Trainer, fit
 from crate_mae.engine.optim import build_optimizer, build_scheduler, peak_lr
 from crate_mae.model import build_mae
 from crate_mae.viz import reconstruction_grid
@@ -38,16 +37,6 @@ class PretrainResult:
     model: torch.nn.Module | None = None  # the trained CrateMAE of this rank
 
 
-def _data_specs(cfg: Config, d: dist.Dist) -> tuple[str, str | None]:
-    """The configured shards, or the bundled digits demo (written by rank 0 if missing)."""
-    if cfg.data.train_shards:
-        return cfg.data.train_shards, cfg.data.val_shards
-    if d.is_main:
-        ensure_digits(DIGITS_DIR, size=cfg.model.img_size)
-    dist.barrier(d)
-    return f"{DIGITS_DIR}/train.json", cfg.data.val_shards or f"{DIGITS_DIR}/val.json"
-
-
 def _preview_batch(cfg: Config, train_spec: str, val_spec: str | None, n: int = 8) -> torch.Tensor:
     """A fixed set of images for reconstruction pictures: the first of the val set (else of train)."""
     spec = val_spec or train_spec
@@ -57,25 +46,15 @@ def _preview_batch(cfg: Config, train_spec: str, val_spec: str | None, n: int = 
 
 
 def run_pretrain(cfg: Config) -> PretrainResult:
-    d = dist.init(cfg.run.device)
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    try:
-        return _run(cfg, d, run_dir)
-    finally:
-        dist.shutdown()
+    return dist.run_with(cfg.run.device, lambda d: _run(cfg, d, Path(cfg.run.out_dir) / cfg.run.name))
 
 
 def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
-    resume_path = None
-    if cfg.run.resume:
-        resume_path = ckpt.latest(run_dir) if cfg.run.resume == "auto" else Path(cfg.run.resume)
-    elif ckpt.latest(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} holds checkpoints already: --resume auto continues that run, "
-                              f"--set run.name=NAME starts another")
-
+    resume = ckpt.resume_path(run_dir, cfg.run.resume)
     dist.seed_everything(cfg.run.seed)  # the same initial weights on every rank
     model = build_mae(cfg.model).to(d.device)
-    train_spec, val_spec = _data_specs(cfg, d)
+    train_spec, val_spec = stage_data(cfg.data, img_size=cfg.model.img_size, is_main=d.is_main,
+                                      barrier=lambda: dist.barrier(d))
     accum, batch = cfg.optim.accum_steps, cfg.data.batch_size
     loader = train_loader(train_spec, PretrainTransform(cfg.model.img_size, fast_decode=cfg.data.fast_decode),
                           batch_size=batch, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed,
@@ -90,24 +69,9 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg.optim, optimizer, updates_per_epoch),
                       dist=d, loss_fn=lambda m, b: m(normalise(b.images.to(d.device, non_blocking=True))).loss,
                       precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad, compile=cfg.run.compile)
-
     dist.seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
-    if resume_path is not None:
-        state = ckpt.load(resume_path)
-        ckpt.check_arch(state, cfg.model, resume_path)
-        trainer.load_state_dict(state)
-        if len(state["rng"]) == d.world_size:
-            dist.set_rng_state(state["rng"][d.rank])
-        if trainer.state.batch_in_epoch >= len(loader):  # saved at an epoch's last batch
-            trainer.state.epoch, trainer.state.batch_in_epoch = trainer.state.epoch + 1, 0
-
-    def save(path: Path) -> None:
-        trainer.check_finite()  # never write a checkpoint after a non-finite loss
-        rngs = dist.all_gather_object(d, dist.rng_state())
-        if d.is_main:
-            ckpt.save(path, {**trainer.state_dict(), "rng": rngs, "config": config_to_dict(cfg)})
-            ckpt.prune(run_dir, cfg.run.keep_last)
-        dist.barrier(d)
+    if resume is not None:
+        ckpt.restore(trainer, resume, cfg, d, len(loader))
 
     log = RunLogger(run_dir, enabled=d.is_main, total_steps=total_steps, initial_step=trainer.state.step)
     if d.is_main:
@@ -119,41 +83,21 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
         log.info(f"{run_dir}: CRATE-MAE '{cfg.model.variant}' ({params:,} parameters) on {d.world_size} × {d.device.type}, "
                  f"{trainer.precision}; {updates_per_epoch} steps/epoch × {cfg.optim.epochs} epochs, global batch "
                  f"{global_batch}, peak lr {peak_lr(cfg.optim, global_batch):.3g}"
-                 + (f"; resumed from {resume_path} at step {trainer.state.step}" if resume_path else ""))
+                 + (f"; resumed from {resume} at step {trainer.state.step}" if resume else ""))
 
-    state, first, last = trainer.state, None, None
-    window, window_steps, tick = torch.zeros((), device=d.device), 0, time.perf_counter()
-    while state.epoch < cfg.optim.epochs:
-        loader.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
-        micro = []
-        for item in loader:
-            micro.append(item)
-            if len(micro) < accum:
-                continue
-            window += trainer.step(micro)
-            micro, window_steps = [], window_steps + 1
-            state.batch_in_epoch += accum
-            log.advance()
-            if state.step % cfg.run.log_every == 0 or state.step == total_steps:
-                trainer.check_finite()
-                loss = dist.all_reduce_sum(d, window / window_steps).item() / d.world_size
-                now = time.perf_counter()
-                first, last = first if first is not None else loss, loss
-                log.scalars(state.step, {"loss": loss, "lr": trainer.lr, "epoch": state.epoch,
-                                         "images_per_s": window_steps * global_batch / (now - tick)})
-                log.info(f"step {state.step}/{total_steps} epoch {state.epoch} loss {loss:.4f} lr {trainer.lr:.3g} "
-                         f"{window_steps * global_batch / (now - tick):.0f} img/s")
-                window, window_steps, tick = torch.zeros((), device=d.device), 0, now
-            if state.step % cfg.run.ckpt_every == 0 and state.step < total_steps:
-                save(run_dir / f"ckpt-{state.step:08d}.pth")
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    def save(name: str) -> None:
+        ckpt.save_training(run_dir / name, trainer, cfg, d, keep_last=cfg.run.keep_last)
+
+    def pictures(epoch: int) -> None:
         if d.is_main:
-            log.image("reconstruction", reconstruction_grid(model, preview, noise=preview_noise), state.step)
+            log.image("reconstruction", reconstruction_grid(model, preview, noise=preview_noise), trainer.state.step)
+
+    summary = fit(trainer, loader, epochs=cfg.optim.epochs, accum_steps=accum, log_every=cfg.run.log_every,
+                  ckpt_every=cfg.run.ckpt_every, global_batch=global_batch, log=log, save=save, on_epoch_end=pictures)
     if loader.skipped:
         log.info(f"data: {loader.skipped} of {loader.seen} samples skipped as unusable (see the warnings above)")
-
+    save("final.pth")
     final = run_dir / "final.pth"
-    save(final)
     if d.is_main:
         ckpt.export_encoder(ckpt.load(final), run_dir / "encoder.pth")
         from torchvision.utils import save_image
@@ -161,8 +105,8 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
         if cfg.model.img_size < 96:  # small images: enlarge (nearest) so the patches can be seen
             grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
         save_image(grid, run_dir / "reconstructions.png")
-        losses = f", loss {first:.4f} → {last:.4f}" if first is not None else ""
-        log.info(f"\ndone: {state.step} steps{losses}\n"
+        losses = f", loss {summary.first:.4f} → {summary.last:.4f}" if summary.first is not None else ""
+        log.info(f"\ndone: {trainer.state.step} steps{losses}\n"
                  f"  {run_dir}/config.yaml         the resolved config\n"
                  f"  {run_dir}/final.pth           the last checkpoint (ckpt-*.pth: periodic ones)\n"
                  f"  {run_dir}/encoder.pth         the pretrained encoder alone\n"
@@ -172,4 +116,4 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
                  + "".join(f"\n  python {stage} --checkpoint {run_dir}/encoder.pth" for stage in ("linprobe.py", "finetune.py")
                            if (REPO / stage).exists()))
     log.close()
-    return PretrainResult(run_dir, state.step, first, last, final if d.is_main else None, model)
+    return PretrainResult(run_dir, trainer.state.step, summary.first, summary.last, final if d.is_main else None, model)

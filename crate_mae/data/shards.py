@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import webdataset as wds
@@ -23,6 +24,9 @@ import webdataset as wds
 from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, resolve_shards, write_manifest
 from crate_mae.data.transforms import decode_rgb
 from crate_mae.data.writer import cifar_source, digits_source, imagefolder_source, write_split
+
+if TYPE_CHECKING:
+    from crate_mae.config import DataConfig
 
 DIGITS_DIR = "shards/digits"
 
@@ -35,6 +39,31 @@ def ensure_digits(out: str | os.PathLike = DIGITS_DIR, *, size: int = 32) -> tup
         if not path.exists():
             write_split(digits_source(split, size=size), out, split, shard_size=250, overwrite=True)
     return str(paths[0]), str(paths[1])
+
+
+def ensure_torchvision(name: str, root: str, *, download: bool, out: str | os.PathLike | None = None) -> tuple[str, str]:
+    """A torchvision set (cifar10 / cifar100) as shards, written once to shards/<name>; its manifests."""
+    out = Path(out or f"shards/{name}")
+    paths = (out / "train.json", out / "val.json")
+    for split, path in zip(("train", "val"), paths):
+        if not path.exists():
+            write_split(cifar_source(name, root, split, download=download), out, split, overwrite=True)
+    return str(paths[0]), str(paths[1])
+
+
+def stage_data(data: "DataConfig", *, img_size: int, is_main: bool, barrier: Callable[[], None]) -> tuple[str, str | None]:
+    """The (train, val) shard specs a stage reads: the configured shards, a torchvision set written to
+    shards once, or the bundled digits demo. Rank 0 writes what is missing; the others wait at `barrier`."""
+    if data.train_shards:
+        return data.train_shards, data.val_shards
+    if is_main:
+        if data.dataset:
+            ensure_torchvision(data.dataset, data.root, download=data.download)
+        else:
+            ensure_digits(DIGITS_DIR, size=img_size)
+    barrier()
+    folder = f"shards/{data.dataset}" if data.dataset else DIGITS_DIR
+    return f"{folder}/train.json", data.val_shards or f"{folder}/val.json"
 
 
 def count_manifest(spec: str, split: str | None = None) -> Manifest:

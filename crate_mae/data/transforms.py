@@ -174,11 +174,11 @@ class FinetuneTransform:
     """
 
     def __init__(self, img_size: int, *, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-                 re_prob: float = 0.25, scale: tuple[float, float] = (0.08, 1.0)) -> None:
+                 re_prob: float = 0.25, scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5) -> None:
         from timm.data import create_transform
 
         self.inner: Callable[[Image.Image], torch.Tensor] = create_transform(
-            img_size, is_training=True, scale=scale, auto_augment=auto_augment, interpolation="bicubic",
+            img_size, is_training=True, scale=scale, hflip=hflip, auto_augment=auto_augment, interpolation="bicubic",
             re_prob=re_prob, re_mode="pixel", re_count=1, mean=MEAN, std=STD)
 
     def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:

@@ -80,6 +80,53 @@ def export_encoder(ckpt: dict[str, Any], path: str | Path) -> None:
     save(path, {"model": encoder_state(ckpt["model"]), "config": ckpt.get("config")})
 
 
+def resume_path(run_dir: Path, resume: str | None) -> Path | None:
+    """What to continue from: None for a fresh run. A fresh run never overwrites one that has checkpoints."""
+    if resume == "auto":
+        return latest(run_dir)
+    if resume:
+        return Path(resume)
+    if latest(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} holds checkpoints already: --resume auto continues that run, "
+                              f"--set run.name=NAME starts another")
+    return None
+
+
+def restore(trainer: Any, path: Path, cfg: Any, d: Any, batches_per_epoch: int) -> dict[str, Any]:
+    """Load a run checkpoint into `trainer` (model, optimiser, schedule, scaler, position) and this rank's RNG.
+
+    Returns the checkpoint, for what a stage keeps besides (an EMA, the best accuracy).
+    """
+    from crate_mae.engine.dist import set_rng_state
+
+    state = load(path)
+    check_arch(state, cfg.model, path)
+    trainer.load_state_dict(state)
+    if len(state.get("rng", [])) == d.world_size:  # the same ranks: every generator continues exactly
+        set_rng_state(state["rng"][d.rank])
+    if trainer.state.batch_in_epoch >= batches_per_epoch:  # saved at an epoch's last batch
+        trainer.state.epoch, trainer.state.batch_in_epoch = trainer.state.epoch + 1, 0
+    return state
+
+
+def save_training(path: Path, trainer: Any, cfg: Any, d: Any, *, keep_last: int | None = None,
+                  extra: dict[str, Any] | None = None) -> None:
+    """Collective: every rank's RNG state is gathered, rank 0 writes the checkpoint (and prunes old ones).
+
+    Never after a non-finite loss: `trainer.check_finite()` raises first.
+    """
+    from crate_mae.config import config_to_dict
+    from crate_mae.engine.dist import all_gather_object, barrier, rng_state
+
+    trainer.check_finite()
+    rngs = all_gather_object(d, rng_state())
+    if d.is_main:
+        save(path, {**trainer.state_dict(), "rng": rngs, "config": config_to_dict(cfg), **(extra or {})})
+        if keep_last is not None:
+            prune(path.parent, keep_last)
+    barrier(d)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m crate_mae.engine.checkpoint export CKPT OUT`: the encoder of any pretraining checkpoint."""
     import argparse

@@ -10,11 +10,14 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,15 @@ def init(device: str = "auto") -> Dist:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         tdist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
     return Dist(rank, world_size, local_rank, dev)
+
+
+def run_with(device: str, fn: Callable[[Dist], T]) -> T:
+    """fn(Dist) inside the process group (joined first, left afterwards, also on an error)."""
+    d = init(device)
+    try:
+        return fn(d)
+    finally:
+        shutdown()
 
 
 def shutdown() -> None:

@@ -9,6 +9,7 @@ checkpoint is never written after a non-finite loss.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from crate_mae.data.transforms import normalise
 from crate_mae.engine.dist import Dist, all_reduce_max
 
 
@@ -121,3 +123,82 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
         self.scheduler.step_update(num_updates=self.state.step)
+
+
+@dataclass
+class LossSummary:
+    first: float | None = None  # mean loss of the first logging interval of this process's run
+    last: float | None = None  # mean loss of the last one
+
+
+def fit(trainer: Trainer, loader: Any, *, epochs: int, accum_steps: int, log_every: int, ckpt_every: int,
+        global_batch: int, log: Any, save: Callable[[str], None],
+        on_epoch_end: Callable[[int], None] | None = None, after_step: Callable[[], None] | None = None) -> LossSummary:
+    """Train from `trainer.state` to the end of `epochs`: the loop every stage shares.
+
+    Each epoch's loader is reseeded (and, after a resume, fast-forwarded) with `set_epoch`; every
+    `accum_steps` micro-batches make one step; every `log_every` steps the mean loss over ranks, the lr
+    and the throughput are logged; every `ckpt_every` steps `save(f"ckpt-{step:08d}.pth")` is called
+    (on every rank: saving is collective). `on_epoch_end(epoch)` runs after each epoch (evaluation,
+    pictures); `after_step()` after each step (an EMA update).
+    """
+    from crate_mae.engine.dist import all_reduce_sum
+
+    state, summary = trainer.state, LossSummary()
+    total_steps = epochs * (len(loader) // accum_steps)
+    window, window_steps, tick = torch.zeros((), device=trainer.dist.device), 0, time.perf_counter()
+    while state.epoch < epochs:
+        loader.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
+        micro: list[Any] = []
+        for item in loader:
+            micro.append(item)
+            if len(micro) < accum_steps:
+                continue
+            window += trainer.step(micro)
+            micro, window_steps = [], window_steps + 1
+            state.batch_in_epoch += accum_steps
+            if after_step is not None:
+                after_step()
+            log.advance()
+            if state.step % log_every == 0 or state.step == total_steps:
+                trainer.check_finite()
+                loss = all_reduce_sum(trainer.dist, window / window_steps).item() / trainer.dist.world_size
+                now = time.perf_counter()
+                rate = window_steps * global_batch / (now - tick)
+                summary.first = summary.first if summary.first is not None else loss
+                summary.last = loss
+                log.scalars(state.step, {"loss": loss, "lr": trainer.lr, "epoch": state.epoch, "images_per_s": rate})
+                log.info(f"step {state.step}/{total_steps} epoch {state.epoch} loss {loss:.4f} "
+                         f"lr {trainer.lr:.3g} {rate:.0f} img/s")
+                window, window_steps, tick = torch.zeros_like(window), 0, now
+            if state.step % ckpt_every == 0 and state.step < total_steps:
+                save(f"ckpt-{state.step:08d}.pth")
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        if on_epoch_end is not None:
+            on_epoch_end(state.epoch)
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, dist: Dist, precision: str = "fp32",
+             prepare: Callable[[torch.Tensor], torch.Tensor] = normalise) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) over an evaluation loader, exact over all ranks.
+
+    Each rank counts (top-1 correct, top-5 correct, samples) over its share of the data; one
+    all_reduce(SUM) adds the counts, so every sample counts exactly once. `prepare` maps a batch's
+    images (on the device) to model input: uint8 pixels are normalised.
+    """
+    from crate_mae.engine.dist import all_reduce_sum
+    from crate_mae.probe import topk_correct
+
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=dist.device)
+    for batch in loader:
+        with autocast(dist.device, precision):
+            logits = model(prepare(batch.images.to(dist.device, non_blocking=True)))
+        correct = topk_correct(logits.float(), batch.labels.to(dist.device), ks=(1, 5))
+        counts += torch.tensor([correct[1], correct[5], len(batch.labels)], dtype=torch.float64, device=dist.device)
+    model.train(was_training)
+    top1, top5, n = all_reduce_sum(dist, counts).tolist()
+    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "samples": int(n)}

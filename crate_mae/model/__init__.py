@@ -42,7 +42,7 @@ def build_classifier(cfg: ModelConfig, *, from_mae: bool = False) -> CrateClassi
     return CrateClassifier(
         num_classes=cfg.num_classes, img_size=cfg.img_size, patch_size=cfg.patch_size, dim=cfg.dim,
         heads=cfg.heads, depth=cfg.encoder_depth, eta=cfg.eta,
-        lambd=default_lambd if cfg.lambd is None else cfg.lambd, pool=cfg.pool,
+        lambd=default_lambd if cfg.lambd is None else cfg.lambd, pool=cfg.pool, drop_path=cfg.drop_path,
     )
 
 

@@ -35,6 +35,7 @@ class CrateClassifier(nn.Module):
         eta: float = 0.1,
         lambd: float = 0.1,
         pool: Literal["cls", "mean"] = "cls",
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if pool not in ("cls", "mean"):
@@ -44,7 +45,7 @@ class CrateClassifier(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.cls_token, std=0.02)
         self.pos = SinCosPosition(dim=dim, grid=grid_size((img_size, img_size), patch_size))
-        self.encoder = Encoder(dim=dim, heads=heads, depth=depth, eta=eta, lambd=lambd)
+        self.encoder = Encoder(dim=dim, heads=heads, depth=depth, eta=eta, lambd=lambd, drop_path=drop_path)
         self.fc_norm = nn.LayerNorm(dim)
         self.head = xavier_linear(dim, num_classes, bias=True) if num_classes > 0 else nn.Identity()
 
@@ -66,6 +67,11 @@ class CrateClassifier(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters kept free of weight decay besides norms and biases (timm's convention)."""
         return {"cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping for layer-wise lr decay: the stem, then each encoder layer; what matches
+        neither (the final norm and the head) is the top group, with the full lr, as in MAE."""
+        return {"stem": r"^cls_token|^patch_embed", "blocks": [(r"^encoder\.layers\.(\d+)", None)]}
 
     def get_classifier(self) -> nn.Module:
         return self.head

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import DropPath
 
 
 def xavier_linear(dim_in: int, dim_out: int, *, bias: bool) -> nn.Linear:
@@ -95,19 +96,21 @@ class ISTA(nn.Module):
 class EncoderLayer(nn.Module):
     """One CRATE layer: z½ = z + MSSA(LN₁(z));  z⁺ = ISTA(LN₂(z½)).
 
-    There is no residual around ISTA: its own `u +` term is the skip, on the normalised input.
+    There is no residual around ISTA: its own `u +` term is the skip, on the normalised input. So
+    stochastic depth (`drop_path`, for fine-tuning) can only drop the MSSA branch; ISTA always runs.
     """
 
-    def __init__(self, *, dim: int, heads: int, eta: float, lambd: float) -> None:
+    def __init__(self, *, dim: int, heads: int, eta: float, lambd: float, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)  # in-layer norms keep PyTorch's eps 1e-5, as released
         self.attn = MSSA(dim=dim, heads=heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.ista = ISTA(dim=dim, eta=eta, lambd=lambd)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, N, d) → (B, N, d)."""
-        z = z + self.attn(self.norm1(z))
+        z = z + self.drop_path(self.attn(self.norm1(z)))
         return self.ista(self.norm2(z))
 
 
@@ -148,10 +151,14 @@ class LayerStack(nn.Module):
 
 
 class Encoder(LayerStack):
-    """`depth` CRATE encoder layers (the compression-and-sparsification half)."""
+    """`depth` CRATE encoder layers (the compression-and-sparsification half).
 
-    def __init__(self, *, dim: int, heads: int, depth: int, eta: float, lambd: float) -> None:
-        super().__init__([EncoderLayer(dim=dim, heads=heads, eta=eta, lambd=lambd) for _ in range(depth)], dim=dim)
+    `drop_path` is the stochastic-depth rate of the last layer; earlier layers rise linearly from 0.
+    """
+
+    def __init__(self, *, dim: int, heads: int, depth: int, eta: float, lambd: float, drop_path: float = 0.0) -> None:
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        super().__init__([EncoderLayer(dim=dim, heads=heads, eta=eta, lambd=lambd, drop_path=r) for r in rates], dim=dim)
 
 
 class Decoder(LayerStack):

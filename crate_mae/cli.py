@@ -1,0 +1,46 @@
+"""The command line shared by pretrain.py, linprobe.py and finetune.py: parse → config → run the stage.
+
+Each stage takes `--config FILE` and `--set KEY=VALUE ...` (every key listed in `--help`), plus a few
+shortcut flags for the keys users set most. Expected failures (bad data, a missing checkpoint, a
+non-finite loss) end with one line `error: ...` and exit status 1; a bad config exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from crate_mae.config import ConfigError, add_config_args, config_from_args
+
+
+def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: str,
+               shortcuts: dict[str, tuple[str, str]]) -> int:
+    """Run `stage` ("module:function", imported after parsing so `--help` is fast) on the parsed config.
+
+    `shortcuts` maps a flag ("--resume") to (config key, help): `--resume auto` = `--set run.resume=auto`.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="examples:\n" + doc.split("\n\n")[1])
+    add_config_args(parser, default_config=default_config)
+    for flag, (key, help_text) in shortcuts.items():
+        parser.add_argument(flag, dest=key, metavar=key.rsplit(".", 1)[1].upper(), help=f"{help_text} (= --set {key}=...)")
+    args = parser.parse_args(argv)
+    for key in shortcuts.values():
+        if getattr(args, key[0]) is not None:
+            args.overrides.append([f"{key[0]}={getattr(args, key[0])}"])
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from crate_mae.data import DataError, ShardError
+    from crate_mae.engine.loop import NonFiniteLoss
+
+    module, function = stage.split(":")
+    try:
+        getattr(importlib.import_module(module), function)(cfg)
+    except (ShardError, DataError, NonFiniteLoss, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

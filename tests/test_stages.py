@@ -1,0 +1,155 @@
+"""linprobe and finetune end to end on the digits demo, layer decay, and exact evaluation over 2 gloo ranks."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from crate_mae.config import ModelConfig, load_config
+from crate_mae.data import EvalTransform, eval_loader
+from crate_mae.data.shards import ensure_digits
+from crate_mae.engine import dist
+from crate_mae.engine.loop import evaluate
+from crate_mae.engine.optim import build_optimizer
+from crate_mae.finetuning import run_finetune
+from crate_mae.model import build_classifier, build_mae
+from crate_mae.probing import run_linprobe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return ensure_digits(tmp_path_factory.mktemp("shards") / "digits")
+
+
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A nano CRATE-MAE's encoder file, as pretrain.py exports it (untrained: these tests test the stages)."""
+    path = tmp_path_factory.mktemp("enc") / "encoder.pth"
+    mae = build_mae(ModelConfig(variant="nano"))
+    torch.save({"model": {k: v for k, v in mae.state_dict().items() if not k.startswith(("mask_token", "decoder"))}}, path)
+    return str(path)
+
+
+def cfg_for(stage: str, digits, out: Path, *extra: str):
+    return load_config(ROOT / f"configs/{stage}/demo.yaml", [
+        "model.variant=nano", f"data.train_shards={digits[0]}", f"data.val_shards={digits[1]}", "data.num_workers=0",
+        f"run.out_dir={out}", f"probe.cache_dir={out / 'cache'}", *extra])
+
+
+def test_linprobe_logreg_end_to_end_with_cached_features(digits, encoder, tmp_path: Path) -> None:
+    cfg = cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={encoder}", "probe.Cs=[0.1, 1.0]")
+    first = run_linprobe(cfg)
+    assert first.top1 > 60 and first.val_samples == 300 and first.train_samples == 1497  # chance is 10
+    cached = list((tmp_path / "cache").rglob("*.pt"))
+    assert len(cached) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    again = run_linprobe(cfg)
+    assert again.top1 == first.top1 and {p: p.stat().st_mtime_ns for p in cached} == stamps  # reused, not rewritten
+    result = json.loads((tmp_path / "demo-linprobe" / "results.json").read_text())
+    assert {"dataset", "protocol", "feature", "top1", "top5", "train_samples", "val_samples"} <= set(result)
+    assert result["details"]["knn"]["top1"] > 30
+    mean = run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={encoder}", "probe.feature=mean",
+                                "probe.Cs=[1.0]", "probe.knn_k=0"))
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 4 and mean.top1 > 60  # another feature, another key
+
+
+def test_linprobe_mae_protocol_trains_a_head(digits, encoder, tmp_path: Path) -> None:
+    result = run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={encoder}", "probe.protocol=linear",
+                                  "optim.optimizer=sgd", "optim.blr=4", "optim.weight_decay=0", "optim.epochs=3",
+                                  "optim.warmup_epochs=1", "data.batch_size=64", "probe.crop_scale=[0.8, 1.0]"))
+    assert result.protocol == "linear" and result.top1 > 40 and result.val_samples == 300
+    assert (tmp_path / "demo-linprobe" / "final.pth").exists()
+
+
+def test_lars_adapts_matrices_only() -> None:
+    from crate_mae.config import OptimConfig
+    from crate_mae.probing import LinearProbe
+
+    probe_model = LinearProbe(build_classifier(ModelConfig(variant="nano", num_classes=10)), feature="cls", num_classes=10)
+    opt = build_optimizer(OptimConfig(optimizer="lars", weight_decay=0.0, epochs=1, warmup_epochs=0), probe_model, 1.0,
+                          torch.device("cpu"))
+    assert type(opt).__name__ == "Lars"
+    groups = {tuple(p.ndim for p in g["params"]): g["always_adapt"] for g in opt.param_groups}
+    assert groups == {(2,): True, (1,): False}  # only the head trains: its weight adapts, its bias does not
+
+
+def test_probe_without_the_pretraining_run_says_what_to_run(digits, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="python pretrain.py"):
+        run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={tmp_path / 'runs/demo/encoder.pth'}"))
+
+
+def test_wrong_checkpoint_is_named(digits, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.pth"
+    torch.save(build_mae(ModelConfig(variant="nano", dim=32)).state_dict(), wrong)
+    with pytest.raises(ValueError, match=r"wrong\.pth.*shape mismatch for 'cls_token'"):
+        run_finetune(cfg_for("finetune", digits, tmp_path, f"finetune.checkpoint={wrong}"))
+
+
+def test_finetune_loss_falls_and_accuracy_rises(digits, encoder, tmp_path: Path) -> None:
+    result = run_finetune(cfg_for("finetune", digits, tmp_path, f"finetune.checkpoint={encoder}", "optim.epochs=6",
+                                  "optim.blr=2e-2", "optim.layer_decay=null", "run.log_every=10",
+                                  "finetune.ema_decay=0.99"))
+    assert result.last_loss < 0.85 * result.first_loss
+    assert result.best_top1 > 35  # chance is 10
+    run = tmp_path / "demo-finetune"
+    assert (run / "best.pth").exists() and (run / "final.pth").exists()
+    assert json.loads((run / "results.json").read_text())["best_top1"] == result.best_top1
+    assert "ema" in torch.load(run / "final.pth", weights_only=True)
+
+
+def test_supervised_from_scratch_with_mixup_and_lion(digits, tmp_path: Path) -> None:
+    result = run_finetune(cfg_for("finetune", digits, tmp_path, "finetune.checkpoint=null", "optim.optimizer=lion",
+                                  "optim.blr=2e-4", "optim.epochs=2", "finetune.mixup=0.8", "finetune.cutmix=1.0",
+                                  "optim.layer_decay=null"))
+    assert result.model.encoder.layers[0].ista.lambd == 0.1  # the supervised CRATE's λ
+    assert result.top1 >= 0 and result.steps == 2 * (1497 // 64)
+
+
+def test_layer_decay_gives_each_layer_its_lr(digits) -> None:
+    from crate_mae.config import OptimConfig
+
+    model = build_classifier(ModelConfig(variant="nano", num_classes=10, encoder_depth=3))
+    opt = build_optimizer(OptimConfig(layer_decay=0.5, epochs=1, warmup_epochs=0), model, 1.0, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert scale["patch_embed.proj.weight"] == scale["cls_token"] == 0.5 ** 4
+    for i in range(3):
+        assert scale[f"encoder.layers.{i}.ista.D"] == 0.5 ** (3 - i)
+    assert scale["encoder.norm.weight"] == scale["head.weight"] == scale["fc_norm.bias"] == 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _eval_rank(rank: int, port: int, val: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    d = dist.init("cpu")
+    torch.manual_seed(0)
+    model = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    loader = eval_loader(val, EvalTransform(32, crop_pct=1.0), batch_size=32, rank=rank, world_size=2, num_workers=2)
+    scores = evaluate(model, loader, d)
+    torch.save(scores, Path(out) / f"eval{rank}.pt")
+    dist.shutdown()
+
+
+def test_evaluation_is_exact_over_2_gloo_ranks(digits, tmp_path: Path) -> None:
+    mp.spawn(_eval_rank, args=(_free_port(), digits[1], str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"eval{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    model = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    single = evaluate(model, eval_loader(digits[1], EvalTransform(32, crop_pct=1.0), batch_size=300),
+                      dist.Dist(0, 1, 0, torch.device("cpu")))
+    assert r0 == r1 and r0["samples"] == 300 == single["samples"]
+    assert abs(r0["top1"] - single["top1"]) < 1e-9 and abs(r0["top5"] - single["top5"]) < 1e-9
