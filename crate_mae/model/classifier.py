@@ -49,10 +49,14 @@ class CrateClassifier(nn.Module):
         self.fc_norm = nn.LayerNorm(dim)
         self.head = xavier_linear(dim, num_classes, bias=True) if num_classes > 0 else nn.Identity()
 
+    def tokens(self, img: torch.Tensor) -> torch.Tensor:
+        """img (B, 3, H, W) → the encoder's input (B, 1 + N, d): patch tokens, CLS first, sin-cos table added."""
+        x, grid = self.patch_embed(img)  # (B, N, d)
+        return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid)
+
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """img (B, 3, H, W) → encoder tokens (B, 1 + N, d) after the final norm, CLS first."""
-        x, grid = self.patch_embed(img)  # (B, N, d)
-        return self.encoder(self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid))
+        return self.encoder(self.tokens(img))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens (B, 1 + N, d) → logits (B, K), or the normed pooled feature (B, d) if pre_logits."""

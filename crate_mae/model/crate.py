@@ -6,6 +6,8 @@ Legend: B batch, N tokens, d width, H heads, p = d/H head width. `F.linear(x, W)
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,6 +95,14 @@ class ISTA(nn.Module):
         return f"eta={self.eta}, lambd={self.lambd}"
 
 
+class LayerTrace(NamedTuple):
+    """One encoder layer's tokens (B, N, d): the inputs of its two operators, and its output."""
+
+    mssa_in: torch.Tensor  # LN₁(z)
+    ista_in: torch.Tensor  # LN₂(z + MSSA(LN₁(z)))
+    out: torch.Tensor  # ISTA(ista_in), the sparse code
+
+
 class EncoderLayer(nn.Module):
     """One CRATE layer: z½ = z + MSSA(LN₁(z));  z⁺ = ISTA(LN₂(z½)).
 
@@ -112,6 +122,12 @@ class EncoderLayer(nn.Module):
         """z (B, N, d) → (B, N, d)."""
         z = z + self.drop_path(self.attn(self.norm1(z)))
         return self.ista(self.norm2(z))
+
+    def trace(self, z: torch.Tensor) -> LayerTrace:
+        """The same step with its intermediate tokens, for measuring what each operator does (no drop path)."""
+        mssa_in = self.norm1(z)
+        ista_in = self.norm2(z + self.attn(mssa_in))
+        return LayerTrace(mssa_in, ista_in, self.ista(ista_in))
 
 
 class DecoderLayer(nn.Module):

@@ -54,3 +54,27 @@ def reconstruction_grid(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float
     columns = [parts[k] for k in ("original", "masked", "reconstruction", "pasted")]
     rows = torch.stack(columns, dim=1).flatten(0, 1)  # (4B, 3, H, W), row-major: image by image
     return make_grid(rows.cpu(), nrow=4, padding=pad, pad_value=1.0)
+
+
+def reconstruction_figure(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float | None = None,
+                          noise: torch.Tensor | None = None) -> "matplotlib.figure.Figure":
+    """The same four columns as `reconstruction_grid`, one row per image, each row labelled with its masked loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = reconstruct(model, img, mask_ratio=mask_ratio, noise=noise)
+    titles = ("original", "masked", "reconstruction", "+ visible")
+    n = img.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(6.4, 1.7 * n + 0.3), squeeze=False)
+    for i in range(n):
+        for j, key in enumerate(("original", "masked", "reconstruction", "pasted")):
+            ax = axes[i, j]
+            ax.imshow(parts[key][i].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=9)
+        axes[i, 0].set_ylabel(f"loss {parts['loss'][i].item():.3f}", fontsize=8)
+    fig.tight_layout()
+    return fig

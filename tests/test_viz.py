@@ -1,0 +1,106 @@
+"""Reconstructions, attention maps and the layer measures: shapes, invariants, closed forms, the command line."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from crate_mae.config import ModelConfig, config_to_dict, load_config
+from crate_mae.model import build_classifier, build_mae, patchify, random_masking
+from crate_mae.viz import reconstruct, reconstruction_grid
+from crate_mae.viz.__main__ import main as viz_main
+from crate_mae.viz.attention import cls_attention
+from crate_mae.viz.measures import coding_rate, layer_measures, sparsity
+
+
+def test_reconstruction_grid_and_pasted_visible_patches_equal_the_input() -> None:
+    model = build_mae(ModelConfig(variant="nano", norm_pix_loss=True))
+    img, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    parts = reconstruct(model, img, noise=noise)
+    visible = (1 - random_masking(noise, 0.75)).bool()  # (B, N)
+    pasted, original = patchify(parts["pasted"], 4), patchify(parts["original"], 4)
+    assert_close(pasted[visible], original[visible])
+    assert not torch.allclose(pasted[~visible], original[~visible])
+    assert parts["loss"].shape == (3,) and (parts["loss"] > 0).all()
+    grid = reconstruction_grid(model, img, noise=noise, pad=2)
+    assert grid.shape == (3, 3 * 32 + 4 * 2, 4 * 32 + 5 * 2)  # 3 rows of 4 images, padded
+    assert grid.min() >= 0 and grid.max() <= 1
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_attention_panels_sum_to_one_over_the_grid(size: int) -> None:
+    model = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    maps = cls_attention(model, torch.randn(2, 3, size, size), layer=-1)
+    assert maps.shape == (2, 4, size // 4, size // 4)
+    assert_close(maps.sum((-2, -1)), torch.ones(2, 4))
+    assert (maps >= 0).all()
+    assert not torch.allclose(maps, cls_attention(model, torch.randn(2, 3, size, size), layer=0))
+
+
+def test_coding_rate_closed_form() -> None:
+    """Z with ZᵀZ = c·I against U = I: each head's A Aᵀ = c·I_p, so R^c = K · ½ p · log(1 + p c / (N ε²))."""
+    d, n, c, eps2 = 8, 8, 3.0, 0.5
+    z = (math.sqrt(c) * torch.eye(d, dtype=torch.float64))[None]  # (1, N, d), one image
+    for heads in (1, 2, 4):
+        p = d // heads
+        expected = heads * 0.5 * p * math.log(1 + p * c / (n * eps2))
+        assert coding_rate(z, torch.eye(d), heads=heads, eps2=eps2).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_coding_rate_equals_the_n_by_n_form() -> None:
+    """Sylvester: the p × p logdet used equals the paper's N × N one."""
+    torch.manual_seed(0)
+    z, u, heads, eps2 = torch.randn(2, 10, 12), torch.randn(12, 12), 3, 0.5
+    p, n = 4, 10
+    direct = torch.zeros(2, dtype=torch.float64)
+    for k in range(heads):
+        a = z.double() @ u.double()[k * p:(k + 1) * p].T  # (B, N, p)
+        direct += 0.5 * torch.logdet(torch.eye(n, dtype=torch.float64) + (p / (n * eps2)) * a @ a.transpose(1, 2))
+    assert_close(coding_rate(z, u, heads=heads, eps2=eps2), direct)
+
+
+def test_sparsity_of_a_known_tensor() -> None:
+    z = torch.tensor([[[1.0, 0, 0, 0], [1.0, 1.0, 0, 0]]])
+    s = sparsity(z)
+    assert s["zero_fraction"] == pytest.approx(5 / 8)
+    assert s["l1_over_l2"] == pytest.approx((1 + math.sqrt(2)) / 2)
+
+
+def test_layer_measures_follow_the_forward_pass() -> None:
+    model = build_classifier(ModelConfig(variant="nano", num_classes=10, encoder_depth=3))
+    img = torch.randn(4, 3, 32, 32)
+    rows = layer_measures(model, img)
+    assert [r["layer"] for r in rows] == [0, 1, 2]
+    assert all(r["rate_before_mssa"] > 0 and 0 <= r["zero_fraction"] <= 1 for r in rows)
+    z = model.tokens(img)
+    for layer in model.encoder.layers:
+        trace = layer.trace(z)
+        assert_close(trace.out, layer(z))
+        z = trace.out
+
+
+def test_commands_write_pictures_and_numbers(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.variant=nano"])
+    mae = build_mae(cfg.model)
+    torch.save({"model": mae.state_dict(), "config": config_to_dict(cfg)}, tmp_path / "final.pth")
+    encoder = {k: v for k, v in mae.state_dict().items() if not k.startswith(("mask_token", "decoder"))}
+    torch.save({"model": encoder, "config": config_to_dict(cfg)}, tmp_path / "encoder.pth")
+    from tests.data_helpers import image_bytes
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.jpg").write_bytes(image_bytes(i, size=(50, 40)))
+    assert viz_main(["recon", "--checkpoint", str(tmp_path / "final.pth"), "--images", str(images)]) == 0
+    assert (tmp_path / "recon.png").stat().st_size > 0
+    assert viz_main(["attention", "--checkpoint", str(tmp_path / "encoder.pth"), "--images", str(images / "0.jpg"),
+                     "--img-size", "48", "--out", str(tmp_path / "att.png")]) == 0
+    assert (tmp_path / "att.png").stat().st_size > 0
+    assert viz_main(["layers", "--checkpoint", str(tmp_path / "encoder.pth"), "--images", str(images)]) == 0
+    assert len(json.loads((tmp_path / "layers.json").read_text())) == 2
+    with pytest.raises(SystemExit):  # an encoder alone cannot reconstruct: one clear line
+        viz_main(["recon", "--checkpoint", str(tmp_path / "encoder.pth"), "--images", str(images)])
