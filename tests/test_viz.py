@@ -104,3 +104,15 @@ def test_commands_write_pictures_and_numbers(tmp_path: Path) -> None:
     assert len(json.loads((tmp_path / "layers.json").read_text())) == 2
     with pytest.raises(SystemExit):  # an encoder alone cannot reconstruct: one clear line
         viz_main(["recon", "--checkpoint", str(tmp_path / "encoder.pth"), "--images", str(images)])
+
+
+def test_commands_take_the_released_checkpoint_layout(tmp_path: Path) -> None:
+    from tests.data_helpers import image_bytes
+    from tests.test_convert import released_state
+
+    torch.save({"model": released_state()}, tmp_path / "released.pth")  # the authors' keys, nano-sized
+    (tmp_path / "img.png").write_bytes(image_bytes(1, size=(32, 32), fmt="PNG"))
+    for command in ("recon", "layers", "attention"):
+        assert viz_main([command, "--checkpoint", str(tmp_path / "released.pth"), "--variant", "nano",
+                         "--images", str(tmp_path / "img.png"), "--out", str(tmp_path / f"{command}.png")]) == 0
+        assert (tmp_path / f"{command}.png").stat().st_size > 0
