@@ -349,3 +349,14 @@ def test_a_resumed_epoch_continues_with_the_same_batches(tmp_path: Path, workers
         rest = list(loader)
         assert [b.keys for b in rest] == [b.keys for b in full[skip:]], skip
         assert all(torch.equal(a.images, b.images) for a, b in zip(rest, full[skip:]))
+
+
+def test_webdataset_pipe_urls_are_read(tmp_path: Path) -> None:
+    """Remote-style specs (`pipe:` commands, as for `pipe:curl ...`) go through webdataset's opener."""
+    make_set(tmp_path, "train", n_shards=2, per_shard=6)
+    spec = f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar"
+    assert len(resolve_shards(spec).urls) == 2 and resolve_shards(spec).total is None
+    assert len(keys_of(eval_loader(spec, T32, batch_size=4))) == 12
+    with pytest.raises(ShardError, match="data.train_samples"):
+        train_loader(spec, T32, batch_size=4)
+    assert len(list(train_loader(spec, T32, batch_size=4, samples_per_epoch=12, shuffle_buffer=4))) == 3
