@@ -34,7 +34,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (torch; fused kernels on CUDA), Lion (lion-pytorch), LARS (timm) or SGD, over `param_groups`.
+    """AdamW (torch; fused kernels on CUDA), Lion (lion-pytorch; our multi-tensor twin on CUDA), LARS (timm)
+    or SGD, over `param_groups`.
 
     LARS follows MAE's linear probe: the trust ratio (and weight decay) apply to matrices only.
     """
@@ -49,7 +50,11 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device: torch
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=device.type == "cuda")
     if cfg.optimizer == "lion":
-        from lion_pytorch import Lion
+        if device.type == "cuda":  # a few multi-tensor kernels per step instead of several per parameter
+            from crate_mae.engine.lion import ForeachLion
+
+            return ForeachLion(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        from lion_pytorch import Lion  # the per-parameter original (bit-identical to ForeachLion on the CPU)
 
         return Lion(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
