@@ -40,8 +40,8 @@ class PretrainResult:
 def _preview_batch(cfg: Config, train_spec: str, val_spec: str | None, n: int = 8) -> torch.Tensor:
     """A fixed set of images for reconstruction pictures: the first of the val set (else of train)."""
     spec = val_spec or train_spec
-    loader = eval_loader(spec, EvalTransform(cfg.model.img_size, crop_pct=1.0 if cfg.model.img_size <= 64 else 0.875),
-                         batch_size=n, max_bad_fraction=1.0)
+    loader = eval_loader(spec, EvalTransform(cfg.model.img_size, crop_pct=cfg.data.eval_crop_pct), batch_size=n,
+                         max_bad_fraction=1.0)
     return normalise(next(iter(loader)).images)
 
 
