@@ -131,3 +131,22 @@ def test_argparse_helpers() -> None:
     cfg = config_from_args(args)
     assert (cfg.optim.lr, cfg.model.variant, cfg.run.seed) == (1e-4, "nano", 3)
     assert "optim.weight_decay" in parser.format_help()
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "linprobe.py", "finetune.py"])
+def test_entry_points_list_every_key_in_help(script: str, capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location(script[:-3], root / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert Path(module.DEFAULT_CONFIG).exists()
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "probe.knn_k" in text and "finetune.mixup" in text and "--set KEY=VALUE" in text
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--set", "optim.lrr=1"])
+    assert exit_info.value.code == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err
