@@ -43,6 +43,7 @@ import PIL
 import torch
 from PIL import Image, features
 
+from crate_mae.data.device_decode import DeviceCropTransform, decode_batch
 from crate_mae.data.manifest import read_manifest
 from crate_mae.data.reader import train_loader
 from crate_mae.data.transforms import EvalTransform, PretrainTransform, random_resized_crop_box
@@ -114,8 +115,24 @@ def rate_loader(manifest: Path, transform: Callable, n: int, batch_size: int, sh
     it = iter(loader)
     next(it)  # warm-up: fills the shuffle buffer, opens the first shard
     t = time.perf_counter()
-    got = sum(len(b.images) for b in it)
+    got = sum(len(b.keys) for b in it)  # (b.images may be a RawBatch)
     return got / (time.perf_counter() - t)
+
+
+def rate_device_decode(manifest: Path, n: int, batch_size: int, size: int, device: torch.device) -> float:
+    """images/s of `decode_batch` (batched decode + roi_align crop + flips) on `device`, batches made beforehand."""
+    loader = train_loader(str(manifest), DeviceCropTransform(size), batch_size=batch_size, num_workers=0,
+                          shuffle_buffer=8, samples_per_epoch=max(1, n // batch_size) * batch_size)
+    batches = [b.images for b in loader]
+    decode_batch(batches[0], size, device)  # warm-up (and nvjpeg's set-up on a GPU)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for raw in batches:
+        decode_batch(raw, size, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(batches) * batch_size / (time.perf_counter() - t)
 
 
 def rate_fn(fn: Callable[[bytes, random.Random], object], blobs: list[bytes], n: int) -> float:
@@ -161,8 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--measure", type=int, default=512, help="images timed per run (loader: whole batches)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the device-decode rows decode (default: cuda if present)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one worker = one core
+    device = torch.device(args.device)
 
     size, n = args.img_size, args.measure
     manifests = {"original": ensure_shards(args.out, args.num_images)}
@@ -183,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         cases[f"eval/{col}"] = lambda t=ev, b=blobs: rate_fn(t, b, n)
         if fast:  # a plain full-size decode: the same with fast decode on or off, so once per kind
             cases[f"decode/{col}"] = lambda b=blobs: rate_fn(lambda d, r: Image.open(io.BytesIO(d)).convert("RGB"), b, n)
+            # data.decode_on=device: the worker only draws crops; the device decodes and crops the batch
+            cases[f"device-worker/{col}"] = lambda m=manifest: rate_loader(m, DeviceCropTransform(size), n,
+                                                                           args.batch_size, args.shuffle_buffer)
+            cases[f"device-decode/{col}"] = lambda m=manifest: rate_device_decode(m, n, args.batch_size, size, device)
 
     runs: dict[str, list[float]] = {name: [] for name in cases}
     start = time.perf_counter()
@@ -206,11 +230,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{'×'.join(map(str, sets[kind]['mean_sides']))} px mean (shorter×longer side); reduced decode for "
               f"{crop_share:.0%} of pretrain crops, {eval_share:.0%} of eval images")
     print(f"\n{'images/s per worker (median [min-max])':<40}" + "".join(f"{t:>26}" for t in columns.values()))
-    for what in ("loader", "transform", "eval", "decode"):
+    for what in ("loader", "transform", "eval", "decode", "device-worker", "device-decode"):
         cells = [f"{statistics.median(r):.0f} [{min(r):.0f}-{max(r):.0f}]" if (r := runs.get(f"{what}/{col}")) else "-"
                  for col in columns]
         print(f"{what:<40}" + "".join(f"{c:>26}" for c in cells))
-    print("(decode: a full-size decode to RGB, whatever the column's decode setting)\n")
+    print("(decode: a full-size decode to RGB, whatever the column's decode setting; device-worker: the loader with "
+          f"data.decode_on=device, where a worker only draws crops; device-decode: decode_batch on {device})\n")
     for kind in data:
         best = statistics.median(runs[f"loader/{kind}/fast"])
         print(f"target ≥ 400 images/s per worker (set at 224 px), {kind}: loader at {size} px with fast decode "

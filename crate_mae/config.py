@@ -88,6 +88,8 @@ class DataConfig:
     resample: bool = _doc(True, "draw training shards at random with replacement (else: shuffle and deal them out)")
     shuffle_buffer: int = _doc(5000, "samples in each worker's shuffle buffer")
     fast_decode: bool = _doc(True, "decode JPEGs at reduced size when the crop allows it (PIL draft)")
+    decode_on: Literal["cpu", "device"] = _doc("cpu", "pretraining: decode and crop JPEGs in the workers (cpu) or "
+                                                "batched on the training device (device: nvjpeg on a GPU)")
     max_bad_fraction: float = _doc(0.001, "stop when more than this fraction of samples cannot be used")
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from crate_mae.config import Config, save_config
 from crate_mae.data import EvalTransform, PretrainTransform, eval_loader, train_loader
+from crate_mae.data.device_decode import DeviceCropTransform, images_on
 from crate_mae.data.transforms import normalise
 from crate_mae.data.shards import stage_data
 from crate_mae.engine import checkpoint as ckpt
@@ -56,7 +57,9 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
     train_spec, val_spec = stage_data(cfg.data, img_size=cfg.model.img_size, is_main=d.is_main,
                                       barrier=lambda: dist.barrier(d))
     accum, batch = cfg.optim.accum_steps, cfg.data.batch_size
-    loader = train_loader(train_spec, PretrainTransform(cfg.model.img_size, fast_decode=cfg.data.fast_decode),
+    transform = DeviceCropTransform(cfg.model.img_size) if cfg.data.decode_on == "device" else \
+        PretrainTransform(cfg.model.img_size, fast_decode=cfg.data.fast_decode)
+    loader = train_loader(train_spec, transform,
                           batch_size=batch, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed,
                           num_workers=cfg.data.num_workers, resample=cfg.data.resample,
                           shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=cfg.data.train_samples,
@@ -67,7 +70,7 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
     global_batch = batch * d.world_size * accum
     optimizer = build_optimizer(cfg.optim, model, peak_lr(cfg.optim, global_batch), d.device)
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg.optim, optimizer, updates_per_epoch),
-                      dist=d, loss_fn=lambda m, b: m(normalise(b.images.to(d.device, non_blocking=True))).loss,
+                      dist=d, loss_fn=lambda m, b: m(normalise(images_on(b.images, cfg.model.img_size, d.device))).loss,
                       precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad, compile=cfg.run.compile)
     dist.seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
     if resume is not None:

@@ -22,13 +22,14 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from crate_mae.data.device_decode import RawImage, collate_raw
 from crate_mae.data.manifest import ShardError, ShardList, resolve_shards
 from crate_mae.data.transforms import Transform
 
@@ -41,7 +42,7 @@ class DataError(RuntimeError):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (B, 3, S, S): uint8 pixels (transforms.normalise makes model input), or float
+    images: Any  # (B, 3, S, S) uint8 pixels (transforms.normalise makes model input) or float; or a RawBatch
     labels: torch.Tensor  # (B,) int64
     keys: list[str]  # "<shard url>/<sample key>"
 
@@ -201,8 +202,10 @@ class ShardStream(IterableDataset):
             yield _WorkerItem(_collate(batch) if batch else None, slot, counter.seen, counter.skipped)
 
 
-def _collate(items: list[tuple[torch.Tensor, int, str]]) -> Batch:
+def _collate(items: list[tuple[Any, int, str]]) -> Batch:
     images, labels, keys = zip(*items)
+    if isinstance(images[0], RawImage):  # decoded later, on the device (data/device_decode.py)
+        return Batch(collate_raw(list(images)), torch.tensor(labels, dtype=torch.long), list(keys))
     return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys))
 
 
