@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from crate_mae.config import Config, ConfigError, save_config
-from crate_mae.data import EvalTransform, FinetuneTransform, eval_loader, resolve_shards, train_loader
+from crate_mae.data import FinetuneTransform, resolve_shards
+from crate_mae.data.reader import config_eval_loader, config_train_loader
 from crate_mae.data.shards import stage_data
 from crate_mae.data.transforms import normalise
 from crate_mae.engine import checkpoint as ckpt
@@ -93,15 +94,11 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> FinetuneResult:
     model = classifier_for(cfg, ft.checkpoint, classes).to(d.device)
     transform = FinetuneTransform(cfg.model.img_size, auto_augment=ft.auto_augment, re_prob=ft.reprob,
                                   scale=ft.crop_scale, hflip=ft.hflip)
-    loader = train_loader(train_spec, transform,
-                          batch_size=batch, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed,
-                          num_workers=cfg.data.num_workers, resample=cfg.data.resample,
-                          shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=cfg.data.train_samples,
-                          max_bad_fraction=cfg.data.max_bad_fraction, accum_steps=accum,
-                          pin_memory=d.device.type == "cuda")
-    val = eval_loader(val_spec, EvalTransform(cfg.model.img_size, crop_pct=cfg.data.eval_crop_pct), batch_size=batch,
-                      rank=d.rank, world_size=d.world_size, num_workers=cfg.data.num_workers,
-                      max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=d.device.type == "cuda")
+    cuda = d.device.type == "cuda"
+    loader = config_train_loader(cfg.data, train_spec, transform, rank=d.rank, world_size=d.world_size,
+                                 seed=cfg.run.seed, accum_steps=accum, pin_memory=cuda)
+    val = config_eval_loader(cfg.data, val_spec, cfg.model.img_size, rank=d.rank, world_size=d.world_size,
+                             pin_memory=cuda)
     mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.smoothing,
                   num_classes=classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else (

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from crate_mae.config import Config, save_config
-from crate_mae.data import EvalTransform, PretrainTransform, eval_loader, train_loader
+from crate_mae.data import EvalTransform, PretrainTransform, eval_loader
+from crate_mae.data.reader import config_train_loader
 from crate_mae.data.device_decode import DeviceCropTransform, images_on
 from crate_mae.data.transforms import normalise
 from crate_mae.data.shards import stage_data
@@ -59,12 +60,8 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
     accum, batch = cfg.optim.accum_steps, cfg.data.batch_size
     transform = DeviceCropTransform(cfg.model.img_size) if cfg.data.decode_on == "device" else \
         PretrainTransform(cfg.model.img_size, fast_decode=cfg.data.fast_decode)
-    loader = train_loader(train_spec, transform,
-                          batch_size=batch, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed,
-                          num_workers=cfg.data.num_workers, resample=cfg.data.resample,
-                          shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=cfg.data.train_samples,
-                          max_bad_fraction=cfg.data.max_bad_fraction, accum_steps=accum,
-                          pin_memory=d.device.type == "cuda")
+    loader = config_train_loader(cfg.data, train_spec, transform, rank=d.rank, world_size=d.world_size,
+                                 seed=cfg.run.seed, accum_steps=accum, pin_memory=d.device.type == "cuda")
     updates_per_epoch = len(loader) // accum
     total_steps = cfg.optim.epochs * updates_per_epoch
     global_batch = batch * d.world_size * accum

@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from crate_mae import probe
 from crate_mae.config import Config, save_config
-from crate_mae.data import EvalTransform, PretrainTransform, eval_loader, resolve_shards, train_loader
+from crate_mae.data import EvalTransform, PretrainTransform, eval_loader, resolve_shards
+from crate_mae.data.reader import config_eval_loader, config_train_loader
 from crate_mae.data.transforms import normalise
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
@@ -163,14 +164,12 @@ def _linear(cfg: Config, d: dist.Dist, encoder: CrateClassifier, train_spec: str
             log: RunLogger, run_dir: Path) -> ProbeResult:
     accum, batch = cfg.optim.accum_steps, cfg.data.batch_size
     model = LinearProbe(encoder, feature=cfg.probe.feature, num_classes=classes).to(d.device)
-    loader = train_loader(train_spec, PretrainTransform(cfg.model.img_size, scale=cfg.probe.crop_scale), batch_size=batch,
-                          rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
-                          resample=cfg.data.resample, shuffle_buffer=cfg.data.shuffle_buffer,
-                          samples_per_epoch=cfg.data.train_samples, max_bad_fraction=cfg.data.max_bad_fraction,
-                          accum_steps=accum, pin_memory=d.device.type == "cuda")
-    val = eval_loader(val_spec, EvalTransform(cfg.model.img_size, crop_pct=cfg.data.eval_crop_pct), batch_size=batch,
-                      rank=d.rank, world_size=d.world_size, num_workers=cfg.data.num_workers,
-                      max_bad_fraction=cfg.data.max_bad_fraction)
+    cuda = d.device.type == "cuda"
+    loader = config_train_loader(cfg.data, train_spec, PretrainTransform(cfg.model.img_size, scale=cfg.probe.crop_scale),
+                                 rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, accum_steps=accum,
+                                 pin_memory=cuda)
+    val = config_eval_loader(cfg.data, val_spec, cfg.model.img_size, rank=d.rank, world_size=d.world_size,
+                             pin_memory=cuda)
     global_batch = batch * d.world_size * accum
     optimizer = build_optimizer(cfg.optim, model, peak_lr(cfg.optim, global_batch), d.device)
     criterion = nn.CrossEntropyLoss()

@@ -22,7 +22,7 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from crate_mae.data.device_decode import RawImage, collate_raw
 from crate_mae.data.manifest import ShardError, ShardList, resolve_shards
 from crate_mae.data.transforms import Transform
+
+if TYPE_CHECKING:
+    from crate_mae.config import DataConfig
 
 log = logging.getLogger("crate_mae.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -277,3 +280,22 @@ def eval_loader(spec: str, transform: Transform, *, batch_size: int, rank: int =
     stream = ShardStream(resolve_shards(spec), transform, batch_size=batch_size, train=False, rank=rank,
                          world_size=world_size, max_bad_fraction=max_bad_fraction)
     return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def config_train_loader(data: "DataConfig", spec: str, transform: Transform, *, rank: int, world_size: int,
+                        seed: int, accum_steps: int, pin_memory: bool) -> ShardLoader:
+    """`train_loader` with the settings of a config's `data` section (what every training stage uses)."""
+    return train_loader(spec, transform, batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
+                        num_workers=data.num_workers, resample=data.resample, shuffle_buffer=data.shuffle_buffer,
+                        samples_per_epoch=data.train_samples, max_bad_fraction=data.max_bad_fraction,
+                        accum_steps=accum_steps, pin_memory=pin_memory)
+
+
+def config_eval_loader(data: "DataConfig", spec: str, img_size: int, *, rank: int, world_size: int,
+                       pin_memory: bool) -> ShardLoader:
+    """`eval_loader` of `EvalTransform(img_size, data.eval_crop_pct)` with the `data` section's settings."""
+    from crate_mae.data.transforms import EvalTransform
+
+    return eval_loader(spec, EvalTransform(img_size, crop_pct=data.eval_crop_pct), batch_size=data.batch_size,
+                       rank=rank, world_size=world_size, num_workers=data.num_workers,
+                       max_bad_fraction=data.max_bad_fraction, pin_memory=pin_memory)

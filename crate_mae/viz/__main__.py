@@ -6,6 +6,8 @@ folder of images, or a shard spec (manifest, pattern); the first --n are used, c
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import json
 import sys
@@ -21,6 +23,10 @@ from crate_mae.model.convert import load_strict, to_ours
 from crate_mae.viz.attention import cls_attention, overlay_figure
 from crate_mae.viz.measures import layer_measures
 from crate_mae.viz.recon import denormalise, reconstruction_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _layers_figure(rows: list[dict]) -> "matplotlib.figure.Figure":
+def _layers_figure(rows: list[dict]) -> Figure:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,11 +5,16 @@ an emergent segmentation (arXiv 2308.16271). Legend: B images, H heads, N = h·w
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from crate_mae.model.classifier import CrateClassifier
 from crate_mae.model.layers import grid_size
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @torch.no_grad()
@@ -32,7 +37,7 @@ def cls_attention(model: CrateClassifier, images: torch.Tensor, layer: int = -1)
     return cls_to_patches.reshape(images.shape[0], -1, h, w)
 
 
-def overlay_figure(image: torch.Tensor, maps: torch.Tensor, *, title: str = "") -> "matplotlib.figure.Figure":
+def overlay_figure(image: torch.Tensor, maps: torch.Tensor, *, title: str = "") -> Figure:
     """One image (3, H, W) in [0, 1] and its heads' maps (H, h, w): the image, then one panel per head with
     the map upsampled (bilinear) to the image and laid over it."""
     import matplotlib

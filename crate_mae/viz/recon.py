@@ -4,12 +4,17 @@ Legend: B images, N patches, P = 3·p·p pixels per patch.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torchvision.utils import make_grid
 
 from crate_mae.data.transforms import MEAN, STD
 from crate_mae.model.layers import patchify, unpatchify
 from crate_mae.model.mae import CrateMAE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def denormalise(img: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,7 @@ def reconstruction_grid(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float
 
 
 def reconstruction_figure(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float | None = None,
-                          noise: torch.Tensor | None = None) -> "matplotlib.figure.Figure":
+                          noise: torch.Tensor | None = None) -> Figure:
     """The same four columns as `reconstruction_grid`, one row per image, each row labelled with its masked loss."""
     import matplotlib
 
