@@ -6,12 +6,11 @@ folder of images, or a shard spec (manifest, pattern); the first --n are used, c
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
