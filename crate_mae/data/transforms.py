@@ -17,6 +17,7 @@ same crop, only cheaper.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -93,9 +94,15 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     """Model input from a batch: uint8 (B, 3, H, W) → float (x/255 − mean) / std; float input is returned as is."""
     if images.dtype != torch.uint8:
         return images
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255.0
+    mean, std = _mean_std(images.device)
     return (images.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD in pixel units (1, 3, 1, 1) on `device`, made once: no host-to-device copy per step."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255.0,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255.0)
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
