@@ -90,11 +90,14 @@ class DataConfig:
     fast_decode: bool = _doc(True, "decode JPEGs at reduced size when the crop allows it (PIL draft)")
     decode_on: Literal["cpu", "device"] = _doc("cpu", "pretraining: decode and crop JPEGs in the workers (cpu) or "
                                                 "batched on the training device (device: nvjpeg on a GPU)")
+    prefetch: int = _doc(2, "pretraining: batches moved to the device (and decoded there) ahead of the step by a "
+                            "background thread, on a side CUDA stream; 0: inside the step")
     max_bad_fraction: float = _doc(0.001, "stop when more than this fraction of samples cannot be used")
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be positive, got", self.batch_size)
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0, got", self.num_workers)
+        _require(self.prefetch >= 0, "data.prefetch", "must be >= 0, got", self.prefetch)
         _require(self.train_samples is None or self.train_samples > 0, "data.train_samples", "must be positive, got",
                  self.train_samples)
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0, got", self.shuffle_buffer)

@@ -15,6 +15,7 @@ from crate_mae.config import Config, save_config
 from crate_mae.data import EvalTransform, PretrainTransform, eval_loader
 from crate_mae.data.reader import config_train_loader
 from crate_mae.data.device_decode import DeviceCropTransform, images_on
+from crate_mae.data.prefetch import Prefetcher
 from crate_mae.data.transforms import normalise
 from crate_mae.data.shards import stage_data
 from crate_mae.engine import checkpoint as ckpt
@@ -62,6 +63,9 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
         PretrainTransform(cfg.model.img_size, fast_decode=cfg.data.fast_decode)
     loader = config_train_loader(cfg.data, train_spec, transform, rank=d.rank, world_size=d.world_size,
                                  seed=cfg.run.seed, accum_steps=accum, pin_memory=d.device.type == "cuda")
+    if cfg.data.prefetch:  # the copy to the device (and a device decode) off the step's critical path
+        loader = Prefetcher(loader, lambda b: b._replace(images=images_on(b.images, cfg.model.img_size, d.device)),
+                            device=d.device, depth=cfg.data.prefetch)
     updates_per_epoch = len(loader) // accum
     total_steps = cfg.optim.epochs * updates_per_epoch
     global_batch = batch * d.world_size * accum

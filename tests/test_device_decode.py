@@ -75,8 +75,13 @@ def test_pretraining_with_device_decode(tmp_path: Path) -> None:
         "model.variant=nano", f"data.train_shards={train}", f"data.val_shards={val}", "data.num_workers=0",
         "data.decode_on=device", "data.batch_size=32", "optim.epochs=1", "optim.warmup_epochs=0.2", "optim.blr=2e-2",
         f"run.out_dir={tmp_path}", "run.log_every=10"])
-    result = run_pretrain(cfg)
+    result = run_pretrain(cfg)  # data.prefetch=2 (the default): decoded ahead in a background thread
     assert result.last_loss < result.first_loss
+    cfg.data.prefetch, cfg.run.name = 0, "in-step"  # decoded inside the step: the same run, to the bit
+    in_step = run_pretrain(cfg)
+    assert in_step.steps == result.steps
+    for (name, a), b in zip(result.model.state_dict().items(), in_step.model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.gpu

@@ -1,0 +1,108 @@
+"""Batches made ready on the training device ahead of the step, in a background thread on a side CUDA stream.
+
+With `data.decode_on: device` a batch arrives as JPEG bytes and is decoded and cropped on the GPU
+(data/device_decode.py). torchvision's nvjpeg decoder runs on its own stream but blocks the calling host
+thread until the batch is decoded, so done inside the train step it holds up the launches of the step's
+kernels. Here one thread iterates the loader and runs `prepare` (copy to the device, decode there) on a
+side stream, up to `depth` batches ahead; the step's stream waits only on the event recorded after each
+batch. The hardware JPEG engines and the side stream's crop kernels then work while the model trains.
+
+Nothing about the order changes: batches come out in the loader's order, `prepare` draws no random
+numbers, and the trainer counts the batches it *consumed* (not those read ahead), so checkpoints and
+resume are exactly as without prefetching (tested equal).
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from crate_mae.data.reader import Batch, ShardLoader
+
+_END = object()  # the loader's epoch is over
+
+
+class Prefetcher:
+    """Wraps a ShardLoader: iterating yields `prepare(batch)`, made up to `depth` batches ahead.
+
+    `prepare` maps a Batch to one whose tensors live on `device`. It runs in a background thread (on a
+    side stream on CUDA); an exception there (a DataError, a decode failure) is raised in the caller at
+    the batch where it happened. The loader's epoch control (`set_epoch`, `len`, skip counts) passes
+    through unchanged.
+    """
+
+    def __init__(self, loader: ShardLoader, prepare: Callable[[Batch], Batch], *, device: torch.device,
+                 depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self.loader, self.prepare, self.device, self.depth = loader, prepare, device, depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.loader.set_epoch(epoch, skip_batches)
+
+    @property
+    def seen(self) -> int:
+        return self.loader.seen
+
+    @property
+    def skipped(self) -> int:
+        return self.loader.skipped
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        context = torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
+
+        def put(item: Any) -> bool:  # False: the consumer has gone
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            with torch.cuda.device(self.device) if cuda else contextlib.nullcontext(), context:
+                for batch in self.loader:
+                    ready = self.prepare(batch)
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not put((ready, event)):
+                        return
+            put(_END)
+        except BaseException as error:  # handed to the consumer, raised there
+            put(error)
+
+    def __iter__(self) -> Iterator[Batch]:
+        out: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(out, stop), name="crate-mae-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, event = item
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for tensor in batch:  # made on the side stream, freed after use on this one
+                        if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                            tensor.record_stream(current)
+                yield batch
+        finally:
+            stop.set()
+            thread.join()
