@@ -115,7 +115,7 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> FinetuneResult:
     optimizer = build_optimizer(cfg.optim, model, peak_lr(cfg.optim, global_batch), d.device)
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg.optim, optimizer, updates_per_epoch),
                       dist=d, loss_fn=loss_fn, precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad,
-                      compile=cfg.run.compile)
+                      compile=cfg.run.compile, compile_mode=cfg.run.compile_mode)
     ema = ModelEmaV2(model, decay=ft.ema_decay) if ft.ema_decay else None
     dist.seed_everything(cfg.run.seed + 1 + d.rank)
     best = {"top1": -1.0, "top5": 0.0}

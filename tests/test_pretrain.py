@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from crate_mae.data.shards import ensure_digits
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine.dist import Dist
 from crate_mae.engine.loop import NonFiniteLoss, Trainer
-from crate_mae.engine.optim import build_scheduler
+from crate_mae.engine.optim import build_optimizer, build_scheduler
 from crate_mae.model import build_classifier, build_mae
 from crate_mae.model.mae import CrateMAE
 from crate_mae.pretraining import run_pretrain
@@ -128,6 +129,32 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch() -> None:
         torch.testing.assert_close(after[1][key], after[0][key], atol=1e-6, rtol=1e-5, msg=key)
         torch.testing.assert_close(after[2][key], after[0][key], atol=1e-6, rtol=1e-5, msg=key)
     assert not torch.equal(after[0]["decoder_pred.weight"], base.state_dict()["decoder_pred.weight"])
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("device,mode", [("cpu", "default"),
+                                         pytest.param("cuda", "reduce-overhead", marks=pytest.mark.gpu)])
+def test_compiled_step_equals_the_eager_step(device: str, mode: str) -> None:
+    """run.compile: torch.compile's fused kernels (and CUDA graphs) train the same model as eager (fp32, AdamW)."""
+    torch.manual_seed(0)
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+    base = build_mae(ModelConfig(variant="nano", encoder_depth=1, decoder_depth=1)).to(d.device)
+    batches = [(torch.randn(8, 3, 32, 32, device=d.device), torch.rand(8, 64, device=d.device)) for _ in range(3)]
+    losses, weights = [], []
+    for compile in (False, True):
+        model = copy.deepcopy(base)
+        cfg = OptimConfig(epochs=1, warmup_epochs=0)
+        opt = build_optimizer(cfg, model, 1e-3, d.device)
+        trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b[0], noise=b[1]).loss,
+                          scheduler=build_scheduler(cfg, opt, 100), compile=compile, compile_mode=mode)
+        assert hasattr(trainer.model, "_orig_mod") == compile  # torch.compile's wrapper
+        losses.append(torch.stack([trainer.step([(x[:4], n[:4]), (x[4:], n[4:])]) for x, n in batches]))  # accumulated
+        weights.append(model.state_dict())
+    tol = 1e-5 if device == "cpu" else 1e-4  # GPU kernels reduce in other orders
+    torch.testing.assert_close(losses[1], losses[0], atol=tol, rtol=tol)
+    assert not torch.equal(losses[0][0], losses[0][2])  # it trained
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], atol=tol, rtol=10 * tol, msg=key)
 
 
 def _free_port() -> int:

@@ -60,7 +60,7 @@ class Trainer:
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, dist: Dist,
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor], precision: str = "auto",
-                 clip_grad: float | None = None, compile: bool = False) -> None:
+                 clip_grad: float | None = None, compile: bool = False, compile_mode: str = "default") -> None:
         self.module, self.optimizer, self.scheduler, self.dist = model, optimizer, scheduler, dist
         self.loss_fn, self.clip_grad = loss_fn, clip_grad
         self.precision = resolve_precision(precision, dist.device)
@@ -68,7 +68,12 @@ class Trainer:
         self.ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
             if dist.enabled else None
         wrapped = self.ddp or model
-        self.model = torch.compile(wrapped) if compile else wrapped
+        self.model = torch.compile(wrapped, mode=None if compile_mode == "default" else compile_mode) \
+            if compile else wrapped
+        # CUDA graphs (cudagraph trees) reuse their output memory from one generation to the next. One optimiser
+        # step is one generation: its micro-batches' graphs are one path of the tree, so the gradients that
+        # accumulate over them stay valid; the step's loss is added to a fresh tensor before the next step.
+        self._graph_step = compile and "reduce-overhead" in compile_mode and dist.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
         self._first_bad = torch.full((), -1, dtype=torch.long, device=dist.device)
@@ -79,6 +84,8 @@ class Trainer:
         n, total = len(micro_batches), torch.zeros((), device=self.dist.device)
         for i, batch in enumerate(micro_batches):
             sync = i == n - 1
+            if self._graph_step and i == 0:
+                torch.compiler.cudagraph_mark_step_begin()
             with (self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()):
                 with autocast(self.dist.device, self.precision):
                     loss = self.loss_fn(self.model, batch)
