@@ -10,15 +10,23 @@ the CPU). MFU = analytic training FLOPs per image (crate_mae/model/flops.py: mat
 two-product form, backward = 2 × forward) × images/s ÷ the device's peak, which is *measured* at the start with
 a large matmul in the row's precision (so MFU is against what this card really does, as the speed issue's
 797 TFLOP/s for an H200 was). `--reference` adds rows of the plain path: explicit-softmax attention and
-three-product ISTA (the released model's), the oracle twins of the fast path.
+three-product ISTA (the released model's), the oracle twins of the fast path. `--compile-mode reduce-overhead`
+replays the compiled step as CUDA graphs.
+
+`--profile N` runs N more steps of each row under the PyTorch profiler and prints where the time goes: the top
+ops or kernels (self time on the device on CUDA, on the host otherwise) and a split into matmul, attention,
+fused (Triton), norm, optimiser, copy and other elementwise, in ms per step; `--trace DIR` also writes each row's
+Chrome trace (open in https://ui.perfetto.dev).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -66,8 +74,57 @@ def reference_path(enabled: bool):
         MSSA.forward, ISTA.forward = saved
 
 
+CATEGORIES = [  # (category, substrings of an op or kernel name), first match wins
+    ("attention", ("attention", "flash", "fmha", "sdpa", "softmax")),
+    ("matmul", ("gemm", "xmma", "cutlass", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "sm90_", "sm80_")),
+    ("optimiser", ("adam", "lion", "foreach", "multi_tensor", "optimizer")),
+    ("norm", ("layer_norm", "layernorm")),
+    ("fused (triton)", ("triton",)),
+    ("copy", ("copy", "memcpy", "memset", "fill", "cast")),
+]
+
+
+def category(name: str) -> str:
+    lower = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in lower for k in keys)), "other elementwise")
+
+
+def profile_steps(step: Callable[[], None], device: torch.device, steps: int, top: int,
+                  trace: str | None) -> dict:
+    """Profile `steps` calls of step(): ms per step by category, and the top ops / kernels by self time.
+
+    On CUDA only the kernels are summed (their device time partitions the GPU's busy time); on the CPU the
+    ops' self times partition the host time. Either way nothing is counted twice.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    if trace:
+        prof.export_chrome_trace(trace)
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    time_of = (lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) \
+        if cuda else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if e.device_type == kind and time_of(e) > 0]
+    total = sum(time_of(e) for e in events) / 1000 / steps  # ms per step
+    by_category: dict[str, float] = {}
+    for e in events:
+        by_category[category(e.key)] = by_category.get(category(e.key), 0.0) + time_of(e) / 1000 / steps
+    ranked = sorted(events, key=time_of, reverse=True)[:top]
+    return {"busy_ms_per_step": total, "ms_per_step_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": e.key, "ms_per_step": time_of(e) / 1000 / steps, "calls_per_step": e.count / steps}
+                    for e in ranked]}
+
+
 def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: bool, reference: bool,
-              device: torch.device, steps: int, warmup: int) -> dict:
+              device: torch.device, steps: int, warmup: int, compile_mode: str = "default", profile: int = 0,
+              top: int = 15, trace: str | None = None) -> dict:
+    if compile:
+        torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape graph carried over from another batch
     cfg = ModelConfig(variant=variant, num_classes=1000)
     model = (build_mae(cfg) if kind == "mae" else build_classifier(cfg)).to(device)
     optim_cfg = OptimConfig(epochs=1, warmup_epochs=0)
@@ -80,7 +137,8 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
         return m(b).loss if kind == "mae" else criterion(m(b), labels)
 
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(optim_cfg, optimizer, 10**6),
-                      dist=Dist(0, 1, 0, device), loss_fn=loss_fn, precision=precision, compile=compile)
+                      dist=Dist(0, 1, 0, device), loss_fn=loss_fn, precision=precision, compile=compile,
+                      compile_mode=compile_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with reference_path(reference):
@@ -100,14 +158,25 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
             for _ in range(steps):
                 trainer.step([images])
             seconds = time.perf_counter() - t0
+        profiled = profile_steps(lambda: trainer.step([images]), device, profile, top, trace) if profile else None
     trainer.check_finite()
     shape = dict(dim=cfg.dim, encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth,
                  img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=None if kind == "mae" else 1000)
     rate = batch * steps / seconds
-    return {"kind": kind, "variant": variant, "batch": batch, "precision": trainer.precision, "compile": compile,
+    return {"kind": kind, "variant": variant, "batch": batch, "precision": trainer.precision,
+            "compile": compile_mode if compile else False, "profile": profiled,
             "path": "reference" if reference else "fast", "images_per_s": rate, "ms_per_step": 1000 * seconds / steps,
             "gflop_per_image": train_flops(**shape) / 1e9, "achieved_tflops": train_flops(**shape) * rate / 1e12,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def print_profile(label: str, prof: dict, device: torch.device) -> None:
+    where = "device (kernels)" if device.type == "cuda" else "host (ops)"
+    print(f"  profile {label}: {prof['busy_ms_per_step']:.1f} ms/step busy on the {where}")
+    print("    " + ", ".join(f"{c} {ms:.1f} ({ms / prof['busy_ms_per_step']:.0%})"
+                             for c, ms in prof["ms_per_step_by_category"].items()))
+    for t in prof["top"]:
+        print(f"    {t['ms_per_step']:>8.2f} ms {t['calls_per_step']:>6.0f}×  {category(t['name']):<18}{t['name'][:90]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,7 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=None, help="default: 128 on CUDA, 64 on CPU")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--compile", default="no", choices=["no", "yes", "both"])
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     parser.add_argument("--reference", action="store_true", help="also time the plain (reference) path, eager")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps of each row")
+    parser.add_argument("--top", type=int, default=15, help="ops / kernels listed per profiled row")
+    parser.add_argument("--trace", metavar="DIR", help="with --profile: write each row's Chrome trace here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -139,17 +213,24 @@ def main(argv: list[str] | None = None) -> None:
     plan = [(k, v, b, c, False) for k in args.kind for v in variants for b in batches for c in compiles]
     if args.reference:
         plan += [(k, v, b, False, True) for k in args.kind for v in variants for b in batches]
-    print(f"{'kind':<11}{'variant':<8}{'batch':>6} {'prec':<5}{'compiled':<9}{'path':<10}{'img/s':>9}{'ms/step':>9}"
+    print(f"{'kind':<11}{'variant':<8}{'batch':>6} {'prec':<5}{'compiled':<16}{'path':<10}{'img/s':>9}{'ms/step':>9}"
           f"{'GFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
     for kind, variant, batch, comp, ref in plan:
+        label = f"{kind}-{variant}-b{batch}-{'ref' if ref else 'fast'}-{args.compile_mode if comp else 'eager'}"
         row = bench_row(kind=kind, variant=variant, batch=batch, precision=precision, compile=comp, reference=ref,
-                        device=device, steps=args.steps, warmup=args.warmup)
+                        device=device, steps=args.steps, warmup=args.warmup, compile_mode=args.compile_mode,
+                        profile=args.profile, top=args.top,
+                        trace=os.path.join(args.trace, f"{label}.json") if args.trace else None)
         row["mfu"] = row["achieved_tflops"] * 1e12 / peak
         rows.append(row)
         mem = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
-        print(f"{kind:<11}{variant:<8}{batch:>6} {row['precision']:<5}{str(comp):<9}{row['path']:<10}"
+        print(f"{kind:<11}{variant:<8}{batch:>6} {row['precision']:<5}{str(row['compile']) if comp else 'no':<16}{row['path']:<10}"
               f"{row['images_per_s']:>9.1f}{row['ms_per_step']:>9.1f}{row['gflop_per_image']:>10.2f}"
               f"{row['achieved_tflops']:>9.2f}{row['mfu']:>7.3f}{mem:>9}")
+        if row["profile"]:
+            print_profile(label, row["profile"], device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "peak_tflops": peak / 1e12, "torch": torch.__version__, "rows": rows}, f, indent=1)

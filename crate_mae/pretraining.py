@@ -13,7 +13,7 @@ import torch
 
 from crate_mae.config import Config, save_config
 from crate_mae.data import EvalTransform, PretrainTransform, eval_loader
-from crate_mae.data.reader import config_train_loader
+from crate_mae.data.reader import ShardLoader, config_train_loader
 from crate_mae.data.device_decode import DeviceCropTransform, images_on
 from crate_mae.data.prefetch import Prefetcher
 from crate_mae.data.transforms import normalise
@@ -52,27 +52,42 @@ def run_pretrain(cfg: Config) -> PretrainResult:
     return dist.run_with(cfg.run.device, lambda d: _run(cfg, d, Path(cfg.run.out_dir) / cfg.run.name))
 
 
-def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
-    resume = ckpt.resume_path(run_dir, cfg.run.resume)
-    dist.seed_everything(cfg.run.seed)  # the same initial weights on every rank
+def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[Trainer, ShardLoader | Prefetcher]:
+    """The model, the training loader (prefetching per data.prefetch) and the Trainer of a pretraining run.
+
+    Shared by the stage and by bench/e2e.py, so that the benchmark times exactly what a run does.
+    Seeds the initial weights with run.seed (the same on every rank).
+    """
+    dist.seed_everything(cfg.run.seed)
     model = build_mae(cfg.model).to(d.device)
-    train_spec, val_spec = stage_data(cfg.data, img_size=cfg.model.img_size, is_main=d.is_main,
-                                      barrier=lambda: dist.barrier(d))
-    accum, batch = cfg.optim.accum_steps, cfg.data.batch_size
-    transform = DeviceCropTransform(cfg.model.img_size) if cfg.data.decode_on == "device" else \
-        PretrainTransform(cfg.model.img_size, fast_decode=cfg.data.fast_decode)
-    loader = config_train_loader(cfg.data, train_spec, transform, rank=d.rank, world_size=d.world_size,
-                                 seed=cfg.run.seed, accum_steps=accum, pin_memory=d.device.type == "cuda")
+    size, accum = cfg.model.img_size, cfg.optim.accum_steps
+    transform = DeviceCropTransform(size) if cfg.data.decode_on == "device" else \
+        PretrainTransform(size, fast_decode=cfg.data.fast_decode)
+    loader: ShardLoader | Prefetcher = config_train_loader(
+        cfg.data, train_spec, transform, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed,
+        accum_steps=accum, pin_memory=d.device.type == "cuda")
     if cfg.data.prefetch:  # the copy to the device (and a device decode) off the step's critical path
-        loader = Prefetcher(loader, lambda b: b._replace(images=images_on(b.images, cfg.model.img_size, d.device)),
+        loader = Prefetcher(loader, lambda b: b._replace(images=images_on(b.images, size, d.device)),
                             device=d.device, depth=cfg.data.prefetch)
     updates_per_epoch = len(loader) // accum
-    total_steps = cfg.optim.epochs * updates_per_epoch
-    global_batch = batch * d.world_size * accum
+    global_batch = cfg.data.batch_size * d.world_size * accum
     optimizer = build_optimizer(cfg.optim, model, peak_lr(cfg.optim, global_batch), d.device)
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg.optim, optimizer, updates_per_epoch),
-                      dist=d, loss_fn=lambda m, b: m(normalise(images_on(b.images, cfg.model.img_size, d.device))).loss,
-                      precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad, compile=cfg.run.compile)
+                      dist=d, loss_fn=lambda m, b: m(normalise(images_on(b.images, size, d.device))).loss,
+                      precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad, compile=cfg.run.compile,
+                      compile_mode=cfg.run.compile_mode)
+    return trainer, loader
+
+
+def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
+    resume = ckpt.resume_path(run_dir, cfg.run.resume)
+    train_spec, val_spec = stage_data(cfg.data, img_size=cfg.model.img_size, is_main=d.is_main,
+                                      barrier=lambda: dist.barrier(d))
+    trainer, loader = build_training(cfg, d, train_spec)
+    model, accum = trainer.module, cfg.optim.accum_steps
+    updates_per_epoch = len(loader) // accum
+    total_steps = cfg.optim.epochs * updates_per_epoch
+    global_batch = cfg.data.batch_size * d.world_size * accum
     dist.seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
     if resume is not None:
         ckpt.restore(trainer, resume, cfg, d, len(loader))

@@ -1,0 +1,45 @@
+"""The benchmarks run and report what they say they do (their figures are measured in bench/, never asserted here)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_step_bench_rows_mfu_and_profile(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/step.py"), "--kind", "mae", "classifier", "--variant", "nano",
+                    "--batch", "8", "--steps", "2", "--warmup", "1", "--reference", "--profile", "1", "--top", "3",
+                    "--trace", str(tmp_path / "traces"), "--device", "cpu", "--json", str(out)],
+                   check=True, env=ENV, capture_output=True, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["kind"], r["path"]) for r in rows] == [("mae", "fast"), ("classifier", "fast"), ("mae", "reference"),
+                                                      ("classifier", "reference")]
+    for r in rows:
+        assert r["images_per_s"] > 0 and 0 < r["mfu"] < 1.5  # against a matmul peak measured in the same run
+        assert abs(r["images_per_s"] * r["ms_per_step"] / 1000 - 8) < 1e-6
+        prof = r["profile"]
+        assert abs(sum(prof["ms_per_step_by_category"].values()) - prof["busy_ms_per_step"]) < 1e-6
+        assert len(prof["top"]) == 3 and "matmul" in prof["ms_per_step_by_category"]
+    assert rows[0]["gflop_per_image"] > rows[1]["gflop_per_image"]  # the decoder costs FLOPs too
+    assert len(list((tmp_path / "traces").glob("*.json"))) == 4
+
+
+def test_e2e_bench_times_the_pretraining_pipeline(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench/e2e.py"), "--num-images", "24", "--out", str(tmp_path / "set"),
+                          "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out), "--set",
+                          "data.batch_size=4", "data.num_workers=0", "model.encoder_depth=1", "model.decoder_depth=1"],
+                         check=True, env=ENV, capture_output=True, text=True, cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["decode_on"], r["row"]) for r in rows] == [("device", "step"), ("device", "input"), ("device", "e2e"),
+                                                          ("cpu", "input"), ("cpu", "e2e")]
+    assert all(r["images_per_s"] > 0 and r["batch"] == 4 and r["prefetch"] == 2 for r in rows)
+    assert rows[0]["ratio_to_step"] == 1.0
+    assert "target: e2e ≥ 0.9 × the random-pixel step, decode_on cpu" in run.stdout
