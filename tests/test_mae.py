@@ -154,3 +154,14 @@ def test_a_few_steps_reduce_the_loss() -> None:
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first
+
+
+def test_training_forward_is_one_graph_without_breaks() -> None:
+    """Static shapes throughout (masking by mask token, not by gathering a data-dependent number of tokens), no
+    host syncs or Python branches on tensor values: torch.compile captures each forward whole, drop path included."""
+    from crate_mae.model import build_classifier
+
+    img = torch.randn(4, 3, 32, 32)
+    for model in (nano(), build_classifier(ModelConfig(variant="nano", num_classes=10, drop_path=0.1))):
+        explained = torch._dynamo.explain(model.train())(img)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
