@@ -137,7 +137,7 @@ class RunConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _doc("auto", "auto: bf16 on GPUs that have it, fp32 on CPU")
     compile: bool = _doc(False, "torch.compile the model")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _doc(
-        "default", "torch.compile mode; reduce-overhead replays the step's kernels as CUDA graphs (one GPU)")
+        "default", "torch.compile mode; reduce-overhead (and max-autotune) replay the step's kernels as CUDA graphs")
     log_every: int = _doc(20, "optimiser steps between log lines")
     ckpt_every: int = _doc(1000, "optimiser steps between checkpoints")
     keep_last: int = _doc(2, "periodic checkpoints kept besides the final one")

@@ -73,7 +73,7 @@ class Trainer:
         # CUDA graphs (cudagraph trees) reuse their output memory from one generation to the next. One optimiser
         # step is one generation: its micro-batches' graphs are one path of the tree, so the gradients that
         # accumulate over them stay valid; the step's loss is added to a fresh tensor before the next step.
-        self._graph_step = compile and "reduce-overhead" in compile_mode and dist.device.type == "cuda"
+        self._graph_step = compile and compile_mode in ("reduce-overhead", "max-autotune") and dist.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
         self._first_bad = torch.full((), -1, dtype=torch.long, device=dist.device)
