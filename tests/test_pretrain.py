@@ -249,3 +249,52 @@ def test_mssa_fused_attention_matches_explicit_in_bf16() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fast, slow = mssa(z), mssa.forward_reference(z)
     torch.testing.assert_close(fast.float(), slow.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_step_keeps_fp32_where_precision_needs_it(device: str) -> None:
+    """Under bf16 autocast the matrix products run in bf16 while the loss, the weights and their gradients stay
+    fp32, and the loss is within bf16 rounding of the fp32 one. (LayerNorm keeps its statistics in fp32 either
+    way: autocast's policy on CUDA, the kernel's accumulation type on the CPU.)"""
+    torch.manual_seed(0)
+    model = build_mae(ModelConfig(variant="nano")).to(device)
+    img, noise = torch.randn(8, 3, 32, 32, device=device), torch.rand(8, 64, device=device)
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(name: str):
+        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            dtypes[name] = out.dtype
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
+             if name in ("encoder.layers.0.attn.U", "encoder.layers.0.attn.proj")]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = model(img, noise=noise)
+    for hook in hooks:
+        hook.remove()
+    assert dtypes == {"encoder.layers.0.attn.U": torch.bfloat16, "encoder.layers.0.attn.proj": torch.bfloat16}
+    assert out.loss.dtype == torch.float32 and out.pred.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss, model(img, noise=noise).loss, rtol=3e-2, atol=0)
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_cuda_train_step_never_waits_on_the_host() -> None:
+    """No host sync inside a bf16 step (fused AdamW, masking, loss, non-finite flag): CUDA's sync debug mode
+    turns any synchronising call into an error."""
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+    model = build_mae(ModelConfig(variant="nano")).to(d.device)
+    cfg = OptimConfig(epochs=1, warmup_epochs=0.5)
+    opt = build_optimizer(cfg, model, 1e-3, d.device)
+    trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b).loss, precision="bf16",
+                      scheduler=build_scheduler(cfg, opt, 10))
+    img = torch.randn(8, 3, 32, 32, device=d.device)
+    trainer.step([img])  # the first step creates the optimiser state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.step([img, img])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    trainer.check_finite()
