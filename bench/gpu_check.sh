@@ -39,7 +39,7 @@ if python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     timeout 60 python3 bench/e2e.py --num-images 400 --out /tmp/bench_data --steps 30 --warmup 5 \
         --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
     timeout 40 python3 bench/data.py --num-images 400 --measure 256 --repeats 2 --out /tmp/bench_data \
-        --json "$OUT/data.json" 2>&1 | tee "$OUT/data.log"
+        --device-batch 256 --device-measure 2048 --json "$OUT/data.json" 2>&1 | tee "$OUT/data.log"
 else
     echo "no CUDA: CPU smoke run of the same commands at toy sizes"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -n 2
@@ -48,5 +48,5 @@ else
     python3 bench/e2e.py --num-images 64 --out /tmp/bench_data_smoke --steps 2 --warmup 1 \
         --set data.batch_size=8 --json "$OUT/e2e.json" 2>&1 | tail -n 8
     python3 bench/data.py --num-images 64 --measure 64 --repeats 1 --write-resize 0 --out /tmp/bench_data_smoke \
-        --json "$OUT/data.json" 2>&1 | tail -n 4
+        --device-batch 16 --device-measure 32 --json "$OUT/data.json" 2>&1 | tail -n 4
 fi
