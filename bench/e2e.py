@@ -28,17 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import ensure_shards  # noqa: E402  (bench/data.py: the generated shard set)
+from step import sync  # noqa: E402  (bench/step.py)
 
 from crate_mae.config import load_config  # noqa: E402
 from crate_mae.data.device_decode import images_on  # noqa: E402
 from crate_mae.data.reader import Batch  # noqa: E402
 from crate_mae.engine.dist import Dist, resolve_device  # noqa: E402
 from crate_mae.pretraining import build_training  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(device: torch.device, warmup: int, steps: int, one: Callable[[], float | None]) -> tuple[float, float]:
@@ -60,7 +56,7 @@ def run(decode_on: str, args: argparse.Namespace, overrides: list[str], spec: st
     batch = cfg.data.batch_size
     if cfg.data.train_samples is None:  # one epoch covers the benchmark
         cfg.data.train_samples = (2 * args.warmup + 2 * args.steps + 2) * batch
-    trainer, loader = build_training(cfg, Dist(0, 1, device.index or 0, device), spec)
+    trainer, loader, _, _ = build_training(cfg, Dist(0, 1, device.index or 0, device), spec)
     size, rows = cfg.model.img_size, []
     base = {"decode_on": decode_on, "variant": cfg.model.variant, "batch": batch, "img_size": size,
             "precision": trainer.precision, "compile": cfg.run.compile, "num_workers": cfg.data.num_workers,

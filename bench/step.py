@@ -113,7 +113,8 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, to
     total = sum(time_of(e) for e in events) / 1000 / steps  # ms per step
     by_category: dict[str, float] = {}
     for e in events:
-        by_category[category(e.key)] = by_category.get(category(e.key), 0.0) + time_of(e) / 1000 / steps
+        name = category(e.key)
+        by_category[name] = by_category.get(name, 0.0) + time_of(e) / 1000 / steps
     ranked = sorted(events, key=time_of, reverse=True)[:top]
     return {"busy_ms_per_step": total, "ms_per_step_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "top": [{"name": e.key, "ms_per_step": time_of(e) / 1000 / steps, "calls_per_step": e.count / steps}
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         row["mfu"] = row["achieved_tflops"] * 1e12 / peak
         rows.append(row)
         mem = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
-        print(f"{kind:<11}{variant:<8}{batch:>6} {row['precision']:<5}{str(row['compile']) if comp else 'no':<16}{row['path']:<10}"
+        print(f"{kind:<11}{variant:<8}{batch:>6} {row['precision']:<5}{row['compile'] or 'no':<16}{row['path']:<10}"
               f"{row['images_per_s']:>9.1f}{row['ms_per_step']:>9.1f}{row['gflop_per_image']:>10.2f}"
               f"{row['achieved_tflops']:>9.2f}{row['mfu']:>7.3f}{mem:>9}")
         if row["profile"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -52,7 +53,16 @@ def run_pretrain(cfg: Config) -> PretrainResult:
     return dist.run_with(cfg.run.device, lambda d: _run(cfg, d, Path(cfg.run.out_dir) / cfg.run.name))
 
 
-def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[Trainer, ShardLoader | Prefetcher]:
+class Training(NamedTuple):
+    """What `build_training` makes: the Trainer (with the model), the loader, and the run's batch arithmetic."""
+
+    trainer: Trainer
+    loader: ShardLoader | Prefetcher
+    updates_per_epoch: int  # optimiser steps per epoch
+    global_batch: int  # images per optimiser step: batch_size × ranks × accum_steps
+
+
+def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> Training:
     """The model, the training loader (prefetching per data.prefetch) and the Trainer of a pretraining run.
 
     Shared by the stage and by bench/e2e.py, so that the benchmark times exactly what a run does.
@@ -76,18 +86,16 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[Trainer,
                       dist=d, loss_fn=lambda m, b: m(normalise(images_on(b.images, size, d.device))).loss,
                       precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad, compile=cfg.run.compile,
                       compile_mode=cfg.run.compile_mode)
-    return trainer, loader
+    return Training(trainer, loader, updates_per_epoch, global_batch)
 
 
 def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
     resume = ckpt.resume_path(run_dir, cfg.run.resume)
     train_spec, val_spec = stage_data(cfg.data, img_size=cfg.model.img_size, is_main=d.is_main,
                                       barrier=lambda: dist.barrier(d))
-    trainer, loader = build_training(cfg, d, train_spec)
+    trainer, loader, updates_per_epoch, global_batch = build_training(cfg, d, train_spec)
     model, accum = trainer.module, cfg.optim.accum_steps
-    updates_per_epoch = len(loader) // accum
     total_steps = cfg.optim.epochs * updates_per_epoch
-    global_batch = cfg.data.batch_size * d.world_size * accum
     dist.seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
     if resume is not None:
         ckpt.restore(trainer, resume, cfg, d, len(loader))
