@@ -24,8 +24,8 @@ from crate_mae.data.transforms import normalise
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
 from crate_mae.engine.log import RunLogger
-from crate_mae.engine.loop import Trainer, evaluate, fit
-from crate_mae.engine.optim import build_optimizer, build_scheduler, peak_lr
+from crate_mae.engine.loop import evaluate, fit, stage_trainer
+from crate_mae.engine.optim import peak_lr
 from crate_mae.model import CrateClassifier, build_classifier
 
 
@@ -110,12 +110,7 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> FinetuneResult:
             x, y = mixup(x, y)
         return criterion(m(normalise(x)), y)
 
-    updates_per_epoch = len(loader) // accum
-    global_batch = batch * d.world_size * accum
-    optimizer = build_optimizer(cfg.optim, model, peak_lr(cfg.optim, global_batch), d.device)
-    trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg.optim, optimizer, updates_per_epoch),
-                      dist=d, loss_fn=loss_fn, precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad,
-                      compile=cfg.run.compile, compile_mode=cfg.run.compile_mode)
+    trainer, updates_per_epoch, global_batch = stage_trainer(cfg, model, d, loss_fn, len(loader))
     ema = ModelEmaV2(model, decay=ft.ema_decay) if ft.ema_decay else None
     dist.seed_everything(cfg.run.seed + 1 + d.rank)
     best = {"top1": -1.0, "top5": 0.0}

@@ -22,8 +22,8 @@ from crate_mae.data.shards import stage_data
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
 from crate_mae.engine.log import RunLogger
-from crate_mae.engine.loop import Trainer, fit
-from crate_mae.engine.optim import build_optimizer, build_scheduler, peak_lr
+from crate_mae.engine.loop import Trainer, fit, stage_trainer
+from crate_mae.engine.optim import peak_lr
 from crate_mae.model import build_mae
 from crate_mae.viz import reconstruction_grid
 
@@ -79,13 +79,8 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> Training:
     if cfg.data.prefetch:  # the copy to the device (and a device decode) off the step's critical path
         loader = Prefetcher(loader, lambda b: b._replace(images=images_on(b.images, size, d.device)),
                             device=d.device, depth=cfg.data.prefetch)
-    updates_per_epoch = len(loader) // accum
-    global_batch = cfg.data.batch_size * d.world_size * accum
-    optimizer = build_optimizer(cfg.optim, model, peak_lr(cfg.optim, global_batch), d.device)
-    trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg.optim, optimizer, updates_per_epoch),
-                      dist=d, loss_fn=lambda m, b: m(normalise(images_on(b.images, size, d.device))).loss,
-                      precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad, compile=cfg.run.compile,
-                      compile_mode=cfg.run.compile_mode)
+    trainer, updates_per_epoch, global_batch = stage_trainer(
+        cfg, model, d, lambda m, b: m(normalise(images_on(b.images, size, d.device))).loss, len(loader))
     return Training(trainer, loader, updates_per_epoch, global_batch)
 
 

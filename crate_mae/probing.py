@@ -29,8 +29,7 @@ from crate_mae.data.transforms import normalise
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
 from crate_mae.engine.log import RunLogger
-from crate_mae.engine.loop import Trainer, autocast, evaluate, fit, resolve_precision
-from crate_mae.engine.optim import build_optimizer, build_scheduler, peak_lr
+from crate_mae.engine.loop import autocast, evaluate, fit, resolve_precision, stage_trainer
 from crate_mae.finetuning import classifier_for, labelled_data
 from crate_mae.model import CrateClassifier
 
@@ -170,13 +169,10 @@ def _linear(cfg: Config, d: dist.Dist, encoder: CrateClassifier, train_spec: str
                                  pin_memory=cuda)
     val = config_eval_loader(cfg.data, val_spec, cfg.model.img_size, rank=d.rank, world_size=d.world_size,
                              pin_memory=cuda)
-    global_batch = batch * d.world_size * accum
-    optimizer = build_optimizer(cfg.optim, model, peak_lr(cfg.optim, global_batch), d.device)
     criterion = nn.CrossEntropyLoss()
-    trainer = Trainer(model=model, optimizer=optimizer, dist=d, precision=cfg.run.precision,
-                      scheduler=build_scheduler(cfg.optim, optimizer, len(loader) // accum),
-                      loss_fn=lambda m, b: criterion(m(b.images.to(d.device, non_blocking=True)),
-                                                     b.labels.to(d.device, non_blocking=True)))
+    trainer, _, global_batch = stage_trainer(
+        cfg, model, d, lambda m, b: criterion(m(b.images.to(d.device, non_blocking=True)),
+                                              b.labels.to(d.device, non_blocking=True)), len(loader))
     resume = ckpt.resume_path(run_dir, cfg.run.resume)
     if resume is not None:
         ckpt.restore(trainer, resume, cfg, d, len(loader))

@@ -19,7 +19,7 @@ from crate_mae.config import ModelConfig, OptimConfig, load_config
 from crate_mae.data.shards import ensure_digits
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine.dist import Dist
-from crate_mae.engine.loop import NonFiniteLoss, Trainer
+from crate_mae.engine.loop import NonFiniteLoss, Trainer, stage_trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
 from crate_mae.model import build_classifier, build_mae
 from crate_mae.model.mae import CrateMAE
@@ -110,6 +110,20 @@ def test_trainer_names_the_first_non_finite_step() -> None:
         trainer.step([torch.randn(2, 3, 32, 32)])
     with pytest.raises(NonFiniteLoss, match="at step 3"):
         trainer.check_finite()
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "linprobe", "finetune"])
+def test_every_stage_builds_its_trainer_from_the_config(stage: str) -> None:
+    """One builder (engine.loop.stage_trainer): peak lr = blr × global batch / 256, steps per epoch over the
+    accumulation, and the clipping / precision keys honoured in every stage (the probe once ignored them)."""
+    cfg = load_config(ROOT / f"configs/{stage}/demo.yaml", [
+        "model.variant=nano", "data.batch_size=8", "optim.accum_steps=2", "optim.lr=null", "optim.blr=0.064",
+        "optim.clip_grad=0.5", "run.precision=bf16"])
+    model = torch.nn.Linear(4, 3)
+    built = stage_trainer(cfg, model, CPU, lambda m, b: m(b).sum(), batches_per_epoch=11)
+    assert (built.updates_per_epoch, built.global_batch) == (5, 16)
+    assert max(g["initial_lr"] for g in built.trainer.optimizer.param_groups) == pytest.approx(0.064 * 16 / 256)
+    assert (built.trainer.clip_grad, built.trainer.precision) == (0.5, "bf16")
 
 
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch() -> None:

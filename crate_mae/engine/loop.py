@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from crate_mae.data.transforms import normalise
 from crate_mae.engine.dist import Dist, all_reduce_max
+
+if TYPE_CHECKING:
+    from crate_mae.config import Config
 
 
 class NonFiniteLoss(RuntimeError):
@@ -130,6 +133,30 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
         self.scheduler.step_update(num_updates=self.state.step)
+
+
+class StageTrainer(NamedTuple):
+    """A stage's Trainer and the batch arithmetic it was built for."""
+
+    trainer: Trainer
+    updates_per_epoch: int  # optimiser steps per epoch: loader batches // optim.accum_steps
+    global_batch: int  # images per optimiser step: data.batch_size × ranks × optim.accum_steps
+
+
+def stage_trainer(cfg: Config, model: nn.Module, d: Dist, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                  batches_per_epoch: int) -> StageTrainer:
+    """The Trainer every stage builds from its config: cfg.optim's optimiser (at the peak lr of the global
+    batch) and schedule, cfg.run's precision and compile, cfg.optim's gradient clipping."""
+    from crate_mae.engine.optim import build_optimizer, build_scheduler, peak_lr
+
+    accum = cfg.optim.accum_steps
+    updates_per_epoch = batches_per_epoch // accum
+    global_batch = cfg.data.batch_size * d.world_size * accum
+    optimizer = build_optimizer(cfg.optim, model, peak_lr(cfg.optim, global_batch), d.device)
+    trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg.optim, optimizer, updates_per_epoch),
+                      dist=d, loss_fn=loss_fn, precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad,
+                      compile=cfg.run.compile, compile_mode=cfg.run.compile_mode)
+    return StageTrainer(trainer, updates_per_epoch, global_batch)
 
 
 @dataclass
