@@ -56,7 +56,7 @@ def run(decode_on: str, args: argparse.Namespace, overrides: list[str], spec: st
     batch = cfg.data.batch_size
     if cfg.data.train_samples is None:  # one epoch covers the benchmark
         cfg.data.train_samples = (2 * args.warmup + 2 * args.steps + 2) * batch
-    trainer, loader, _, _ = build_training(cfg, Dist(0, 1, device.index or 0, device), spec)
+    (trainer, _, _), loader = build_training(cfg, Dist(0, 1, device.index or 0, device), spec)
     size, rows = cfg.model.img_size, []
     base = {"decode_on": decode_on, "variant": cfg.model.variant, "batch": batch, "img_size": size,
             "precision": trainer.precision, "compile": cfg.run.compile, "num_workers": cfg.data.num_workers,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -22,7 +21,7 @@ from crate_mae.data.shards import stage_data
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
 from crate_mae.engine.log import RunLogger
-from crate_mae.engine.loop import Trainer, fit, stage_trainer
+from crate_mae.engine.loop import StageTrainer, fit, stage_trainer
 from crate_mae.engine.optim import peak_lr
 from crate_mae.model import build_mae
 from crate_mae.viz import reconstruction_grid
@@ -53,17 +52,9 @@ def run_pretrain(cfg: Config) -> PretrainResult:
     return dist.run_with(cfg.run.device, lambda d: _run(cfg, d, Path(cfg.run.out_dir) / cfg.run.name))
 
 
-class Training(NamedTuple):
-    """What `build_training` makes: the Trainer (with the model), the loader, and the run's batch arithmetic."""
-
-    trainer: Trainer
-    loader: ShardLoader | Prefetcher
-    updates_per_epoch: int  # optimiser steps per epoch
-    global_batch: int  # images per optimiser step: batch_size × ranks × accum_steps
-
-
-def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> Training:
-    """The model, the training loader (prefetching per data.prefetch) and the Trainer of a pretraining run.
+def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[StageTrainer, ShardLoader | Prefetcher]:
+    """The Trainer (with the model and the run's batch arithmetic) and the training loader (prefetching per
+    data.prefetch) of a pretraining run.
 
     Shared by the stage and by bench/e2e.py, so that the benchmark times exactly what a run does.
     Seeds the initial weights with run.seed (the same on every rank).
@@ -79,16 +70,15 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> Training:
     if cfg.data.prefetch:  # the copy to the device (and a device decode) off the step's critical path
         loader = Prefetcher(loader, lambda b: b._replace(images=images_on(b.images, size, d.device)),
                             device=d.device, depth=cfg.data.prefetch)
-    trainer, updates_per_epoch, global_batch = stage_trainer(
-        cfg, model, d, lambda m, b: m(normalise(images_on(b.images, size, d.device))).loss, len(loader))
-    return Training(trainer, loader, updates_per_epoch, global_batch)
+    return stage_trainer(cfg, model, d, lambda m, b: m(normalise(images_on(b.images, size, d.device))).loss,
+                         len(loader)), loader
 
 
 def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
     resume = ckpt.resume_path(run_dir, cfg.run.resume)
     train_spec, val_spec = stage_data(cfg.data, img_size=cfg.model.img_size, is_main=d.is_main,
                                       barrier=lambda: dist.barrier(d))
-    trainer, loader, updates_per_epoch, global_batch = build_training(cfg, d, train_spec)
+    (trainer, updates_per_epoch, global_batch), loader = build_training(cfg, d, train_spec)
     model, accum = trainer.module, cfg.optim.accum_steps
     total_steps = cfg.optim.epochs * updates_per_epoch
     dist.seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
