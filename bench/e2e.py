@@ -53,6 +53,7 @@ def run(decode_on: str, args: argparse.Namespace, overrides: list[str], spec: st
         with_step: bool) -> list[dict]:
     cfg = load_config(None, [*overrides, f"data.decode_on={decode_on}", f"data.train_shards={spec}",
                              f"run.device={device}"])
+    cfg.model = cfg.model.resolve()
     batch = cfg.data.batch_size
     if cfg.data.train_samples is None:  # one epoch covers the benchmark
         cfg.data.train_samples = (2 * args.warmup + 2 * args.steps + 2) * batch

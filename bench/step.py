@@ -126,7 +126,7 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
               top: int = 15, trace: str | None = None) -> dict:
     if compile:
         torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape graph carried over from another batch
-    cfg = ModelConfig(variant=variant, num_classes=1000)
+    cfg = ModelConfig(variant=variant, num_classes=1000).resolve()
     model = (build_mae(cfg) if kind == "mae" else build_classifier(cfg)).to(device)
     optim_cfg = OptimConfig(epochs=1, warmup_epochs=0)
     optimizer = build_optimizer(optim_cfg, model, 1e-4, device)

@@ -33,6 +33,7 @@ def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: 
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("timm").setLevel(logging.WARNING)  # timm's "Loading pretrained weights from state dict" notes
 
     from crate_mae.data import DataError, ShardError
     from crate_mae.engine.loop import NonFiniteLoss

@@ -26,7 +26,7 @@ from crate_mae.engine import dist
 from crate_mae.engine.log import RunLogger
 from crate_mae.engine.loop import evaluate, fit, stage_trainer
 from crate_mae.engine.optim import peak_lr
-from crate_mae.model import CrateClassifier, build_classifier
+from crate_mae.model import CrateClassifier, hub
 
 
 @dataclass
@@ -41,23 +41,25 @@ class FinetuneResult:
     model: nn.Module
 
 
-def load_weights(path: str) -> dict:
-    """Pretrained weights for a classifier: ours (encoder.pth, final.pth) or the released file, read safely."""
+def classifier_config(cfg: Config, checkpoint: str | None, *, default_family: str = "mae"
+                      ) -> tuple[Config, hub.Checkpoint | None]:
+    """The stage's config with its model section resolved against `checkpoint` (read once, here), before any data
+    is prepared at the model's image size: unset fields take the checkpoint's values, a set one that differs is an
+    error naming it (`hub.model_config`)."""
     try:
-        return ckpt.load(path)
+        ckpt = hub.read_checkpoint(checkpoint) if checkpoint is not None else None
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} (the demo's encoder comes from `python pretrain.py`)") from None
+        hint = " (the demo's encoder comes from `python pretrain.py`)" if "runs/demo" in str(checkpoint) else ""
+        raise FileNotFoundError(f"{err}{hint}") from None
+    model_cfg = hub.model_config(cfg.model, ckpt, kind="classifier", default_family=default_family)
+    return dataclasses.replace(cfg, model=model_cfg), ckpt
 
 
-def classifier_for(cfg: Config, checkpoint: str | None, num_classes: int) -> CrateClassifier:
-    """A classifier for `num_classes`, its encoder filled strictly from `checkpoint` (None: random)."""
-    model = build_classifier(dataclasses.replace(cfg.model, num_classes=num_classes), from_mae=checkpoint is not None)
-    if checkpoint is not None:
-        try:
-            model.load_pretrained(load_weights(checkpoint))
-        except ValueError as err:
-            raise ValueError(f"{checkpoint}: {err}" if checkpoint not in str(err) else str(err)) from None
-    return model
+def classifier_for(cfg: Config, ckpt: hub.Checkpoint | None, num_classes: int) -> tuple[CrateClassifier, Config]:
+    """A classifier of the (resolved) `cfg.model` for `num_classes`, filled strictly from `ckpt` (None: fresh; a head
+    of another class count is replaced), and the config with what was really built."""
+    model, model_cfg = hub.create_model(cfg.model, kind="classifier", checkpoint=ckpt, num_classes=num_classes)
+    return model, dataclasses.replace(cfg, model=model_cfg)
 
 
 def labelled_data(cfg: Config, d: dist.Dist) -> tuple[Config, str, str, int]:
@@ -85,13 +87,15 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> FinetuneResult:
 
     ft, accum, batch = cfg.finetune, cfg.optim.accum_steps, cfg.data.batch_size
     resume = ckpt.resume_path(run_dir, cfg.run.resume)
+    cfg, weights = classifier_config(cfg, ft.checkpoint, default_family="mae" if ft.checkpoint else "supervised")
     cfg, train_spec, val_spec, classes = labelled_data(cfg, d)
     mixing = ft.mixup > 0 or ft.cutmix > 0
     if mixing and batch % 2:
         raise ConfigError(f"data.batch_size: Mixup / CutMix pair the images of a batch, so it must be even, got {batch}")
 
     dist.seed_everything(cfg.run.seed)  # the same initial head on every rank
-    model = classifier_for(cfg, ft.checkpoint, classes).to(d.device)
+    model, cfg = classifier_for(cfg, weights, classes)
+    model = model.to(d.device)
     transform = FinetuneTransform(cfg.model.img_size, auto_augment=ft.auto_augment, re_prob=ft.reprob,
                                   scale=ft.crop_scale, hflip=ft.hflip)
     cuda = d.device.type == "cuda"
@@ -124,7 +128,7 @@ def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> FinetuneResult:
                     initial_step=trainer.state.step)
     if d.is_main:
         save_config(cfg, run_dir / "config.yaml")
-        log.info(f"{run_dir}: CRATE '{cfg.model.variant}' {classes} classes, "
+        log.info(f"{run_dir}: CRATE {cfg.model.family} '{cfg.model.variant}' {classes} classes, "
                  + (f"encoder from {ft.checkpoint}" if ft.checkpoint else "from scratch")
                  + f"; {updates_per_epoch} steps/epoch × {cfg.optim.epochs} epochs, global batch {global_batch}, "
                  f"peak lr {peak_lr(cfg.optim, global_batch):.3g}")

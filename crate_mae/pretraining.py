@@ -6,12 +6,12 @@ Works the same on one CPU, one GPU, or many GPUs and nodes under torchrun (see e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from crate_mae.config import Config, save_config
+from crate_mae.config import Config, ConfigError, save_config
 from crate_mae.data import EvalTransform, PretrainTransform, eval_loader
 from crate_mae.data.reader import ShardLoader, config_train_loader
 from crate_mae.data.device_decode import DeviceCropTransform, images_on
@@ -57,8 +57,10 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[StageTra
     data.prefetch) of a pretraining run.
 
     Shared by the stage and by bench/e2e.py, so that the benchmark times exactly what a run does.
-    Seeds the initial weights with run.seed (the same on every rank).
+    Seeds the initial weights with run.seed (the same on every rank). `cfg.model` must be resolved.
     """
+    if not cfg.model.resolved:
+        raise ValueError("build_training: resolve cfg.model first (checkpoint.resolve_for_resume)")
     dist.seed_everything(cfg.run.seed)
     model = build_mae(cfg.model).to(d.device)
     size, accum = cfg.model.img_size, cfg.optim.accum_steps
@@ -76,6 +78,9 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[StageTra
 
 def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> PretrainResult:
     resume = ckpt.resume_path(run_dir, cfg.run.resume)
+    if cfg.model.family not in (None, "mae"):
+        raise ConfigError(f"model.family: pretraining trains a CRATE-MAE (family mae), got {cfg.model.family!r}")
+    cfg = replace(cfg, model=ckpt.resolve_for_resume(cfg.model, resume))  # what is built, and saved in config.yaml
     train_spec, val_spec = stage_data(cfg.data, img_size=cfg.model.img_size, is_main=d.is_main,
                                       barrier=lambda: dist.barrier(d))
     (trainer, updates_per_epoch, global_batch), loader = build_training(cfg, d, train_spec)

@@ -30,7 +30,7 @@ from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
 from crate_mae.engine.log import RunLogger
 from crate_mae.engine.loop import autocast, evaluate, fit, resolve_precision, stage_trainer
-from crate_mae.finetuning import classifier_for, labelled_data
+from crate_mae.finetuning import classifier_config, classifier_for, labelled_data
 from crate_mae.model import CrateClassifier
 
 
@@ -48,9 +48,11 @@ class ProbeResult:
 
 
 def pooled(model: CrateClassifier, images: torch.Tensor, feature: str) -> torch.Tensor:
-    """The probed feature (B, d): the CLS token, or the mean of the patch tokens, after the encoder's final norm."""
-    tokens = model.forward_features(normalise(images))  # (B, 1 + N, d)
-    return tokens[:, 0] if feature == "cls" else tokens[:, 1:].mean(dim=1)
+    """The probed feature (B, d) of the last layer, after the encoder's final norm (family mae; the supervised
+    family has none): the CLS token, or the mean of the patch tokens."""
+    [(patches, cls)] = model.forward_intermediates(normalise(images), indices=1, return_prefix_tokens=True, norm=True,
+                                                   output_fmt="NLC", intermediates_only=True)  # (B, N, d), (B, 1, d)
+    return cls[:, 0] if feature == "cls" else patches.mean(dim=1)
 
 
 class LinearProbe(nn.Module):
@@ -102,9 +104,11 @@ def run_linprobe(cfg: Config) -> ProbeResult:
 
 
 def _run(cfg: Config, d: dist.Dist, run_dir: Path) -> ProbeResult:
+    cfg, weights = classifier_config(cfg, cfg.probe.checkpoint)
     cfg, train_spec, val_spec, classes = labelled_data(cfg, d)
     dist.seed_everything(cfg.run.seed)
-    encoder = classifier_for(cfg, cfg.probe.checkpoint, classes).to(d.device).requires_grad_(False)
+    encoder, cfg = classifier_for(cfg, weights, classes)
+    encoder = encoder.to(d.device).requires_grad_(False)
     log = RunLogger(run_dir, enabled=d.is_main, total_steps=0)
     if d.is_main:
         save_config(cfg, run_dir / "config.yaml")

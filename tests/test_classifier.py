@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 import crate_mae  # noqa: F401  (registers the timm models)
 from crate_mae.config import ModelConfig
-from crate_mae.model import CrateClassifier, build_classifier, build_mae
+from crate_mae.model import CrateClassifier, build_classifier, build_mae, hub
 
 
 def nano_classifier(**overrides) -> CrateClassifier:
@@ -36,11 +36,13 @@ def test_image_size_not_divisible_by_patch_is_an_error() -> None:
         nano_classifier()(torch.randn(1, 3, 30, 30))
 
 
-def test_base_classifier_at_224() -> None:
+def test_base_classifiers_at_224() -> None:
     clf = timm.create_model("crate_base", num_classes=10)
     with torch.no_grad():
         assert clf(torch.randn(1, 3, 224, 224)).shape == (1, 10)
-    assert clf.encoder.layers[0].ista.lambd == 0.1  # the supervised classifier's λ
+    assert clf.family == "supervised" and clf.encoder.layers[0].ista.lambd == 0.1  # the seed's supervised CRATE
+    mae_encoder = timm.create_model("crate_mae_encoder_base", num_classes=10)
+    assert mae_encoder.family == "mae" and mae_encoder.encoder.layers[0].ista.lambd == 0.5
 
 
 def test_pooling_and_heads() -> None:
@@ -65,8 +67,8 @@ def test_every_parameter_gets_a_gradient() -> None:
 
 def test_loads_every_encoder_tensor_from_a_mae() -> None:
     mae = build_mae(ModelConfig(variant="nano"))
-    clf = build_classifier(ModelConfig(variant="nano", num_classes=10), from_mae=True)
-    clf.load_pretrained({"model": {"module." + k: v for k, v in mae.state_dict().items()}})
+    clf = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    hub.load_weights(clf, {"model": {"module." + k: v for k, v in mae.state_dict().items()}})
     img = torch.randn(2, 3, 32, 32)
     assert_close(clf.forward_features(img), mae.encode(img))
     assert clf.encoder.layers[0].ista.lambd == mae.encoder.layers[0].ista.lambd == 0.5
@@ -76,35 +78,35 @@ def test_missing_encoder_key_is_named() -> None:
     state = build_mae(ModelConfig(variant="nano")).state_dict()
     del state["encoder.layers.1.attn.proj.bias"]
     with pytest.raises(ValueError, match=r"missing key 'encoder\.layers\.1\.attn\.proj\.bias'"):
-        nano_classifier().load_pretrained(state)
+        hub.load_weights(nano_classifier(), state)
 
 
 def test_unexpected_key_is_named() -> None:
     state = build_mae(ModelConfig(variant="nano")).state_dict()
     state["encoder.layers.0.extra.weight"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"unexpected key 'encoder\.layers\.0\.extra\.weight'"):
-        nano_classifier().load_pretrained(state)
+        hub.load_weights(nano_classifier(), state)
 
 
 def test_wrong_size_is_named() -> None:
     state = build_mae(ModelConfig(variant="nano", encoder_depth=3)).state_dict()
     with pytest.raises(ValueError, match=r"unexpected key 'encoder\.layers\.2\."):
-        nano_classifier().load_pretrained(state)
+        hub.load_weights(nano_classifier(), state)
     state = build_mae(ModelConfig(variant="nano", dim=32)).state_dict()
     with pytest.raises(ValueError, match="shape mismatch for 'cls_token'"):
-        nano_classifier().load_pretrained(state)
+        hub.load_weights(nano_classifier(), state)
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base", "large", "demo", "nano"])
 def test_timm_names_exist(size: int) -> None:
-    assert f"crate_mae_{size}" in timm.list_models("crate*")
-    assert f"crate_{size}" in timm.list_models("crate*")
+    for name in (f"crate_mae_{size}", f"crate_mae_encoder_{size}", f"crate_{size}"):
+        assert name in timm.list_models("crate*")
 
 
 def test_timm_create_model_builds_our_models() -> None:
     mae = timm.create_model("crate_mae_nano", norm_pix_loss=True)
     assert mae.norm_pix_loss and mae.encoder.layers[0].ista.lambd == 0.5
-    clf = timm.create_model("crate_nano", num_classes=7, global_pool="avg")
+    clf = timm.create_model("crate_mae_encoder_nano", num_classes=7, global_pool="avg")
     assert clf.pool == "mean" and clf(torch.randn(1, 3, 32, 32)).shape == (1, 7)
     with pytest.raises(ValueError, match="no hosted weights"):
         timm.create_model("crate_mae_nano", pretrained=True)
@@ -114,7 +116,8 @@ def test_timm_pretrained_from_a_local_file(tmp_path) -> None:
     mae = build_mae(ModelConfig(variant="nano"))
     path = tmp_path / "mae.pth"
     torch.save({"model": mae.state_dict()}, path)
-    clf = timm.create_model("crate_nano", pretrained=True, num_classes=5, pretrained_cfg_overlay={"file": str(path)})
+    clf = timm.create_model("crate_mae_encoder_nano", pretrained=True, num_classes=5,
+                            pretrained_cfg_overlay={"file": str(path)})
     img = torch.randn(1, 3, 32, 32)
     assert_close(clf.forward_features(img), mae.encode(img))
     again = timm.create_model("crate_mae_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)})

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from crate_mae.config import ModelConfig
-from crate_mae.model import CrateClassifier, build_classifier, build_mae, load_released_mae, to_ours, to_released
+from crate_mae.model import CrateClassifier, build_classifier, build_mae, hub, to_ours, to_released
 from crate_mae.model.mae import random_masking
 
 D, HEADS, DEPTH, PATCH, IMG = 64, 4, 2, 4, 32
@@ -96,6 +96,11 @@ def nano_mae():
     return build_mae(ModelConfig(variant="nano"))
 
 
+def load_released_mae(path: Path, cfg: ModelConfig | None = None):
+    """The released file through the one loader, as a CrateMAE (a released file records no heads: the row's)."""
+    return hub.create_model(cfg or ModelConfig(), kind="mae", checkpoint=path)[0]
+
+
 def test_released_state_converts_loads_and_computes_the_same_function() -> None:
     state = released_state()
     model = nano_mae()
@@ -174,7 +179,7 @@ def test_load_released_mae_from_file_with_weights_only(tmp_path: Path) -> None:
 def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "junk.pth"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth"):
+    with pytest.raises(ValueError, match="junk.pth: not a loadable checkpoint"):
         load_released_mae(path)
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         load_released_mae(tmp_path / "nothing.pth")
@@ -182,9 +187,17 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_classifier_loads_a_released_checkpoint_strictly() -> None:
     state = released_state()
-    clf: CrateClassifier = build_classifier(ModelConfig(variant="nano", num_classes=10), from_mae=True)
-    clf.load_pretrained(state)
+    clf: CrateClassifier = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    hub.load_weights(clf, state)
     mae = nano_mae()
     mae.load_state_dict(to_ours(state))
     img = torch.randn(2, 3, IMG, IMG)
     assert_close(clf.forward_features(img), mae.encode(img))
+
+
+def test_a_released_file_takes_its_sizes_from_its_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "released.pth"
+    torch.save({"model": released_state()}, path)
+    model, cfg = hub.create_model(ModelConfig(), kind="mae", checkpoint=path)  # nothing set: all from the file
+    assert (cfg.variant, cfg.dim, cfg.heads, cfg.encoder_depth, cfg.patch_size, cfg.lambd) == ("nano", D, HEADS, DEPTH,
+                                                                                               PATCH, 0.5)

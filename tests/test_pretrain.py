@@ -21,7 +21,7 @@ from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine.dist import Dist
 from crate_mae.engine.loop import NonFiniteLoss, Trainer, stage_trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
-from crate_mae.model import build_classifier, build_mae
+from crate_mae.model import build_classifier, build_mae, hub
 from crate_mae.model.mae import CrateMAE
 from crate_mae.pretraining import run_pretrain
 
@@ -69,15 +69,15 @@ def test_loss_falls_on_the_demo_set(digits, tmp_path: Path) -> None:
 def test_exported_encoder_loads_into_a_classifier(digits, tmp_path: Path) -> None:
     result = run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))
     exported = torch.load(result.run_dir / "encoder.pth", weights_only=True)
-    clf = build_classifier(ModelConfig(variant="nano", num_classes=10), from_mae=True)
-    clf.load_pretrained(exported)
+    clf = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    hub.load_weights(clf, exported)
     img = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(clf.forward_features(img), result.model.eval().encode(img))
 
 
 def test_mismatched_checkpoint_names_the_field(digits, tmp_path: Path) -> None:
     run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))
-    with pytest.raises(ValueError, match=r"model\.encoder_depth is 2 in the checkpoint but 3"):
+    with pytest.raises(ValueError, match=r"final\.pth: model\.encoder_depth is 2 in the checkpoint but 3 in the config"):
         run_pretrain(tiny(digits, tmp_path, "optim.epochs=1", "model.encoder_depth=3", "run.resume=auto"))
     with pytest.raises(FileExistsError, match="--resume auto"):
         run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))

@@ -109,7 +109,52 @@ def test_supervised_from_scratch_with_mixup_and_lion(digits, tmp_path: Path) -> 
                                   "optim.blr=2e-4", "optim.epochs=2", "finetune.mixup=0.8", "finetune.cutmix=1.0",
                                   "optim.layer_decay=null"))
     assert result.model.encoder.layers[0].ista.lambd == 0.1  # the supervised CRATE's λ
+    assert result.model.family == "supervised" and result.model.pos.table.requires_grad  # the seed's architecture
     assert result.top1 >= 0 and result.steps == 2 * (1497 // 64)
+
+
+@pytest.fixture(scope="module")
+def pretrained_heads_2(digits, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (short) pretraining run of the nano model with 2 heads and λ 0.3 instead of the row's 4 and 0.5."""
+    from crate_mae.pretraining import run_pretrain
+
+    out = tmp_path_factory.mktemp("pre")
+    run_pretrain(load_config(ROOT / "configs/pretrain/demo.yaml", [
+        "model.variant=nano", "model.heads=2", "model.lambd=0.3", f"data.train_shards={digits[0]}",
+        f"data.val_shards={digits[1]}", "data.batch_size=64", "data.num_workers=0", "optim.epochs=1",
+        "optim.warmup_epochs=0.2", f"run.out_dir={out}", "run.name=h2"]))
+    return out / "h2"
+
+
+@pytest.mark.parametrize("override, field", [("model.heads=4", "heads"), ("model.lambd=0.5", "lambd"),
+                                             ("model.eta=0.2", "eta")])
+def test_probe_and_finetune_refuse_a_model_the_checkpoint_does_not_compute(digits, pretrained_heads_2, tmp_path: Path,
+                                                                           override: str, field: str) -> None:
+    enc = pretrained_heads_2 / "encoder.pth"
+    with pytest.raises(ValueError, match=rf"encoder\.pth: model\.{field} is .* in the checkpoint but .* in the config"):
+        run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={enc}", override))
+    with pytest.raises(ValueError, match=rf"encoder\.pth: model\.{field} is"):
+        run_finetune(cfg_for("finetune", digits, tmp_path, f"finetune.checkpoint={enc}", override))
+
+
+def test_unset_fields_take_the_checkpoints_values_in_every_stage(digits, pretrained_heads_2, tmp_path: Path) -> None:
+    enc = pretrained_heads_2 / "encoder.pth"
+    probe = run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={enc}", "probe.Cs=[1.0]",
+                                 "probe.knn_k=0"))
+    saved = load_config(tmp_path / "demo-linprobe" / "config.yaml").model  # records what was really built
+    assert (saved.variant, saved.heads, saved.lambd, saved.eta, saved.family) == ("nano", 2, 0.3, 0.1, "mae")
+    assert probe.top1 > 30
+    ft = run_finetune(cfg_for("finetune", digits, tmp_path, f"finetune.checkpoint={enc}", "optim.epochs=1"))
+    layer = ft.model.encoder.layers[0]
+    assert (layer.attn.heads, layer.ista.lambd) == (2, 0.3)
+    assert load_config(tmp_path / "demo-finetune" / "config.yaml").model.heads == 2
+    # the probe's classifier computes exactly the pretrained encoder's function
+    from crate_mae.model import hub
+
+    mae, _ = hub.create_model(ModelConfig(), kind="mae", checkpoint=pretrained_heads_2 / "final.pth")
+    clf, _ = hub.create_model(ModelConfig(variant="nano"), kind="classifier", checkpoint=enc, num_classes=10)
+    img = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(clf.eval().forward_features(img), mae.eval().encode(img))
 
 
 def test_layer_decay_gives_each_layer_its_lr(digits) -> None:

@@ -116,3 +116,17 @@ def test_commands_take_the_released_checkpoint_layout(tmp_path: Path) -> None:
         assert viz_main([command, "--checkpoint", str(tmp_path / "released.pth"), "--variant", "nano",
                          "--images", str(tmp_path / "img.png"), "--out", str(tmp_path / f"{command}.png")]) == 0
         assert (tmp_path / f"{command}.png").stat().st_size > 0
+
+
+def test_attention_and_layers_take_the_supervised_family(tmp_path: Path) -> None:
+    from tests.data_helpers import image_bytes
+    from tests.test_hub import released_supervised
+
+    torch.save({"state_dict": {"module." + k: v for k, v in released_supervised().items()}}, tmp_path / "crate.pth")
+    (tmp_path / "img.png").write_bytes(image_bytes(2, size=(40, 40), fmt="PNG"))
+    for command in ("attention", "layers"):
+        assert viz_main([command, "--checkpoint", str(tmp_path / "crate.pth"), "--images", str(tmp_path / "img.png"),
+                         "--img-size", "48", "--out", str(tmp_path / f"{command}.png")]) == 0
+        assert (tmp_path / f"{command}.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # a supervised CRATE has no decoder: recon says so on one line
+        viz_main(["recon", "--checkpoint", str(tmp_path / "crate.pth"), "--images", str(tmp_path / "img.png")])

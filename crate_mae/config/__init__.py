@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from crate_mae.config.loading import (add_config_args, config_from_args, config_help, config_to_dict, load_config,
                                       save_config)
-from crate_mae.config.sections import (Config, ConfigError, DataConfig, FinetuneConfig, ModelConfig, OptimConfig,
-                                       ProbeConfig, RunConfig)
+from crate_mae.config.sections import (FUNCTION_FIELDS, Config, ConfigError, DataConfig, FinetuneConfig, ModelConfig,
+                                       OptimConfig, ProbeConfig, RunConfig)
 
-__all__ = ["Config", "ConfigError", "DataConfig", "FinetuneConfig", "ModelConfig", "OptimConfig", "ProbeConfig",
+__all__ = ["FUNCTION_FIELDS", "Config", "ConfigError", "DataConfig", "FinetuneConfig", "ModelConfig", "OptimConfig", "ProbeConfig",
            "RunConfig", "add_config_args", "config_from_args", "config_help", "config_to_dict", "load_config",
            "save_config"]

@@ -5,9 +5,9 @@ A field's checks live in its section's `__post_init__`; a failure is a `ConfigEr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
-from crate_mae.model.variants import VARIANTS
+from crate_mae.config.variants import FAMILIES, VARIANTS, match_variant
 
 
 class ConfigError(ValueError):
@@ -19,42 +19,116 @@ def _doc(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+# Fields that change the function a network computes (not only its training): a checkpoint and the
+# config that loads it must agree on each one that the config sets.
+FUNCTION_FIELDS = ("family", "variant", "dim", "heads", "encoder_depth", "decoder_depth", "patch_size", "eta", "lambd")
+SIZE_FIELDS = ("dim", "heads", "encoder_depth", "decoder_depth", "img_size", "patch_size")
+
+
 @dataclass
 class ModelConfig:
-    """The network. Unset sizes come from the `variant` row; a set one overrides it."""
+    """The network. A field left unset (null) is filled by `resolve`: from the checkpoint being loaded, else
+    from the `variant` row and the family's defaults. A set field is what the user asked for, and a checkpoint
+    that disagrees with it is an error, never silently overridden.
+    """
 
-    variant: str = _doc("base", f"row of the size table: {', '.join(VARIANTS)}")
-    dim: Optional[int] = _doc(None, "width d (default: the variant's)")
-    heads: Optional[int] = _doc(None, "attention heads H; d must divide by H (default: the variant's)")
-    encoder_depth: Optional[int] = _doc(None, "encoder layers (default: the variant's)")
-    decoder_depth: Optional[int] = _doc(None, "decoder layers (default: the variant's)")
-    img_size: Optional[int] = _doc(None, "square image side in pixels (default: the variant's)")
-    patch_size: Optional[int] = _doc(None, "patch side in pixels; must divide img_size (default: the variant's)")
-    eta: float = _doc(0.1, "ISTA step size η")
-    lambd: Optional[float] = _doc(None, "ISTA sparsity λ (default: 0.5 for CRATE-MAE, 0.1 for a classifier from scratch)")
+    family: Optional[Literal["mae", "supervised"]] = _doc(None, "mae: CRATE-MAE's conv stem, fixed sin-cos table, final "
+                                                               "norm; supervised: the seed's CRATE (patchify-LN-Linear-LN"
+                                                               " stem, learned table, no final norm) (default: the "
+                                                               "checkpoint's; else mae, or supervised when fine-tuning "
+                                                               "from scratch)")
+    variant: Optional[str] = _doc(None, f"row of the size table: {', '.join(VARIANTS)} (default: the checkpoint's, "
+                                        "else base)")
+    dim: Optional[int] = _doc(None, "width d (default: the checkpoint's, else the variant's)")
+    heads: Optional[int] = _doc(None, "attention heads H; d must divide by H (default: the checkpoint's, else the "
+                                      "variant's)")
+    encoder_depth: Optional[int] = _doc(None, "encoder layers (default: the checkpoint's, else the variant's)")
+    decoder_depth: Optional[int] = _doc(None, "decoder layers (default: the checkpoint's, else the variant's)")
+    img_size: Optional[int] = _doc(None, "square image side in pixels (default: the checkpoint's, else the variant's)")
+    patch_size: Optional[int] = _doc(None, "patch side in pixels; must divide img_size (default: the checkpoint's, "
+                                           "else the variant's)")
+    eta: Optional[float] = _doc(None, "ISTA step size η (default: the checkpoint's, else 0.1)")
+    lambd: Optional[float] = _doc(None, "ISTA sparsity λ (default: the checkpoint's, else 0.5 for family mae, 0.1 "
+                                        "for supervised)")
     mask_ratio: float = _doc(0.75, "fraction of patches masked in pretraining, in (0, 1)")
     norm_pix_loss: bool = _doc(False, "regress per-patch normalised pixels (MAE's norm_pix_loss)")
-    pool: Literal["cls", "mean"] = _doc("cls", "classifier pooling: the CLS token or the mean of patch tokens")
+    pool: Literal["cls", "mean"] = _doc("cls", "classifier pooling: the CLS token, or the mean (of the patch tokens "
+                                               "for family mae; of all tokens, CLS included, for supervised, as released)")
     drop_path: float = _doc(0.0, "classifier: stochastic depth on the MSSA residual branch, rising to this rate")
-    num_classes: int = _doc(1000, "classifier outputs")
+    num_classes: int = _doc(1000, "classifier outputs (0: no head, the pooled features; a stage sets it from the "
+                                  "dataset)")
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
+        if self.variant is not None and self.variant not in VARIANTS:
             raise ConfigError(f"model.variant: unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        row = VARIANTS[self.variant]
-        for name in ("dim", "heads", "encoder_depth", "decoder_depth", "img_size", "patch_size"):
-            if getattr(self, name) is None:
-                setattr(self, name, getattr(row, name))
-            _require(getattr(self, name) > 0, f"model.{name}", "must be positive", getattr(self, name))
-        _require(self.dim % self.heads == 0, "model.heads", f"width {self.dim} is not divisible by heads", self.heads)
-        _require(self.dim % 4 == 0, "model.dim", "must be divisible by 4 (2-D sin-cos table), got", self.dim)
-        _require(self.img_size % self.patch_size == 0, "model.img_size",
-                 f"must be divisible by model.patch_size {self.patch_size}, got", self.img_size)
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"model.{name}", "must be positive, got", value)
+        if self.dim is not None and self.heads is not None:
+            _require(self.dim % self.heads == 0, "model.heads", f"width {self.dim} is not divisible by heads", self.heads)
+        if self.dim is not None:
+            _require(self.dim % 4 == 0, "model.dim", "must be divisible by 4 (2-D sin-cos table), got", self.dim)
+        if self.img_size is not None and self.patch_size is not None:
+            _require(self.img_size % self.patch_size == 0, "model.img_size",
+                     f"must be divisible by model.patch_size {self.patch_size}, got", self.img_size)
         _require(0 < self.mask_ratio < 1, "model.mask_ratio", "must lie in (0, 1), got", self.mask_ratio)
-        _require(self.eta > 0, "model.eta", "must be positive, got", self.eta)
+        _require(self.eta is None or self.eta > 0, "model.eta", "must be positive, got", self.eta)
         _require(self.lambd is None or self.lambd >= 0, "model.lambd", "must be >= 0, got", self.lambd)
-        _require(self.num_classes > 0, "model.num_classes", "must be positive, got", self.num_classes)
+        _require(self.num_classes >= 0, "model.num_classes", "must be >= 0, got", self.num_classes)
         _require(0 <= self.drop_path < 1, "model.drop_path", "must lie in [0, 1), got", self.drop_path)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether every field that `resolve` fills is set."""
+        return all(getattr(self, f) is not None for f in ("family", *SIZE_FIELDS, "eta", "lambd"))
+
+    def resolve(self, saved: Mapping[str, Any] | None = None, *, default_family: str = "mae",
+                check: Sequence[str] = FUNCTION_FIELDS) -> ModelConfig:
+        """The config with every unset field filled, checked against a checkpoint's model fields.
+
+        `saved` holds what the checkpoint says: our own checkpoints' saved `model` section, or for a released
+        file (which records no config) the fields its tensor shapes tell (family, width, depths, patch, image
+        size). Order, for each field: the value set here; else the checkpoint's; else the variant's row (this
+        config's `variant`, else the checkpoint's, else the row matching the checkpoint's width and depth, else
+        base); else the family's default (η 0.1; λ 0.5 for mae, 0.1 for supervised).
+
+        Each field in `check` that is set here and recorded differently in `saved` is a ConfigError naming the
+        field and both values. A set `variant` stands for its row's sizes only against a file that names no
+        variant (a released one); against our own checkpoints the variant itself is compared, and a size the
+        user did not set takes the checkpoint's value (a run pretrained with `--set model.heads=2` is loaded
+        with 2 heads by a config that leaves heads unset).
+        """
+        saved = {k: v for k, v in (saved or {}).items() if v is not None}
+        given = {f: getattr(self, f) for f in (*FUNCTION_FIELDS, "img_size") if getattr(self, f) is not None}
+        from_row: set[str] = set()
+        if self.variant is not None and "variant" not in saved:
+            for name in SIZE_FIELDS:
+                if name not in given:
+                    given[name] = getattr(VARIANTS[self.variant], name)
+                    from_row.add(name)
+        for name in check:
+            if name in given and name in saved and given[name] != saved[name]:
+                how = f" (from model.variant {self.variant!r})" if name in from_row else ""
+                raise ConfigError(f"model.{name} is {saved[name]!r} in the checkpoint but {given[name]!r} in the config{how}; "
+                                  f"leave it unset to use the checkpoint's value")
+        values = {**saved, **given}
+        variant = values.get("variant")
+        if variant is None and "dim" in saved and "encoder_depth" in saved:  # a released file: its heads from the row
+            variant = match_variant(saved["dim"], saved["encoder_depth"])
+        if variant is None and saved:
+            if "heads" not in values:
+                raise ConfigError(f"model.heads: the checkpoint does not record its number of heads, and no row of the size "
+                                  f"table has d={values.get('dim')} with {values.get('encoder_depth')} layers; set "
+                                  f"model.heads (or model.variant)")
+        row = VARIANTS[variant or "base"]
+        for name in SIZE_FIELDS:
+            values.setdefault(name, getattr(row, name))
+        family = FAMILIES[values.setdefault("family", default_family)]
+        values.setdefault("eta", family.eta)
+        values.setdefault("lambd", family.lambd)
+        values["variant"] = variant if variant is not None else (None if saved else "base")
+        kept = {f: getattr(self, f) for f in ("mask_ratio", "norm_pix_loss", "pool", "drop_path", "num_classes")}
+        return ModelConfig(**{k: values[k] for k in (*FUNCTION_FIELDS, "img_size")}, **kept)
 
 
 @dataclass

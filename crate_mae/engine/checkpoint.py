@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from crate_mae.atomic import atomic_path
-from crate_mae.config import ModelConfig
+from crate_mae.config import FUNCTION_FIELDS, ConfigError, ModelConfig
 
-# Fields that change the network's shapes or the function it computes: a resume must match them.
-ARCH_FIELDS = ("dim", "heads", "encoder_depth", "decoder_depth", "patch_size", "img_size", "eta", "lambd")
+# Fields a resume must match: those that change the function, and the image size the data is cut to.
+RESUME_FIELDS = (*FUNCTION_FIELDS, "img_size")
 _PERIODIC = re.compile(r"ckpt-(\d+)\.pth$")
 
 
@@ -57,15 +57,41 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def saved_model_config(path: str | Path) -> dict[str, Any]:
+    """The `model` section saved in one of our run checkpoints; read memory-mapped, so the tensors stay on disk."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file (mmap needs one): read it whole, with the usual errors
+        state = load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    saved = (state.get("config") or {}).get("model") if isinstance(state, dict) else None
+    if saved is None:
+        raise ValueError(f"{path}: holds no config, so the run it belongs to cannot be checked")
+    return {"family": "mae", **saved}  # files from before the supervised family are CRATE-MAEs
+
+
+def resolve_for_resume(cfg: ModelConfig, path: str | Path | None) -> ModelConfig:
+    """The model config of a run: resolved against the checkpoint it resumes from (unset fields take the run's
+    values; a set one that differs is an error naming it), or from the defaults for a fresh run."""
+    if path is None:
+        return cfg.resolve()
+    saved = saved_model_config(path)
+    try:
+        return cfg.resolve(saved, check=RESUME_FIELDS)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 def check_arch(ckpt: dict[str, Any], cfg: ModelConfig, path: str | Path) -> None:
-    """A checkpoint must be of the configured architecture; the first field that differs is named."""
+    """A checkpoint must be of the configured (resolved) architecture; the first field that differs is named."""
     saved = (ckpt.get("config") or {}).get("model")
     if saved is None:
         raise ValueError(f"{path}: holds no config, so its architecture cannot be checked")
-    for name in ARCH_FIELDS:
-        if saved.get(name) != getattr(cfg, name):
-            raise ValueError(f"{path}: model.{name} is {saved.get(name)!r} in the checkpoint but "
-                             f"{getattr(cfg, name)!r} in the config; resume with the run's own config.yaml")
+    try:
+        cfg.resolve({"family": "mae", **saved}, check=RESUME_FIELDS)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,9 +101,16 @@ def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v for k, v in model_state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
 
 
-def export_encoder(ckpt: dict[str, Any], path: str | Path) -> None:
-    """Write `{"model": encoder tensors, "config": the run's config}`, loadable with weights_only=True."""
-    save(path, {"model": encoder_state(ckpt["model"]), "config": ckpt.get("config")})
+def export_encoder(ckpt: dict[str, Any], path: str | Path, *, whole: bool = False) -> None:
+    """Write `{"model": encoder tensors, "config": the run's config}` (loadable with weights_only=True), or with
+    `whole` every model tensor; a `.safetensors` path writes that format, the config in its metadata."""
+    state = ckpt["model"] if whole else encoder_state(ckpt["model"])
+    if str(path).endswith(".safetensors"):
+        from crate_mae.model.hub import save_safetensors
+
+        save_safetensors(state, ckpt.get("config"), path)
+    else:
+        save(path, {"model": state, "config": ckpt.get("config")})
 
 
 def resume_path(run_dir: Path, resume: str | None) -> Path | None:
@@ -128,20 +161,22 @@ def save_training(path: Path, trainer: Any, cfg: Any, d: Any, *, keep_last: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m crate_mae.engine.checkpoint export CKPT OUT`: the encoder of any pretraining checkpoint."""
+    """`python -m crate_mae.engine.checkpoint export CKPT OUT [--whole]`: the encoder (or, with --whole, every
+    tensor) of any run checkpoint, as .pth or, for an OUT ending in .safetensors, as safetensors."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m crate_mae.engine.checkpoint", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write the encoder alone (loads with weights_only=True)")
     export.add_argument("checkpoint")
-    export.add_argument("out")
+    export.add_argument("out", help="OUT.pth, or OUT.safetensors (the config goes into its metadata)")
+    export.add_argument("--whole", action="store_true", help="every tensor (a CRATE-MAE's decoder too), not the encoder")
     args = parser.parse_args(argv)
     try:
-        export_encoder(load(args.checkpoint), args.out)
+        export_encoder(load(args.checkpoint), args.out, whole=args.whole)
     except (OSError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
-    print(f"{args.out}: encoder of {args.checkpoint}")
+    print(f"{args.out}: {'all tensors' if args.whole else 'encoder'} of {args.checkpoint}")
     return 0
 
 

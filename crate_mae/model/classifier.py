@@ -1,31 +1,57 @@
-"""The CRATE classifier: the CRATE-MAE encoder without masking, pooled, with a linear head.
+"""The CRATE classifiers: one encoder, two families around it (config/variants.py, FAMILIES).
 
+- family `mae`: the CRATE-MAE encoder reused (conv stem, fixed sin-cos table, final norm), no masking;
+- family `supervised`: the seed's CRATE (patchify → LN → Linear → LN stem, learned table, no final norm).
+
+Both pool (CLS, or the mean) and end in LayerNorm + Linear. timm's API: `forward_features` (tokens),
+`forward_head` (pool, norm, logits), `forward_intermediates` (chosen layers' tokens).
 Legend: B batch, N = h·w patches, d width, K classes.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from crate_mae.model.convert import MAE_ONLY_PREFIXES, load_strict, to_ours
+from crate_mae.config.variants import FAMILIES
 from crate_mae.model.crate import Encoder, xavier_linear
-from crate_mae.model.layers import PatchEmbed, SinCosPosition, grid_size, prepend_cls
+from crate_mae.model.layers import LearnedPosition, PatchEmbed, PatchifyEmbed, SinCosPosition, grid_size, prepend_cls
+
+Intermediate = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+def take_indices(depth: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's convention for `forward_intermediates`: None → every layer, an int n → the last n, a sequence →
+    those layers (negative from the end). Returns (sorted absolute indices, the largest)."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"last-n indices: {indices} is not in 1..{depth}")
+        take = list(range(depth - indices, depth))
+    else:
+        for i in indices:
+            if not -depth <= i < depth:
+                raise ValueError(f"layer index {i} is out of range for {depth} layers")
+        take = sorted({i % depth for i in indices})
+    return take, max(take)
 
 
 class CrateClassifier(nn.Module):
-    """Patch embedding + CLS + fixed sin-cos table + CRATE encoder + pool + (LayerNorm, Linear) head.
+    """stem + CLS + position table + CRATE encoder + pool + (LayerNorm, Linear) head.
 
-    Its non-head tensors carry the same names as the CRATE-MAE's encoder side (`patch_embed.*`,
-    `cls_token`, `encoder.*`), so a pretrained checkpoint fills them one to one (`load_pretrained`).
-    Any image size that the patch divides works: the sin-cos table is regenerated for the grid.
-    timm's split: `forward_features` (tokens) then `forward_head` (pool, norm, logits).
+    Family `mae`: non-head tensors carry the CRATE-MAE's encoder-side names (`patch_embed.proj.*`,
+    `cls_token`, `encoder.*`), so a pretrained checkpoint fills them one to one; mean pooling is over the
+    patch tokens. Family `supervised`: `patch_embed.{pre_norm,proj,post_norm}.*`, `pos.table`, `cls_token`,
+    `encoder.layers.*`, and mean pooling over all 1 + N tokens (CLS included), as released.
+    Any image size the patch divides works: the sin-cos table is regenerated, the learned one resampled.
     """
 
     def __init__(
         self,
         *,
+        family: Literal["mae", "supervised"] = "mae",
         num_classes: int = 1000,
         img_size: int = 224,
         patch_size: int = 16,
@@ -40,27 +66,108 @@ class CrateClassifier(nn.Module):
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        self.pool, self.num_classes, self.num_features = pool, num_classes, dim
-        self.patch_embed = PatchEmbed(patch_size=patch_size, dim=dim)
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        kind, grid = FAMILIES[family], grid_size((img_size, img_size), patch_size)
+        self.family, self.pool, self.num_classes, self.num_features = family, pool, num_classes, dim
+        self.num_prefix_tokens = 1
+        if kind.stem == "conv":
+            self.patch_embed: nn.Module = PatchEmbed(patch_size=patch_size, dim=dim)
+            self.pos: nn.Module = SinCosPosition(dim=dim, grid=grid)
+        else:
+            self.patch_embed = PatchifyEmbed(patch_size=patch_size, dim=dim)
+            self.pos = LearnedPosition(dim=dim, grid=grid)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.cls_token, std=0.02)
-        self.pos = SinCosPosition(dim=dim, grid=grid_size((img_size, img_size), patch_size))
-        self.encoder = Encoder(dim=dim, heads=heads, depth=depth, eta=eta, lambd=lambd, drop_path=drop_path)
+        self.encoder = Encoder(dim=dim, heads=heads, depth=depth, eta=eta, lambd=lambd, drop_path=drop_path,
+                               final_norm=kind.final_norm)
         self.fc_norm = nn.LayerNorm(dim)
-        self.head = xavier_linear(dim, num_classes, bias=True) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        if kind.stem == "conv":  # CRATE-MAE's initialisation
+            nn.init.normal_(self.cls_token, std=0.02)
+            if num_classes > 0:
+                self.head = xavier_linear(dim, num_classes, bias=True)
+        else:  # the released supervised CRATE's: standard normal tokens, PyTorch's default Linear init
+            nn.init.normal_(self.cls_token)
+            for module in self.encoder.modules():
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size
 
     def tokens(self, img: torch.Tensor) -> torch.Tensor:
-        """img (B, 3, H, W) → the encoder's input (B, 1 + N, d): patch tokens, CLS first, sin-cos table added."""
+        """img (B, 3, H, W) → the encoder's input (B, 1 + N, d): patch tokens, CLS first, position table added."""
         x, grid = self.patch_embed(img)  # (B, N, d)
         return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid)
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
-        """img (B, 3, H, W) → encoder tokens (B, 1 + N, d) after the final norm, CLS first."""
+        """img (B, 3, H, W) → encoder tokens (B, 1 + N, d), CLS first (after the final norm, where there is one)."""
         return self.encoder(self.tokens(img))
+
+    def forward_intermediates(
+        self,
+        img: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Intermediate] | tuple[torch.Tensor, list[Intermediate]]:
+        """Chosen encoder layers' output tokens, as timm's ViTs give them.
+
+        `indices`: None → every layer, n → the last n, a list → those layers (negative from the end).
+        Each intermediate is the patch tokens, (B, d, h, w) for "NCHW" or (B, N, d) for "NLC"; with
+        `return_prefix_tokens` a pair (patch tokens, CLS (B, 1, d)). `norm` applies the encoder's final norm
+        (none in the supervised family). Returns the list alone if `intermediates_only`, else
+        (final tokens (B, 1 + N, d), list); `stop_early` runs no layer past the last one asked for.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        layers = self.encoder.layers
+        take, last = take_indices(len(layers), indices)
+        b, (h, w) = img.shape[0], grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
+        z, picked = self.tokens(img), []
+        for i, layer in enumerate(layers[: last + 1] if stop_early else layers):
+            z = layer(z)
+            if i in take:
+                picked.append(self.encoder.norm(z) if norm else z)
+        prefix = [y[:, : self.num_prefix_tokens] for y in picked]
+        spatial = [y[:, self.num_prefix_tokens:] for y in picked]  # (B, N, d)
+        if output_fmt == "NCHW":
+            spatial = [y.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in spatial]  # (B, d, h, w)
+        out: list[Intermediate] = list(zip(spatial, prefix)) if return_prefix_tokens else spatial
+        return out if intermediates_only else (self.encoder.norm(z), out)
+
+    def layer_input(self, img: torch.Tensor, index: int) -> torch.Tensor:
+        """The tokens (B, 1 + N, d), CLS first, entering encoder layer `index` (negative: from the end): the stem's
+        output for the first layer, else the previous layer's output (`forward_intermediates`)."""
+        index = take_indices(len(self.encoder.layers), [index])[1]
+        if index == 0:
+            return self.tokens(img)
+        [(patches, cls)] = self.forward_intermediates(img, indices=[index - 1], return_prefix_tokens=True,
+                                                      stop_early=True, output_fmt="NLC", intermediates_only=True)
+        return torch.cat([cls, patches], dim=1)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the layers after the last of `indices` (and the final norm / head if asked), as timm's ViTs do."""
+        take, last = take_indices(len(self.encoder.layers), indices)
+        self.encoder.layers = self.encoder.layers[: last + 1]
+        if prune_norm:
+            self.encoder.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0)
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens (B, 1 + N, d) → logits (B, K), or the normed pooled feature (B, d) if pre_logits."""
-        x = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
+        if self.pool == "cls":
+            x = x[:, 0]
+        else:  # the released supervised CRATE averages all tokens, CLS included; CRATE-MAE's probe the patches
+            x = x.mean(dim=1) if self.family == "supervised" else x[:, 1:].mean(dim=1)
         x = self.fc_norm(x)
         return x if pre_logits else self.head(x)
 
@@ -70,32 +177,25 @@ class CrateClassifier(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters kept free of weight decay besides norms and biases (timm's convention)."""
-        return {"cls_token"}
+        return {"cls_token", "pos.table"}
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's layer grouping for layer-wise lr decay: the stem, then each encoder layer; what matches
         neither (the final norm and the head) is the top group, with the full lr, as in MAE."""
-        return {"stem": r"^cls_token|^patch_embed", "blocks": [(r"^encoder\.layers\.(\d+)", None)]}
+        return {"stem": r"^cls_token|^patch_embed|^pos\.", "blocks": [(r"^encoder\.layers\.(\d+)", None)]}
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, pool: Literal["cls", "mean"] | None = None) -> None:
-        """A fresh head for `num_classes` outputs (0: features only), as timm models offer."""
-        self.num_classes, self.pool = num_classes, pool or self.pool
-        device = self.fc_norm.weight.device
+    def reset_classifier(self, num_classes: int, pool: Literal["cls", "mean"] | str | None = None) -> None:
+        """A fresh head for `num_classes` outputs (0: features only), as timm models offer; timm's pool names
+        ("token", "avg") are accepted too."""
+        self.num_classes = num_classes
+        if pool:
+            self.pool = {"token": "cls", "avg": "mean"}.get(pool, pool)
+        device = self.cls_token.device
         self.head = xavier_linear(self.num_features, num_classes, bias=True).to(device) if num_classes > 0 else nn.Identity()
 
     def head_keys(self) -> set[str]:
-        """State-dict keys that a pretrained CRATE-MAE does not provide (the head's)."""
+        """State-dict keys of the classifier head (LayerNorm + Linear): what an encoder-only checkpoint lacks."""
         return {k for k in self.state_dict() if k.startswith(("fc_norm.", "head."))}
-
-    def load_pretrained(self, state: dict[str, torch.Tensor]) -> None:
-        """Fill every non-head tensor from a CRATE-MAE state dict, strictly.
-
-        `state` may be ours or the released layout, bare or `{"model": ...}`-wrapped, with `module.`
-        prefixes. The decoder side (`mask_token`, `decoder.*`, `decoder_pred.*`) is set aside; any
-        other key that does not fit, a missing encoder tensor or a shape mismatch is an error naming it.
-        """
-        encoder_state = {k: v for k, v in to_ours(state).items() if not k.startswith(MAE_ONLY_PREFIXES)}
-        load_strict(self, encoder_state, allow_missing=self.head_keys())

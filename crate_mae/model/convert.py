@@ -1,30 +1,28 @@
-"""The released CRATE-MAE checkpoint's key names ↔ ours (SPEC.md, "The released checkpoint's key names").
+"""The released checkpoints' key names ↔ ours (SPEC.md, "The released checkpoint's key names" and "The supervised
+CRATE"). Only names and tables here; building and loading a model is `crate_mae.model.hub`'s.
 
-    mae = load_released_mae("crate_mae_base.pth")            # a ready CrateMAE-Base, loaded strictly
-    ours = to_ours(torch.load(path, weights_only=True))      # released or ours → our key names
-    released = to_released(mae.state_dict())                 # ours → the authors' layout
+    ours = to_ours(torch.load(path, weights_only=True))      # released (either family) or ours → our key names
+    released = to_released(model.state_dict())               # ours → the authors' layout of that family
+    layout_of(state)                                         # Layout(source="released", family="supervised")
 
-Ours differs in three ways: layer keys are named for what they are (`encoder.layers.i.ista.D`
-instead of `blocks.i.layers.0.1.fn.weight`); the two fixed sin-cos tables are not stored (they are
-checked against ours on the way in and regenerated on the way out); the unused `decoder_embed` is dropped.
+Two released layouts:
+- CRATE-MAE (`blocks.i.layers.0.*`, `decoder_blocks.*`): its two fixed sin-cos tables are not stored by us
+  (checked against ours on the way in, regenerated on the way out); the unused `decoder_embed` is dropped.
+- the supervised CRATE (`to_patch_embedding.{1,2,3}.*`, `transformer.layers.i.{0,1}.*`, `mlp_head.{0,1}.*`):
+  the released CRATE-S wraps it as `{"state_dict": ...}` with `module.` prefixes, the emergence notebooks'
+  files as `{"model": ...}`. Its learned table is a parameter of ours too (`pos.table`).
 """
 from __future__ import annotations
 
-import os
 import re
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
-import torch.nn as nn
 
 from crate_mae.model.layers import sincos_pos_table
 
-if TYPE_CHECKING:
-    from crate_mae.config import ModelConfig
-    from crate_mae.model.mae import CrateMAE
-
-# (released, ours); {i} is a layer index. One table serves both directions.
-KEY_TABLE: list[tuple[str, str]] = [
+# (released, ours); {i} is a layer index. One table per family serves both directions.
+MAE_KEYS: list[tuple[str, str]] = [
     ("cls_token", "cls_token"),
     ("mask_token", "mask_token"),
     ("patch_embed.proj.weight", "patch_embed.proj.weight"),
@@ -52,17 +50,51 @@ KEY_TABLE: list[tuple[str, str]] = [
     ("decoder_pred.weight", "decoder_pred.weight"),
     ("decoder_pred.bias", "decoder_pred.bias"),
 ]
+SUPERVISED_KEYS: list[tuple[str, str]] = [
+    ("to_patch_embedding.1.weight", "patch_embed.pre_norm.weight"),
+    ("to_patch_embedding.1.bias", "patch_embed.pre_norm.bias"),
+    ("to_patch_embedding.2.weight", "patch_embed.proj.weight"),
+    ("to_patch_embedding.2.bias", "patch_embed.proj.bias"),
+    ("to_patch_embedding.3.weight", "patch_embed.post_norm.weight"),
+    ("to_patch_embedding.3.bias", "patch_embed.post_norm.bias"),
+    ("pos_embedding", "pos.table"),
+    ("cls_token", "cls_token"),
+    ("transformer.layers.{i}.0.norm.weight", "encoder.layers.{i}.norm1.weight"),
+    ("transformer.layers.{i}.0.norm.bias", "encoder.layers.{i}.norm1.bias"),
+    ("transformer.layers.{i}.0.fn.qkv.weight", "encoder.layers.{i}.attn.U.weight"),
+    ("transformer.layers.{i}.0.fn.to_out.0.weight", "encoder.layers.{i}.attn.proj.weight"),
+    ("transformer.layers.{i}.0.fn.to_out.0.bias", "encoder.layers.{i}.attn.proj.bias"),
+    ("transformer.layers.{i}.1.norm.weight", "encoder.layers.{i}.norm2.weight"),
+    ("transformer.layers.{i}.1.norm.bias", "encoder.layers.{i}.norm2.bias"),
+    ("transformer.layers.{i}.1.fn.weight", "encoder.layers.{i}.ista.D"),
+    ("mlp_head.0.weight", "fc_norm.weight"),
+    ("mlp_head.0.bias", "fc_norm.bias"),
+    ("mlp_head.1.weight", "head.weight"),
+    ("mlp_head.1.bias", "head.bias"),
+]
 POS_TABLE_KEYS = ("pos_embed", "decoder_pos_embed")  # both hold the fixed table; the forward adds the second
 UNUSED_KEYS = ("decoder_embed.weight", "decoder_embed.bias")  # not used by the released forward pass
 MAE_ONLY_PREFIXES = ("mask_token", "decoder.", "decoder_pred.")  # our keys a classifier does not have
+HEAD_PREFIXES = ("fc_norm.", "head.")  # our classifier head (LayerNorm + Linear)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers, in either order
+_RELEASED_MAE = ("blocks.", "decoder_blocks.", "decoder_pos_embed", "decoder_embed.")
+_RELEASED_SUPERVISED = ("to_patch_embedding.", "transformer.layers.", "mlp_head.", "pos_embedding")
+
+
+class Layout(NamedTuple):
+    """Where a state dict's names come from (`ours` or `released`), and which family it holds."""
+
+    source: str
+    family: str
+    telltale: str  # the key that told
 
 
 def _compile(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
 
 
-_TO_OURS = [(_compile(released), ours) for released, ours in KEY_TABLE]
-_TO_RELEASED = [(_compile(ours), released) for released, ours in KEY_TABLE]
+_TABLES = {family: ([(_compile(r), o) for r, o in keys], [(_compile(o), r) for r, o in keys])
+           for family, keys in (("mae", MAE_KEYS), ("supervised", SUPERVISED_KEYS))}
 
 
 def _rename(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
@@ -74,20 +106,44 @@ def _rename(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
 
 
 def unwrap(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """A bare state dict from a bare or `{"model": ...}`-wrapped one, without `module.` prefixes (DDP)."""
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    """A bare state dict from a bare, `{"model": ...}`- or `{"state_dict": ...}`-wrapped one, without the
+    `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes."""
+    state: Any = checkpoint
+    if isinstance(state, Mapping):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(state.get(wrapper), Mapping):
+                state = state[wrapper]
+                break
     if not isinstance(state, Mapping):
-        raise ValueError(f"expected a state dict (or {{'model': state_dict}}), got {type(state).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+        raise ValueError(f"expected a state dict (or {{'model': ...}} / {{'state_dict': ...}}), got {type(state).__name__}")
+    out = {}
+    for key, value in state.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
 
 
-def is_released(state: Mapping[str, Any]) -> bool:
-    """Whether a (bare) state dict uses the released key names."""
-    return any(k.startswith(("blocks.", "decoder_blocks.", "decoder_pos_embed")) for k in state)
+def layout_of(state: Mapping[str, Any]) -> Layout:
+    """Which layout and family a bare state dict holds, told by its keys; an error if it is no CRATE layout."""
+    for key in state:
+        if key.startswith(_RELEASED_MAE):
+            return Layout("released", "mae", key)
+        if key.startswith(_RELEASED_SUPERVISED):
+            return Layout("released", "supervised", key)
+    for key in state:
+        if key.startswith(("patch_embed.pre_norm.", "pos.table")):
+            return Layout("ours", "supervised", key)
+    for key in state:
+        if key.startswith(("patch_embed.proj.", "encoder.layers.")):
+            return Layout("ours", "mae", key)
+    first = next(iter(state), None)
+    raise ValueError(f"no CRATE layout: key {first!r} is none of ours, the released CRATE-MAE's or the released "
+                     f"supervised CRATE's" if first is not None else "the checkpoint holds no tensors")
 
 
 def _check_pos_table(key: str, table: torch.Tensor) -> None:
-    """The released model keeps its position tables fixed; a table unlike ours would be silently wrong."""
+    """The released CRATE-MAE keeps its position tables fixed; a table unlike ours would be silently wrong."""
     if table.dim() != 3 or table.shape[0] != 1:
         raise ValueError(f"{key}: expected shape (1, 1 + N, d), got {tuple(table.shape)}")
     n, dim = table.shape[1] - 1, table.shape[2]
@@ -101,84 +157,51 @@ def _check_pos_table(key: str, table: torch.Tensor) -> None:
 
 
 def to_ours(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Our key names from a released or our own state dict (bare or wrapped, `module.` prefixes allowed).
+    """Our key names from a released (either family) or our own state dict (bare or wrapped, prefixes allowed).
 
-    Released keys are renamed; `pos_embed` / `decoder_pos_embed` are checked against the fixed sin-cos
-    table and dropped; `decoder_embed.*` is dropped. A released-layout key that fits nowhere is an error.
+    Released CRATE-MAE: keys renamed, `pos_embed` / `decoder_pos_embed` checked against the fixed sin-cos table
+    and dropped, `decoder_embed.*` dropped. Released supervised CRATE: keys renamed. A released-layout key that
+    fits nowhere is an error naming it.
     """
     state = unwrap(checkpoint)
-    if not is_released(state):
+    layout = layout_of(state) if state else Layout("ours", "mae", "")
+    if layout.source == "ours":
         return state
+    to_ours_table = _TABLES[layout.family][0]
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key in POS_TABLE_KEYS:
+        if layout.family == "mae" and key in POS_TABLE_KEYS:
             _check_pos_table(key, value)
-        elif key not in UNUSED_KEYS:
-            ours = _rename(key, _TO_OURS)
+        elif not (layout.family == "mae" and key in UNUSED_KEYS):
+            ours = _rename(key, to_ours_table)
             if ours is None:
-                raise ValueError(f"unexpected key '{key}' in a released CRATE-MAE checkpoint")
+                name = "CRATE-MAE" if layout.family == "mae" else "supervised CRATE"
+                raise ValueError(f"unexpected key '{key}' in a released {name} checkpoint")
             out[ours] = value
     return out
 
 
 def to_released(state: Mapping[str, torch.Tensor], *, grid: tuple[int, int] = (14, 14),
                 with_decoder_embed: bool = True) -> dict[str, torch.Tensor]:
-    """The released layout from our CRATE-MAE state dict, for the authors' code.
+    """The released layout of our state dict's family, for the authors' code.
 
-    Adds both position tables for `grid` (224 px / patch 16 → 14×14) and, if `with_decoder_embed`,
-    an identity `decoder_embed` (their forward pass never uses it; their strict load needs it).
+    CRATE-MAE: adds both position tables for `grid` (224 px / patch 16 → 14×14) and, if `with_decoder_embed`,
+    an identity `decoder_embed` (their forward pass never uses it; their strict load needs it). Supervised
+    CRATE: renamed one to one (its learned table is stored already).
     """
     state = unwrap(state)
+    family = layout_of(state).family
+    table = _TABLES[family][1]
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        released = _rename(key, _TO_RELEASED)
+        released = _rename(key, table)
         if released is None:
-            raise ValueError(f"unexpected key '{key}' in a CrateMAE state dict")
+            raise ValueError(f"unexpected key '{key}' in a CRATE {'MAE' if family == 'mae' else 'classifier'} state dict")
         out[released] = value
-    dim = out["cls_token"].shape[-1]
-    table = sincos_pos_table(dim, grid)[None]
-    out["pos_embed"], out["decoder_pos_embed"] = table.clone(), table.clone()
-    if with_decoder_embed:
-        out["decoder_embed.weight"], out["decoder_embed.bias"] = torch.eye(dim), torch.zeros(dim)
+    if family == "mae":
+        dim = out["cls_token"].shape[-1]
+        pos = sincos_pos_table(dim, grid)[None]
+        out["pos_embed"], out["decoder_pos_embed"] = pos.clone(), pos.clone()
+        if with_decoder_embed:
+            out["decoder_embed.weight"], out["decoder_embed.bias"] = torch.eye(dim), torch.zeros(dim)
     return out
-
-
-def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, allow_missing: set[str] = frozenset()) -> None:
-    """load_state_dict(strict=True), but the first key at fault is named on one line.
-
-    Keys in `allow_missing` may be absent (a classifier's fresh head).
-    """
-    own = model.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            raise ValueError(f"unexpected key '{key}': the model has no such tensor")
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"shape mismatch for '{key}': checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
-    missing = sorted(set(own) - set(state) - set(allow_missing))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"missing key '{missing[0]}'{more}: the checkpoint does not fill the model")
-    model.load_state_dict(dict(state), strict=False)
-
-
-def load_released_mae(path: str | os.PathLike, config: "ModelConfig | None" = None) -> "CrateMAE":
-    """A ready `CrateMAE` from a released (or our own) checkpoint file, read with `weights_only=True`.
-
-    `config` gives the size (default: the released base model, d 768, 12 heads, 12 + 12 layers; the
-    checkpoint alone cannot tell the number of heads). Every tensor must fit, or the key at fault is named.
-    """
-    from crate_mae.config import ModelConfig  # imported here: config imports the model package
-    from crate_mae.model import build_mae
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
-    except Exception as err:  # pickle errors, a zip that is not a checkpoint, a truncated file
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})".splitlines()[0]) from None
-    model = build_mae(config or ModelConfig(variant="base"))
-    try:
-        load_strict(model, to_ours(checkpoint))
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    return model

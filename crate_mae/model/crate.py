@@ -152,12 +152,12 @@ class DecoderLayer(nn.Module):
 
 
 class LayerStack(nn.Module):
-    """Layers applied in order, then a final LayerNorm (eps 1e-6)."""
+    """Layers applied in order, then a final LayerNorm (eps 1e-6), or none (the supervised CRATE has none)."""
 
-    def __init__(self, layers: list[nn.Module], *, dim: int) -> None:
+    def __init__(self, layers: list[nn.Module], *, dim: int, final_norm: bool = True) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, d) → (B, N, d)."""
@@ -172,9 +172,11 @@ class Encoder(LayerStack):
     `drop_path` is the stochastic-depth rate of the last layer; earlier layers rise linearly from 0.
     """
 
-    def __init__(self, *, dim: int, heads: int, depth: int, eta: float, lambd: float, drop_path: float = 0.0) -> None:
+    def __init__(self, *, dim: int, heads: int, depth: int, eta: float, lambd: float, drop_path: float = 0.0,
+                 final_norm: bool = True) -> None:
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
-        super().__init__([EncoderLayer(dim=dim, heads=heads, eta=eta, lambd=lambd, drop_path=r) for r in rates], dim=dim)
+        super().__init__([EncoderLayer(dim=dim, heads=heads, eta=eta, lambd=lambd, drop_path=r) for r in rates], dim=dim,
+                         final_norm=final_norm)
 
 
 class Decoder(LayerStack):

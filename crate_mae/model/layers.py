@@ -1,4 +1,5 @@
-"""Patch embedding, the fixed 2-D sin-cos position table, and patchify / unpatchify.
+"""The two stems (conv patch embedding; patchify → LN → Linear → LN), the two position tables (fixed sin-cos;
+learned, interpolated), and patchify / unpatchify.
 
 Legend: B batch, N = h·w patches, d width, p patch side, P = 3·p·p pixels per patch.
 """
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def grid_size(img_hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
@@ -40,6 +42,69 @@ class PatchEmbed(nn.Module):
         grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
         x = self.proj(img)  # (B, d, h, w)
         return x.flatten(2).transpose(1, 2), grid  # (B, N, d)
+
+
+class PatchifyEmbed(nn.Module):
+    """The supervised CRATE's stem: patchify (pixel order (row, col, channel)) → LN(P) → Linear(P → d) → LN(d).
+
+    Initialised as released: PyTorch's defaults for the Linear and the LayerNorms (eps 1e-5).
+    """
+
+    def __init__(self, *, patch_size: int, dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        pixels = in_chans * patch_size * patch_size
+        self.pre_norm = nn.LayerNorm(pixels)
+        self.proj = nn.Linear(pixels, dim)
+        self.post_norm = nn.LayerNorm(dim)
+
+    def num_patches(self, img_size: int) -> int:
+        """N for a square image of side img_size."""
+        h, w = grid_size((img_size, img_size), self.patch_size)
+        return h * w
+
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """img (B, 3, H, W) → tokens (B, N, d) in row-major patch order, and the grid (h, w)."""
+        grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
+        x = patchify(img, self.patch_size)  # (B, N, P)
+        return self.post_norm(self.proj(self.pre_norm(x))), grid
+
+
+def resample_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A learned CLS-first position table (1, 1 + h·w, d) resampled to another grid (1, 1 + h'·w', d).
+
+    The patch rows are laid out on their (h, w) grid and interpolated bicubically (align_corners False), as
+    the emergence notebooks do for other image sizes and strides; the CLS row is kept as it is. The stored
+    grid must be square (every released table is), since a row count alone cannot tell a non-square one.
+    """
+    n, dim = table.shape[1] - 1, table.shape[2]
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise ValueError(f"position table of {n} patch rows makes no square grid")
+    if (side, side) == tuple(grid):
+        return table
+    patches = table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, d, h, w)
+    patches = F.interpolate(patches.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(table.dtype)
+    return torch.cat([table[:, :1], patches], dim=1)
+
+
+class LearnedPosition(nn.Module):
+    """The supervised CRATE's learned table (1, 1 + N, d), CLS row first, added once after CLS is prepended.
+
+    `table` is stored for the grid the model was built for; another grid gets it resampled on the fly
+    (`resample_table`). Initialised standard normal, as released.
+    """
+
+    def __init__(self, *, dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.dim, self.grid = dim, tuple(grid)
+        self.table = nn.Parameter(torch.randn(1, 1 + grid[0] * grid[1], dim))
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """x (B, 1 + h·w, d) → x + table (B, 1 + h·w, d)."""
+        table = self.table if tuple(grid) == self.grid else resample_table(self.table, grid)
+        return x + table.to(x.dtype)
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:

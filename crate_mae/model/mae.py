@@ -59,6 +59,7 @@ class CrateMAE(nn.Module):
     ) -> None:
         super().__init__()
         self.patch_size, self.mask_ratio, self.norm_pix_loss = patch_size, mask_ratio, norm_pix_loss
+        self.family, self.num_classes, self.num_features = "mae", 0, dim  # timm's attributes (no classifier head)
         self.patch_embed = PatchEmbed(patch_size=patch_size, dim=dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

@@ -1,7 +1,8 @@
 """`python -m crate_mae.viz {recon,attention,layers}`: pictures and numbers from a checkpoint and some images.
 
-Checkpoints: ours (final.pth / ckpt-*.pth hold the whole CRATE-MAE and its config; encoder.pth the encoder)
-or the authors' released CRATE-MAE file (converted on load; give its size with --variant). Images: a file, a
+Checkpoints: ours (final.pth / ckpt-*.pth hold the whole CRATE-MAE and its config; encoder.pth the encoder;
+a fine-tuned classifier; a .safetensors export) or a released file (the CRATE-MAE, the supervised CRATE and the
+emergence notebooks' models; sizes from its shapes, heads from --variant). Images: a file, a
 folder of images, or a shard spec (manifest, pattern); the first --n are used, centre-cropped to the model's size.
 """
 from __future__ import annotations
@@ -16,9 +17,7 @@ import torch
 
 from crate_mae.config import ModelConfig
 from crate_mae.data.transforms import EvalTransform, normalise
-from crate_mae.engine import checkpoint as ckpt
-from crate_mae.model import build_classifier, build_mae
-from crate_mae.model.convert import load_strict, to_ours
+from crate_mae.model import hub
 from crate_mae.viz.attention import cls_attention, overlay_figure
 from crate_mae.viz.measures import layer_measures
 from crate_mae.viz.recon import denormalise, reconstruction_figure
@@ -31,21 +30,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 def load_model(path: str, *, variant: str | None, whole_mae: bool, img_size: int | None) -> torch.nn.Module:
-    """A CrateMAE (whole_mae) or the encoder as a CrateClassifier, every tensor loaded strictly."""
-    state = ckpt.load(path)
-    saved = (state.get("config") or {}).get("model") if isinstance(state, dict) else None
-    cfg = ModelConfig(**saved) if saved and variant is None else ModelConfig(variant=variant or "base")
-    if img_size is not None:
-        cfg.img_size = img_size
-    if not whole_mae:
-        model = build_classifier(cfg, from_mae=True)
-        model.load_pretrained(state)
-        return model.eval()
-    model = build_mae(cfg)
-    ours = to_ours(state)
-    if not any(k.startswith("decoder.") for k in ours):
-        raise ValueError(f"{path}: holds no decoder (an exported encoder?); reconstructions need final.pth or ckpt-*.pth")
-    load_strict(model, ours)
+    """A CrateMAE (whole_mae) or a classifier of the checkpoint's family, from any file `hub` reads, strictly.
+
+    Sizes come from the checkpoint (its saved config, or its shapes and `variant` for a released file).
+    """
+    model, _ = hub.create_model(ModelConfig(variant=variant, img_size=img_size), kind="mae" if whole_mae else "classifier",
+                                checkpoint=path)
     return model.eval()
 
 
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--images", required=True, help="an image, a folder of images, or a shard spec")
         p.add_argument("--n", type=int, default=8 if name != "attention" else 1, help="how many images")
-        p.add_argument("--variant", help="size of a checkpoint without a config (the released file: base)")
+        p.add_argument("--variant", help="size row of a checkpoint without a config (default: the row its shapes match)")
         p.add_argument("--img-size", type=int, help="image side (default: the checkpoint's; any the patch divides)")
         p.add_argument("--crop-pct", type=float, default=1.0, help="centre crop of the shorter side (default: 1)")
         p.add_argument("--out", help="output file (default: <command>.png next to the checkpoint)")

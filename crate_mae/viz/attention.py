@@ -25,12 +25,9 @@ def cls_attention(model: CrateClassifier, images: torch.Tensor, layer: int = -1)
     head's map sums to one over the patch grid.
     """
     model.eval()
-    layers = model.encoder.layers
-    index = layer % len(layers)
-    z = model.tokens(images)
-    for i in range(index):
-        z = layers[i](z)
-    attn = layers[index].attn.attention(layers[index].norm1(z))  # (B, H, 1 + N, 1 + N)
+    block = model.encoder.layers[layer]
+    z = model.layer_input(images, layer)  # (B, 1 + N, d)
+    attn = block.attn.attention(block.norm1(z))  # (B, H, 1 + N, 1 + N)
     cls_to_patches = attn[:, :, 0, 1:]
     cls_to_patches = cls_to_patches / cls_to_patches.sum(-1, keepdim=True)
     h, w = grid_size((images.shape[-2], images.shape[-1]), model.patch_embed.patch_size)

@@ -1,0 +1,65 @@
+"""The model sizes and families, as tables (SPEC.md, "Sizes" and "The supervised CRATE"). No torch here.
+
+A *variant* is a row of widths and depths; a *family* is what is built around the CRATE layers:
+
+| family       | stem                                   | position table            | final norm | λ   |
+| ------------ | -------------------------------------- | ------------------------- | ---------- | --- |
+| `mae`        | p×p stride-p convolution (CRATE-MAE)   | fixed 2-D sin-cos         | yes        | 0.5 |
+| `supervised` | patchify → LN(3p²) → Linear → LN(d)    | learned (1 + N, d)        | no         | 0.1 |
+
+`supervised` is the seed's CRATE classifier (`CRATE_tiny/small/base/large`), trained only to classify.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the size table: width d, heads H, depths, and the image and patch it is built for."""
+
+    dim: int
+    heads: int
+    encoder_depth: int
+    decoder_depth: int
+    img_size: int = 224
+    patch_size: int = 16
+
+
+VARIANTS: dict[str, Variant] = {
+    # CPU-sized rows: `nano` for the tests (a training step in milliseconds), `demo` for the
+    # bundled default run (32 px digits, patch 4 → 64 patches).
+    "nano": Variant(dim=64, heads=4, encoder_depth=2, decoder_depth=2, img_size=32, patch_size=4),
+    "demo": Variant(dim=192, heads=6, encoder_depth=4, decoder_depth=4, img_size=32, patch_size=4),
+    # The published sizes (patch 16 at 224 px); the decoder mirrors the encoder's depth. The seed's
+    # supervised CRATE_tiny/small/base/large have exactly these widths, heads and depths.
+    "tiny": Variant(dim=384, heads=6, encoder_depth=12, decoder_depth=12),
+    "small": Variant(dim=576, heads=12, encoder_depth=12, decoder_depth=12),
+    "base": Variant(dim=768, heads=12, encoder_depth=12, decoder_depth=12),
+    "large": Variant(dim=1024, heads=16, encoder_depth=24, decoder_depth=24),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family builds around the layers, and its default ISTA constants."""
+
+    stem: str  # "conv" | "linear"
+    position: str  # "sincos" | "learned"
+    final_norm: bool
+    lambd: float
+    eta: float = 0.1
+
+
+FAMILIES: dict[str, Family] = {
+    "mae": Family(stem="conv", position="sincos", final_norm=True, lambd=0.5),
+    "supervised": Family(stem="linear", position="learned", final_norm=False, lambd=0.1),
+}
+
+
+def match_variant(dim: int, encoder_depth: int) -> str | None:
+    """The first published-or-CPU row with this width and depth (a file without a config names no row)."""
+    for name, row in VARIANTS.items():
+        if (row.dim, row.encoder_depth) == (dim, encoder_depth):
+            return name
+    return None
