@@ -6,7 +6,7 @@ import timm
 import torch
 from torch.testing import assert_close
 
-import crate_mae  # noqa: F401  (registers the timm models)
+import crate_mae.model  # noqa: F401  (registers the timm models)
 from crate_mae.config import ModelConfig
 from crate_mae.model import CrateClassifier, build_classifier, build_mae, hub
 

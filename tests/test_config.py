@@ -183,3 +183,21 @@ def test_a_file_without_a_config_gives_shapes_and_the_row_gives_heads() -> None:
     with pytest.raises(ConfigError, match="does not record its number of heads.*set model.heads"):
         ModelConfig().resolve(odd, check=("family",))
     assert ModelConfig(heads=3).resolve(odd, check=("family",)).variant is None
+
+
+def test_config_and_the_command_lines_import_neither_torch_nor_timm() -> None:
+    """`--help` must not wait for torch: the config, the size table and the CLI are plain Python."""
+    import subprocess
+    import sys
+
+    code = ("import sys, crate_mae.config, crate_mae.cli, crate_mae.config.variants; "
+            "heavy = [m for m in ('torch', 'timm', 'numpy', 'webdataset') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    root = Path(__file__).resolve().parent.parent
+    for entry in ("pretrain.py", "linprobe.py", "finetune.py"):
+        out = subprocess.run([sys.executable, "-X", "importtime", str(root / entry), "--help"], capture_output=True,
+                             text=True, check=True)
+        imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+        assert not imported & {"torch", "timm"}, entry
+        assert "model.variant" in out.stdout  # every key is still listed

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.models import save_for_hf
 from torch.testing import assert_close
 
-import crate_mae  # noqa: F401  (registers the timm names)
+import crate_mae.model  # noqa: F401  (registers the timm names)
 from crate_mae.config import ModelConfig, config_to_dict, Config
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.model import build_classifier, build_mae, hub, to_released
