@@ -31,10 +31,10 @@ from data import ensure_shards  # noqa: E402  (bench/data.py: the generated shar
 from step import sync  # noqa: E402  (bench/step.py)
 
 from crate_mae.config import load_config  # noqa: E402
-from crate_mae.data.device_decode import images_on  # noqa: E402
+from crate_mae.data.device_decode import to_device  # noqa: E402
 from crate_mae.data.reader import Batch  # noqa: E402
 from crate_mae.engine.dist import Dist, resolve_device  # noqa: E402
-from crate_mae.pretraining import build_training  # noqa: E402
+from crate_mae.stages.pretrain import build_training  # noqa: E402
 
 
 def timed(device: torch.device, warmup: int, steps: int, one: Callable[[], float | None]) -> tuple[float, float]:
@@ -57,7 +57,7 @@ def run(decode_on: str, args: argparse.Namespace, overrides: list[str], spec: st
     batch = cfg.data.batch_size
     if cfg.data.train_samples is None:  # one epoch covers the benchmark
         cfg.data.train_samples = (2 * args.warmup + 2 * args.steps + 2) * batch
-    (trainer, _, _), loader = build_training(cfg, Dist(0, 1, device.index or 0, device), spec)
+    trainer, loader = build_training(cfg, Dist(0, 1, device.index or 0, device), spec)
     size, rows = cfg.model.img_size, []
     base = {"decode_on": decode_on, "variant": cfg.model.variant, "batch": batch, "img_size": size,
             "precision": trainer.precision, "compile": cfg.run.compile, "num_workers": cfg.data.num_workers,
@@ -83,7 +83,7 @@ def run(decode_on: str, args: argparse.Namespace, overrides: list[str], spec: st
         def one() -> float:
             t = time.perf_counter()
             b = next(it)
-            ready = b._replace(images=images_on(b.images, size, device))  # a no-op when prefetched
+            ready = to_device(b, size, device)  # a no-op when prefetched
             wait = time.perf_counter() - t
             if what == "e2e":
                 trainer.step([ready])

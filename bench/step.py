@@ -4,7 +4,7 @@
     python bench/step.py --kind mae classifier --variant base --batch 128 256 --precision bf16 --compile both
     python bench/step.py --variant nano --batch 32 --device cpu --json step.json
 
-Each row is the real training step (crate_mae.engine.loop.Trainer: autocast, backward, optimiser, schedule;
+Each row is the real training step (crate_mae.engine.trainer.Trainer: autocast, backward, optimiser, schedule;
 fused AdamW on CUDA) on random pixels, after --warmup steps, timed over --steps with CUDA events (wall clock on
 the CPU). MFU = analytic training FLOPs per image (crate_mae/model/flops.py: matrix products only, ISTA in its
 two-product form, backward = 2 × forward) × images/s ÷ the device's peak, which is *measured* at the start with
@@ -21,7 +21,6 @@ Chrome trace (open in https://ui.perfetto.dev).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -33,10 +32,10 @@ import torch.nn as nn
 
 from crate_mae.config import ModelConfig, OptimConfig
 from crate_mae.engine.dist import Dist
-from crate_mae.engine.loop import Trainer
+from crate_mae.engine.trainer import Trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
 from crate_mae.model import build_classifier, build_mae
-from crate_mae.model.crate import ISTA, MSSA
+from crate_mae.model.crate import set_fused
 from crate_mae.model.flops import train_flops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,18 +59,6 @@ def measured_peak(device: torch.device, precision: str) -> float:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def reference_path(enabled: bool):
-    """Swap in the plain twins (explicit softmax attention, three-product ISTA) for the duration."""
-    saved = MSSA.forward, ISTA.forward
-    if enabled:
-        MSSA.forward, ISTA.forward = MSSA.forward_reference, ISTA.forward_reference
-    try:
-        yield
-    finally:
-        MSSA.forward, ISTA.forward = saved
 
 
 CATEGORIES = [  # (category, substrings of an op or kernel name), first match wins
@@ -142,24 +129,24 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
                       compile_mode=compile_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with reference_path(reference):
-        for _ in range(warmup):
+    set_fused(model, not reference)  # the plain twins: explicit softmax attention, three-product ISTA
+    for _ in range(warmup):
+        trainer.step([images])
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
             trainer.step([images])
+        end.record()
         sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                trainer.step([images])
-            end.record()
-            sync(device)
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                trainer.step([images])
-            seconds = time.perf_counter() - t0
-        profiled = profile_steps(lambda: trainer.step([images]), device, profile, top, trace) if profile else None
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.step([images])
+        seconds = time.perf_counter() - t0
+    profiled = profile_steps(lambda: trainer.step([images]), device, profile, top, trace) if profile else None
     trainer.check_finite()
     shape = dict(dim=cfg.dim, encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth,
                  img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=None if kind == "mae" else 1000)

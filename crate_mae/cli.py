@@ -36,7 +36,7 @@ def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: 
     logging.getLogger("timm").setLevel(logging.WARNING)  # timm's "Loading pretrained weights from state dict" notes
 
     from crate_mae.data import DataError, ShardError
-    from crate_mae.engine.loop import NonFiniteLoss
+    from crate_mae.engine.trainer import NonFiniteLoss
 
     module, function = stage.split(":")
     try:

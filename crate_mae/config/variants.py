@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The pixel statistics every CRATE model normalises its input with (ImageNet's, as timm's IMAGENET_DEFAULT_*).
+IMAGE_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGE_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class Variant:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from crate_mae.data.transforms import PretrainTransform, decode_tensor, open_image
+
+if TYPE_CHECKING:
+    from crate_mae.data.reader import Batch
 
 
 class RawImage(NamedTuple):
@@ -84,3 +87,12 @@ def images_on(images: torch.Tensor | RawBatch, size: int, device: torch.device) 
     if isinstance(images, RawBatch):
         return decode_batch(images, size, device)
     return images.to(device, non_blocking=True)
+
+
+def to_device(batch: "Batch", size: int, device: torch.device) -> "Batch":
+    """The one way a loader's batch reaches the model: its images on `device` as uint8 pixels (B, 3, S, S) (a RawBatch
+    of `decode_on: device` decoded and cropped there; timm's fine-tuning transform's normalised float moved as it is),
+    its labels there too. The prefetch thread runs it ahead of the step; without prefetching the step runs it, and
+    on a batch already there it is free. What the model then does with the pixels: `model.layers.Normalize`."""
+    return batch._replace(images=images_on(batch.images, size, device),
+                          labels=batch.labels.to(device, non_blocking=True))

@@ -45,7 +45,7 @@ class DataError(RuntimeError):
 
 
 class Batch(NamedTuple):
-    images: Any  # (B, 3, S, S) uint8 pixels (transforms.normalise makes model input) or float; or a RawBatch
+    images: Any  # (B, 3, S, S) uint8 pixels (the model normalises them) or normalised float; or a RawBatch
     labels: torch.Tensor  # (B,) int64
     keys: list[str]  # "<shard url>/<sample key>"
 

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import torch
 import webdataset as wds
@@ -24,9 +23,6 @@ import webdataset as wds
 from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, resolve_shards, write_manifest
 from crate_mae.data.transforms import decode_rgb
 from crate_mae.data.writer import cifar_source, digits_source, imagefolder_source, write_split
-
-if TYPE_CHECKING:
-    from crate_mae.config import DataConfig
 
 DIGITS_DIR = "shards/digits"
 
@@ -49,21 +45,6 @@ def ensure_torchvision(name: str, root: str, *, download: bool, out: str | os.Pa
         if not path.exists():
             write_split(cifar_source(name, root, split, download=download), out, split, overwrite=True)
     return str(paths[0]), str(paths[1])
-
-
-def stage_data(data: "DataConfig", *, img_size: int, is_main: bool, barrier: Callable[[], None]) -> tuple[str, str | None]:
-    """The (train, val) shard specs a stage reads: the configured shards, a torchvision set written to
-    shards once, or the bundled digits demo. Rank 0 writes what is missing; the others wait at `barrier`."""
-    if data.train_shards:
-        return data.train_shards, data.val_shards
-    if is_main:
-        if data.dataset:
-            ensure_torchvision(data.dataset, data.root, download=data.download)
-        else:
-            ensure_digits(DIGITS_DIR, size=img_size)
-    barrier()
-    folder = f"shards/{data.dataset}" if data.dataset else DIGITS_DIR
-    return f"{folder}/train.json", data.val_shards or f"{folder}/val.json"
 
 
 def count_manifest(spec: str, split: str | None = None) -> Manifest:

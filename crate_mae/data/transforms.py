@@ -1,8 +1,9 @@
 """Image transforms for every stage, from encoded bytes to an image tensor (3, S, S).
 
 The pretraining and evaluation transforms return uint8 pixels: a batch is 4× smaller to collate, pin
-and copy to the GPU than in float32, and `normalise` turns it into model input on the device, where it
-costs nothing. (timm's fine-tuning transform returns normalised float32, which `normalise` passes through.)
+and copy to the GPU than in float32, and the model normalises it on the device as its first step
+(`model.layers.Normalize`), where it costs nothing. (timm's fine-tuning transform returns normalised float32,
+which the model passes through.)
 
 Each transform is called as `transform(data: bytes, rng: random.Random) -> Tensor`: the shard reader
 hands it the stored JPEG/PNG bytes and a generator seeded by (seed, epoch, rank, worker), so the
@@ -17,7 +18,6 @@ same crop, only cheaper.
 """
 from __future__ import annotations
 
-import functools
 import io
 import math
 import random
@@ -26,7 +26,6 @@ from typing import Callable, Protocol
 
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 try:
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # a torchvision without its image decoders: PIL decodes everything
@@ -35,8 +34,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as TF2
 
-MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # the one definition used everywhere
-STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+from crate_mae.config.variants import IMAGE_MEAN as MEAN, IMAGE_STD as STD  # the one definition of each
 
 
 class Transform(Protocol):
@@ -88,21 +86,6 @@ def crop_resize(data: bytes, img: Image.Image, box: tuple[float, float, float, f
             return TF.pil_to_tensor(small)
     return TF2.resized_crop(decode_tensor(data), round(top), round(left), round(h), round(w), [size, size],
                             interpolation=InterpolationMode.BICUBIC, antialias=True)
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """Model input from a batch: uint8 (B, 3, H, W) → float (x/255 − mean) / std; float input is returned as is."""
-    if images.dtype != torch.uint8:
-        return images
-    mean, std = _mean_std(images.device)
-    return (images.float() - mean) / std
-
-
-@functools.lru_cache(maxsize=None)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEAN and STD in pixel units (1, 3, 1, 1) on `device`, made once: no host-to-device copy per step."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255.0,
-            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255.0)
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saves, the last K kept, exact resume, architecture checks, encoder export.
+"""Checkpoints: the Checkpointer (when, what, pruning, atomic and collective saves, exact resume), the resume
+path, the architecture check, and the encoder export.
 
 A run folder holds `ckpt-<step>.pth` every run.ckpt_every steps (the last run.keep_last kept),
 `final.pth` at the end, and `encoder.pth` (the pretrained encoder alone, for probing and fine-tuning).
@@ -8,13 +9,18 @@ the epoch), every rank's RNG states and the resolved config; everything loads wi
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
 from crate_mae.atomic import atomic_path
 from crate_mae.config import FUNCTION_FIELDS, ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from crate_mae.engine.dist import Dist
+    from crate_mae.engine.trainer import Trainer
 
 # Fields a resume must match: those that change the function, and the image size the data is cut to.
 RESUME_FIELDS = (*FUNCTION_FIELDS, "img_size")
@@ -125,39 +131,67 @@ def resume_path(run_dir: Path, resume: str | None) -> Path | None:
     return None
 
 
-def restore(trainer: Any, path: Path, cfg: Any, d: Any, batches_per_epoch: int) -> dict[str, Any]:
-    """Load a run checkpoint into `trainer` (model, optimiser, schedule, scaler, position) and this rank's RNG.
+class CheckpointPayload(TypedDict, total=False):
+    """What a run checkpoint holds (every value loads with weights_only=True)."""
 
-    Returns the checkpoint, for what a stage keeps besides (an EMA, the best accuracy).
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    state: dict[str, int]  # TrainState: step, epoch, batch_in_epoch
+    rng: list[dict[str, Any]]  # every rank's generators, by rank
+    config: dict[str, Any]  # the run's resolved config
+    best: dict[str, float]  # fine-tuning: the best accuracy so far
+    ema: dict[str, torch.Tensor]  # fine-tuning: the weight EMA
+
+
+class Checkpointer:
+    """When a run saves, what it saves, and what it keeps (as torchtitan's checkpointer owns them).
+
+    After every optimiser step `after_step` writes `ckpt-<step>.pth` every `every` steps (not at the last step:
+    `final.pth` follows it) and prunes all but the newest `keep_last` of them. Every save is collective (every
+    rank's RNG state is gathered, rank 0 writes atomically) and never follows a non-finite loss
+    (`trainer.check_finite()` raises first). `extra()` adds a stage's own entries (an EMA, the best accuracy).
     """
-    from crate_mae.engine.dist import set_rng_state
 
-    state = load(path)
-    check_arch(state, cfg.model, path)
-    trainer.load_state_dict(state)
-    if len(state.get("rng", [])) == d.world_size:  # the same ranks: every generator continues exactly
-        set_rng_state(state["rng"][d.rank])
-    if trainer.state.batch_in_epoch >= batches_per_epoch:  # saved at an epoch's last batch
-        trainer.state.epoch, trainer.state.batch_in_epoch = trainer.state.epoch + 1, 0
-    return state
+    def __init__(self, run_dir: str | Path, *, every: int, keep_last: int, config: Mapping[str, Any], dist: Dist,
+                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.run_dir, self.every, self.keep_last = Path(run_dir), every, keep_last
+        self.config, self.dist, self.extra = dict(config), dist, extra
 
+    def after_step(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if step % self.every == 0 and step < trainer.total_steps:
+            self.save(trainer, f"ckpt-{step:08d}.pth")
 
-def save_training(path: Path, trainer: Any, cfg: Any, d: Any, *, keep_last: int | None = None,
-                  extra: dict[str, Any] | None = None) -> None:
-    """Collective: every rank's RNG state is gathered, rank 0 writes the checkpoint (and prunes old ones).
+    def save(self, trainer: Trainer, name: str) -> Path:
+        """Write `run_dir/name` from every rank's state (collective); periodic files beyond keep_last are pruned."""
+        from crate_mae.engine.dist import all_gather_object, barrier, rng_state
 
-    Never after a non-finite loss: `trainer.check_finite()` raises first.
-    """
-    from crate_mae.config import config_to_dict
-    from crate_mae.engine.dist import all_gather_object, barrier, rng_state
+        trainer.check_finite()
+        rngs = all_gather_object(self.dist, rng_state())
+        path = self.run_dir / name
+        if self.dist.is_main:
+            payload: CheckpointPayload = {**trainer.state_dict(), "rng": rngs, "config": self.config,
+                                          **(self.extra() if self.extra else {})}
+            save(path, dict(payload))
+            prune(self.run_dir, self.keep_last)
+        barrier(self.dist)
+        return path
 
-    trainer.check_finite()
-    rngs = all_gather_object(d, rng_state())
-    if d.is_main:
-        save(path, {**trainer.state_dict(), "rng": rngs, "config": config_to_dict(cfg), **(extra or {})})
-        if keep_last is not None:
-            prune(path.parent, keep_last)
-    barrier(d)
+    def restore(self, trainer: Trainer, path: Path, model_cfg: ModelConfig) -> CheckpointPayload:
+        """Load a run checkpoint into `trainer` (model, optimiser, schedule, scaler, position) and this rank's RNG;
+        returns the payload, for what a stage keeps besides (an EMA, the best accuracy)."""
+        from crate_mae.engine.dist import set_rng_state
+
+        state: CheckpointPayload = load(path)  # type: ignore[assignment]
+        check_arch(state, model_cfg, path)
+        trainer.load_state_dict(state)
+        if len(state.get("rng", [])) == self.dist.world_size:  # the same ranks: every generator continues exactly
+            set_rng_state(state["rng"][self.dist.rank])
+        if trainer.state.batch_in_epoch >= trainer.updates_per_epoch * trainer.accum_steps:  # saved at an epoch's end
+            trainer.state.epoch, trainer.state.batch_in_epoch = trainer.state.epoch + 1, 0
+        return state
 
 
 def main(argv: list[str] | None = None) -> int:

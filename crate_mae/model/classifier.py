@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from crate_mae.config.variants import FAMILIES
 from crate_mae.model.crate import Encoder, xavier_linear
-from crate_mae.model.layers import LearnedPosition, PatchEmbed, PatchifyEmbed, SinCosPosition, grid_size, prepend_cls
+from crate_mae.model.layers import (LearnedPosition, Normalize, PatchEmbed, PatchifyEmbed, SinCosPosition, grid_size,
+                                    prepend_cls)
 
 Intermediate = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,6 +72,7 @@ class CrateClassifier(nn.Module):
         kind, grid = FAMILIES[family], grid_size((img_size, img_size), patch_size)
         self.family, self.pool, self.num_classes, self.num_features = family, pool, num_classes, dim
         self.num_prefix_tokens = 1
+        self.normalize = Normalize()  # uint8 pixels in; everything below sees normalised images
         if kind.stem == "conv":
             self.patch_embed: nn.Module = PatchEmbed(patch_size=patch_size, dim=dim)
             self.pos: nn.Module = SinCosPosition(dim=dim, grid=grid)
@@ -97,8 +99,9 @@ class CrateClassifier(nn.Module):
         return self.patch_embed.patch_size
 
     def tokens(self, img: torch.Tensor) -> torch.Tensor:
-        """img (B, 3, H, W) → the encoder's input (B, 1 + N, d): patch tokens, CLS first, position table added."""
-        x, grid = self.patch_embed(img)  # (B, N, d)
+        """img (B, 3, H, W), uint8 pixels (or normalised float) → the encoder's input (B, 1 + N, d): patch tokens, CLS
+        first, position table added."""
+        x, grid = self.patch_embed(self.normalize(img))  # (B, N, d)
         return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid)
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:

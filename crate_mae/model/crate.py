@@ -37,6 +37,7 @@ class MSSA(nn.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by heads {heads}")
         self.heads = heads
+        self.fused = True  # the fast path (SDPA); False: the explicit softmax, its twin and oracle (as timm's fused_attn)
         self.U = xavier_linear(dim, dim, bias=False)
         self.proj = xavier_linear(dim, dim, bias=True)
 
@@ -52,6 +53,8 @@ class MSSA(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, N, d) → (B, N, d), through fused attention (flash / memory-efficient / cuDNN kernels)."""
+        if not self.fused:
+            return self.forward_reference(z)
         w = self._project(z)  # (B, H, N, p)
         return self._merge(F.scaled_dot_product_attention(w, w, w))  # default scale 1/√p
 
@@ -79,9 +82,12 @@ class ISTA(nn.Module):
         self.D = nn.Parameter(torch.empty(dim, dim))
         nn.init.kaiming_uniform_(self.D)
         self.eta, self.lambd = eta, lambd
+        self.fused = True  # the two-product form; False: the released three-product form, its twin and oracle
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, N, d) → sparse code (B, N, d)."""
+        if not self.fused:
+            return self.forward_reference(u)
         residual = u - F.linear(u, self.D)  # (u − D u) in row form, (B, N, d)
         return F.relu(u + self.eta * (residual @ self.D) - self.eta * self.lambd)
 
@@ -93,6 +99,13 @@ class ISTA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}, lambd={self.lambd}"
+
+
+def set_fused(model: nn.Module, fused: bool) -> None:
+    """Choose the fast paths (True) or their plain twins (False) for every MSSA and ISTA in `model`."""
+    for module in model.modules():
+        if isinstance(module, (MSSA, ISTA)):
+            module.fused = fused
 
 
 class LayerTrace(NamedTuple):

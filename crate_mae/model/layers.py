@@ -9,6 +9,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crate_mae.config.variants import IMAGE_MEAN, IMAGE_STD
+
+
+class Normalize(nn.Module):
+    """The one place where input is normalised, the first step of every model: what a model receives.
+
+    uint8 pixels (B, 3, H, W) in [0, 255] → float (x/255 − mean) / std, with ImageNet's mean and std
+    (`config.variants.IMAGE_MEAN/STD`). Float input is taken as normalised already and passed through: timm's
+    fine-tuning transform (RandAugment, random erasing) hands over normalised float32, and the tests feed
+    random normal images. The statistics are non-persistent buffers: they follow `.to(device)` and stay out of
+    state dicts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if img.dtype != torch.uint8:
+            return img
+        return (img.float() - self.mean) / self.std
+
 
 def grid_size(img_hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
     """Patch grid (h, w) of an image of size (H, W); an error if the patch does not divide it."""

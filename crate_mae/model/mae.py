@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from crate_mae.model.crate import Decoder, Encoder, xavier_linear
-from crate_mae.model.layers import PatchEmbed, SinCosPosition, grid_size, patchify, prepend_cls
+from crate_mae.model.layers import Normalize, PatchEmbed, SinCosPosition, grid_size, patchify, prepend_cls
 
 
 class MAEOutput(NamedTuple):
@@ -60,6 +60,7 @@ class CrateMAE(nn.Module):
         super().__init__()
         self.patch_size, self.mask_ratio, self.norm_pix_loss = patch_size, mask_ratio, norm_pix_loss
         self.family, self.num_classes, self.num_features = "mae", 0, dim  # timm's attributes (no classifier head)
+        self.normalize = Normalize()  # uint8 pixels in; everything below sees normalised images
         self.patch_embed = PatchEmbed(patch_size=patch_size, dim=dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -71,8 +72,8 @@ class CrateMAE(nn.Module):
         self.decoder_pred = xavier_linear(dim, 3 * patch_size * patch_size, bias=True)
 
     def encode(self, img: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """img (B, 3, H, W), mask (B, N) or None → encoder output (B, 1 + N, d), CLS first."""
-        x, grid = self.patch_embed(img)  # (B, N, d)
+        """img (B, 3, H, W) uint8 or normalised, mask (B, N) or None → encoder output (B, 1 + N, d), CLS first."""
+        x, grid = self.patch_embed(self.normalize(img))  # (B, N, d)
         if mask is not None:
             x = torch.where(mask.bool()[..., None], self.mask_token.to(x.dtype), x)
         return self.encoder(self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid))
@@ -109,11 +110,12 @@ class CrateMAE(nn.Module):
     def forward(
         self, img: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None
     ) -> MAEOutput:
-        """img (B, 3, H, W) → MAEOutput(loss, pred (B, N, P), mask (B, N)).
+        """img (B, 3, H, W), uint8 pixels (or normalised float) → MAEOutput(loss, pred (B, N, P), mask (B, N)).
 
         `mask_ratio` defaults to the one the model was built with. `noise` (B, N) replaces the uniform
         draw that orders patches for masking (as Hugging Face's ViTMAE does), so a mask can be reproduced.
         """
+        img = self.normalize(img)  # (B, 3, H, W) float: the loss's target is the normalised image, as in MAE
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if not 0 < ratio < 1:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {ratio}")

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from crate_mae.config import ModelConfig
-from crate_mae.config.variants import VARIANTS
+from crate_mae.config.variants import IMAGE_MEAN, IMAGE_STD, VARIANTS
 from crate_mae.model import hub
 
 _TIMM_POOL = {"token": "cls", "avg": "mean"}
@@ -63,7 +62,7 @@ MODELS: dict[str, TimmRow] = _rows()
 def _pretrained_cfg(row: TimmRow) -> dict[str, Any]:
     size = VARIANTS[row.variant].img_size
     return {"input_size": (3, size, size), "crop_pct": 0.875 if size >= 224 else 1.0, "interpolation": "bicubic",
-            "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "num_classes": row.num_classes,
+            "mean": IMAGE_MEAN, "std": IMAGE_STD, "num_classes": row.num_classes,
             "first_conv": "patch_embed.proj", "classifier": "head" if row.kind == "classifier" else None,
             "fixed_input_size": False, "license": "mit"}
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from crate_mae.config import ModelConfig
-from crate_mae.data.transforms import EvalTransform, normalise
+from crate_mae.data.transforms import EvalTransform
 from crate_mae.model import hub
 from crate_mae.viz.attention import cls_attention, overlay_figure
 from crate_mae.viz.measures import layer_measures
-from crate_mae.viz.recon import denormalise, reconstruction_figure
+from crate_mae.viz.recon import reconstruction_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,17 +40,17 @@ def load_model(path: str, *, variant: str | None, whole_mae: bool, img_size: int
 
 
 def load_images(source: str, *, img_size: int, n: int, crop_pct: float) -> torch.Tensor:
-    """The first n images of a file, a folder or a shard spec, as model input (n, 3, S, S)."""
+    """The first n images of a file, a folder or a shard spec, as uint8 pixels (n, 3, S, S): model input."""
     transform = EvalTransform(img_size, crop_pct=crop_pct)
     path = Path(source)
     if path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n] if path.is_dir() else [path]
         if not files:
             raise FileNotFoundError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
-        return normalise(torch.stack([transform(f.read_bytes()) for f in files]))
+        return torch.stack([transform(f.read_bytes()) for f in files])
     from crate_mae.data import eval_loader
 
-    return normalise(next(iter(eval_loader(source, transform, batch_size=n, max_bad_fraction=1.0))).images)
+    return next(iter(eval_loader(source, transform, batch_size=n, max_bad_fraction=1.0))).images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         maps = cls_attention(model, images, layer=args.layer)
         for i in range(images.shape[0]):
             target = out if images.shape[0] == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-            overlay_figure(denormalise(images[i:i + 1])[0], maps[i], title=f"layer {args.layer % len(model.encoder.layers)}, "
+            overlay_figure(images[i].float() / 255, maps[i], title=f"layer {args.layer % len(model.encoder.layers)}, "
                            f"CLS attention per head").savefig(target, dpi=120)
             print(target)
         return 0

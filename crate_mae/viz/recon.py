@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torchvision.utils import make_grid
 
-from crate_mae.data.transforms import MEAN, STD
+from crate_mae.config.variants import IMAGE_MEAN as MEAN, IMAGE_STD as STD
 from crate_mae.model.layers import patchify, unpatchify
 from crate_mae.model.mae import CrateMAE
 
@@ -33,6 +33,7 @@ def reconstruct(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float | None 
     prediction is in per-patch normalised units; it is mapped back with each target patch's own mean
     and std, as MAE's visualisation does.
     """
+    img = model.normalize(img)  # uint8 pixels → the normalised image the model reconstructs
     was_training = model.training
     model.eval()
     out = model(img, mask_ratio=mask_ratio, noise=noise)

@@ -1,7 +1,7 @@
-"""The maths of evaluating frozen features: top-k counts, the logistic-regression probe, weighted kNN, a cache.
+"""The CRATE-MAE paper's linear probe: multinomial logistic regression on frozen features (sklearn, or L-BFGS in torch).
 
 Independent of models and data loading: every function takes feature matrices and integer labels.
-Legend: N samples, D feature width, K classes, Q queries. Accuracies are in percent (0-100).
+Legend: N samples, D feature width, K classes. Accuracies are in percent (0-100).
 
 Logistic regression (the CRATE-MAE paper's linear probe) is multinomial with an L2 penalty on the
 weights, fitted on standardised features and minimising, with xᵢ the standardised rows,
@@ -10,13 +10,9 @@ which is sklearn's C·Σᵢ CE + ½||W||² divided by C·N: the same minimiser, 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,24 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crate_mae.atomic import atomic_path
+from crate_mae.eval.metrics import topk_correct
 
-log = logging.getLogger("crate_mae.probe")
+log = logging.getLogger("crate_mae.eval")
 
 AUTO_SKLEARN_MAX_SIZE = 50e6  # "auto" uses sklearn up to N·D of this (CPU, float64), torch beyond it
 TOLERANCE = 1e-4  # stop when max |∂L/∂θ| falls below this: sklearn's default `tol` for lbfgs
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """How many of the N rows of `logits` (N, K) have their label (N,) among the top k scores, for each k.
-
-    k is clipped to K (with K ≤ 5 classes every sample is top-5 correct). Counts rather than rates,
-    so that they can be summed over ranks or chunks before dividing.
-    """
-    num_classes = logits.shape[1]
-    top = logits.topk(min(max(ks), num_classes), dim=1).indices  # (N, k_max), best first
-    hit = top == labels.to(top.device).view(-1, 1)  # (N, k_max): at most one True per row
-    return {k: int(hit[:, : min(k, num_classes)].sum()) for k in ks}
 
 
 @dataclass
@@ -158,66 +142,3 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, val_x:
     correct = topk_correct(logits, val_y, ks=(1, 5))
     return LogRegResult(C=best, heldout_top1=searched[best], val_top1=100.0 * correct[1] / len(val_y),
                         val_top5=100.0 * correct[5] / len(val_y), searched=searched, solver=solver)
-
-
-def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Tensor, *, num_classes: int,
-                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """DINO's weighted kNN: class scores (Q, K) for query_x (Q, D) against train_x (N, D), train_y (N,).
-
-    With unit-normalised features, the k most cosine-similar training samples j of a query q vote
-        score(q, c) = Σ_{j ∈ top-k(q), y_j = c} exp(sim(q, j) / T).
-    Queries go `chunk` at a time, so the similarity matrix is never larger than (chunk, N).
-    Runs on train_x's device and returns the scores there.
-    """
-    bank = F.normalize(train_x.float(), dim=1)  # (N, D)
-    bank_y = train_y.to(bank.device).long()
-    k = min(k, len(bank))
-    scores = []
-    for start in range(0, len(query_x), chunk):
-        q = F.normalize(query_x[start:start + chunk].to(bank.device).float(), dim=1)  # (B, D)
-        sim, idx = (q @ bank.T).topk(k, dim=1)  # (B, k) each
-        votes = (sim / temperature).exp()
-        # scatter_add of the weights at the neighbours' labels = the sum of weighted one-hot vectors
-        scores.append(torch.zeros(len(q), num_classes, device=bank.device).scatter_add_(1, bank_y[idx], votes))
-    return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=bank.device)
-
-
-def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> dict[str, float]:
-    """Weighted-kNN top-1 and top-5 of val against train, in percent: {"top1": …, "top5": …}."""
-    scores = knn_classify(train_x, train_y, val_x, num_classes=num_classes, k=k, temperature=temperature, chunk=chunk)
-    correct = topk_correct(scores, val_y, ks=(1, 5))
-    return {"top1": 100.0 * correct[1] / len(val_y), "top5": 100.0 * correct[5] / len(val_y)}
-
-
-def feature_cache_key(*parts: object) -> str:
-    """First 16 hex digits of the sha256 of the parts (e.g. checkpoint path, its mtime, split, layer).
-
-    JSON with sorted keys, so a dict's order does not matter; anything JSON cannot write goes in by
-    its repr, so parts should be plain values (a repr carrying a memory address would never match).
-    """
-    text = json.dumps(parts, sort_keys=True, default=repr, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def load_cached(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    """The features saved at `path`, or None when there are none or the file is unreadable (logged, not raised)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        features = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, corrupt, or not a torch file at all: recompute instead
-        log.warning(f"ignoring unreadable feature cache {path}: {type(error).__name__}: {error}")
-        return None
-    if not isinstance(features, dict) or not all(isinstance(v, torch.Tensor) for v in features.values()):
-        log.warning(f"ignoring feature cache {path}: not a dict of tensors")
-        return None
-    return features
-
-
-def save_cached(path: str | os.PathLike, features: dict[str, torch.Tensor]) -> None:
-    """Save features (name → tensor) to `path` atomically: a crash leaves the old file or none, never half of one."""
-    # torch.save writes a view's whole storage; a copy saves a slice of a large buffer as only itself.
-    compact = {name: t.detach().to("cpu", copy=True) for name, t in features.items()}
-    with atomic_path(path) as tmp:
-        torch.save(compact, tmp)

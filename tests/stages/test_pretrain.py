@@ -5,7 +5,6 @@ import copy
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,22 +15,16 @@ import torch
 import torch.multiprocessing as mp
 
 from crate_mae.config import ModelConfig, OptimConfig, load_config
-from crate_mae.data.shards import ensure_digits
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine.dist import Dist
-from crate_mae.engine.loop import NonFiniteLoss, Trainer, stage_trainer
+from crate_mae.engine.trainer import NonFiniteLoss, Trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
 from crate_mae.model import build_classifier, build_mae, hub
 from crate_mae.model.mae import CrateMAE
-from crate_mae.pretraining import run_pretrain
+from crate_mae.stages.pretrain import run_pretrain
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    return ensure_digits(tmp_path_factory.mktemp("shards") / "digits")
 
 
 def tiny(digits: tuple[str, str], out: Path, *extra: str):
@@ -114,16 +107,16 @@ def test_trainer_names_the_first_non_finite_step() -> None:
 
 @pytest.mark.parametrize("stage", ["pretrain", "linprobe", "finetune"])
 def test_every_stage_builds_its_trainer_from_the_config(stage: str) -> None:
-    """One builder (engine.loop.stage_trainer): peak lr = blr × global batch / 256, steps per epoch over the
+    """One builder (Trainer.from_config): peak lr = blr × global batch / 256, steps per epoch over the
     accumulation, and the clipping / precision keys honoured in every stage (the probe once ignored them)."""
     cfg = load_config(ROOT / f"configs/{stage}/demo.yaml", [
         "model.variant=nano", "data.batch_size=8", "optim.accum_steps=2", "optim.lr=null", "optim.blr=0.064",
         "optim.clip_grad=0.5", "run.precision=bf16"])
     model = torch.nn.Linear(4, 3)
-    built = stage_trainer(cfg, model, CPU, lambda m, b: m(b).sum(), batches_per_epoch=11)
-    assert (built.updates_per_epoch, built.global_batch) == (5, 16)
-    assert max(g["initial_lr"] for g in built.trainer.optimizer.param_groups) == pytest.approx(0.064 * 16 / 256)
-    assert (built.trainer.clip_grad, built.trainer.precision) == (0.5, "bf16")
+    trainer = Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).sum(), batches_per_epoch=11)
+    assert (trainer.updates_per_epoch, trainer.global_batch, trainer.total_steps) == (5, 16, 5 * cfg.optim.epochs)
+    assert max(g["initial_lr"] for g in trainer.optimizer.param_groups) == pytest.approx(0.064 * 16 / 256)
+    assert (trainer.clip_grad, trainer.precision) == (0.5, "bf16")
 
 
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch() -> None:
@@ -174,12 +167,6 @@ def test_compiled_step_equals_the_eager_step(device: str, mode: str) -> None:
         torch.testing.assert_close(weights[1][key], weights[0][key], atol=tol, rtol=10 * tol, msg=key)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_rank(rank: int, world: int, port: int, digits: tuple[str, str], out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -188,8 +175,8 @@ def _ddp_rank(rank: int, world: int, port: int, digits: tuple[str, str], out: st
     torch.save({"steps": result.steps, "model": result.model.state_dict()}, Path(out) / f"rank{rank}.pt")
 
 
-def test_two_process_gloo_ddp_ranks_end_identical(digits, tmp_path: Path) -> None:
-    mp.spawn(_ddp_rank, args=(2, _free_port(), digits, str(tmp_path)), nprocs=2, join=True)
+def test_two_process_gloo_ddp_ranks_end_identical(digits, free_port: int, tmp_path: Path) -> None:
+    mp.spawn(_ddp_rank, args=(2, free_port, digits, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["steps"] == r1["steps"] == 1497 // (16 * 2)
     for key, value in r0["model"].items():

@@ -122,3 +122,21 @@ def test_timm_pretrained_from_a_local_file(tmp_path) -> None:
     assert_close(clf.forward_features(img), mae.encode(img))
     again = timm.create_model("crate_mae_nano", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     assert_close(again.encode(img), mae.encode(img))
+
+
+def test_the_models_take_uint8_pixels_and_normalise_them_in_one_place() -> None:
+    """The input contract: uint8 (B, 3, H, W) in, `Normalize` the first step; normalised float passes through."""
+    from crate_mae.config.variants import IMAGE_MEAN, IMAGE_STD
+    from crate_mae.model.layers import Normalize
+
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    expected = (pixels.float() / 255 - torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    assert_close(Normalize()(pixels), expected)
+    assert Normalize()(expected) is expected
+    for family in ("mae", "supervised"):
+        clf = build_classifier(ModelConfig(family=family, variant="nano", num_classes=10)).eval()
+        assert_close(clf(pixels), clf(expected))
+        assert not any("normalize" in k for k in clf.state_dict())  # the statistics are not weights
+    mae, noise = build_mae(ModelConfig(variant="nano")).eval(), torch.rand(2, 64)
+    out, ref = mae(pixels, noise=noise), mae(expected, noise=noise)
+    assert_close(out.loss, ref.loss) and assert_close(out.pred, ref.pred)

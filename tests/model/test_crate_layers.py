@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from crate_mae.model.crate import ISTA, MSSA, Decoder, DecoderLayer, Encoder, EncoderLayer
+from crate_mae.model.crate import ISTA, MSSA, Decoder, DecoderLayer, Encoder, EncoderLayer, set_fused
 
 
 def test_mssa_sdpa_equals_explicit_values_and_gradients() -> None:
@@ -14,7 +14,9 @@ def test_mssa_sdpa_equals_explicit_values_and_gradients() -> None:
 
     fast = mssa(z)
     fast_grads = torch.autograd.grad(fast.square().sum(), [z, *mssa.parameters()])
-    slow = mssa.forward_reference(z)
+    mssa.fused = False  # the plain twin, chosen by the attribute (as timm's fused_attn)
+    slow = mssa(z)
+    assert_close(slow, mssa.forward_reference(z), rtol=0, atol=0)
     slow_grads = torch.autograd.grad(slow.square().sum(), [z, *mssa.parameters()])
 
     assert_close(fast, slow)
@@ -100,3 +102,16 @@ def test_stacks_end_in_a_final_norm() -> None:
     out = enc(torch.randn(2, 5, 32))
     assert out.shape == (2, 5, 32)
     assert_close(out.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
+
+
+def test_set_fused_switches_every_operator_of_a_model_to_its_twin() -> None:
+    from crate_mae.config import ModelConfig
+    from crate_mae.model import build_mae
+
+    model = build_mae(ModelConfig(variant="nano")).double().eval()
+    img, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 64)
+    fast = model(img, noise=noise).pred
+    set_fused(model, False)
+    twins = [m for m in model.modules() if isinstance(m, (MSSA, ISTA))]
+    assert len(twins) == 2 + 2 + 2 and not any(m.fused for m in twins)  # 2 encoder MSSA+ISTA, 2 decoder MSSA
+    assert_close(model(img, noise=noise).pred, fast)

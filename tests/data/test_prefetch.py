@@ -12,7 +12,7 @@ from crate_mae.data import DataError, PretrainTransform, train_loader
 from crate_mae.data.device_decode import DeviceCropTransform, images_on
 from crate_mae.data.prefetch import Prefetcher
 from crate_mae.data.reader import Batch
-from tests.data_helpers import make_set, write_tar_set
+from tests.helpers import make_set, write_tar_set
 
 CPU = torch.device("cpu")
 

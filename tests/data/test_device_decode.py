@@ -12,7 +12,7 @@ from PIL import Image
 
 from crate_mae.data import PretrainTransform, train_loader
 from crate_mae.data.device_decode import DeviceCropTransform, RawBatch, collate_raw, decode_batch, images_on
-from tests.data_helpers import make_set
+from tests.helpers import make_set
 
 
 def smooth_image(width: int, height: int, fmt: str, seed: int = 0) -> bytes:
@@ -67,10 +67,10 @@ def test_loader_yields_raw_batches_and_replays_a_resume(tmp_path: Path) -> None:
 def test_pretraining_with_device_decode(tmp_path: Path) -> None:
     from crate_mae.config import load_config
     from crate_mae.data.shards import ensure_digits
-    from crate_mae.pretraining import run_pretrain
+    from crate_mae.stages.pretrain import run_pretrain
 
     train, val = ensure_digits(tmp_path / "digits")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "configs/pretrain/demo.yaml", [
         "model.variant=nano", f"data.train_shards={train}", f"data.val_shards={val}", "data.num_workers=0",
         "data.decode_on=device", "data.batch_size=32", "optim.epochs=1", "optim.warmup_epochs=0.2", "optim.blr=2e-2",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,14 @@ import torch.multiprocessing as mp
 
 from crate_mae.config import ModelConfig, load_config
 from crate_mae.data import EvalTransform, eval_loader
-from crate_mae.data.shards import ensure_digits
 from crate_mae.engine import dist
-from crate_mae.engine.loop import evaluate
+from crate_mae.eval.metrics import evaluate
 from crate_mae.engine.optim import build_optimizer
-from crate_mae.finetuning import run_finetune
+from crate_mae.stages.finetune import run_finetune
 from crate_mae.model import build_classifier, build_mae
-from crate_mae.probing import run_linprobe
+from crate_mae.stages.linear_probe import run_linprobe
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    return ensure_digits(tmp_path_factory.mktemp("shards") / "digits")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +63,7 @@ def test_linprobe_mae_protocol_trains_a_head(digits, encoder, tmp_path: Path) ->
 
 def test_lars_adapts_matrices_only() -> None:
     from crate_mae.config import OptimConfig
-    from crate_mae.probing import LinearProbe
+    from crate_mae.eval.linear import LinearProbe
 
     probe_model = LinearProbe(build_classifier(ModelConfig(variant="nano", num_classes=10)), feature="cls", num_classes=10)
     opt = build_optimizer(OptimConfig(optimizer="lars", weight_decay=0.0, epochs=1, warmup_epochs=0), probe_model, 1.0,
@@ -116,7 +109,7 @@ def test_supervised_from_scratch_with_mixup_and_lion(digits, tmp_path: Path) -> 
 @pytest.fixture(scope="module")
 def pretrained_heads_2(digits, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (short) pretraining run of the nano model with 2 heads and λ 0.3 instead of the row's 4 and 0.5."""
-    from crate_mae.pretraining import run_pretrain
+    from crate_mae.stages.pretrain import run_pretrain
 
     out = tmp_path_factory.mktemp("pre")
     run_pretrain(load_config(ROOT / "configs/pretrain/demo.yaml", [
@@ -170,12 +163,6 @@ def test_layer_decay_gives_each_layer_its_lr(digits) -> None:
     assert scale["encoder.norm.weight"] == scale["head.weight"] == scale["fc_norm.bias"] == 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eval_rank(rank: int, port: int, val: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
@@ -189,8 +176,8 @@ def _eval_rank(rank: int, port: int, val: str, out: str) -> None:
     dist.shutdown()
 
 
-def test_evaluation_is_exact_over_2_gloo_ranks(digits, tmp_path: Path) -> None:
-    mp.spawn(_eval_rank, args=(_free_port(), digits[1], str(tmp_path)), nprocs=2, join=True)
+def test_evaluation_is_exact_over_2_gloo_ranks(digits, free_port: int, tmp_path: Path) -> None:
+    mp.spawn(_eval_rank, args=(free_port, digits[1], str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"eval{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
     model = build_classifier(ModelConfig(variant="nano", num_classes=10))

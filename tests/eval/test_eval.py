@@ -8,8 +8,10 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from crate_mae.probe import (feature_cache_key, fit_logistic_regression, knn_accuracy, knn_classify, load_cached,
-                             save_cached, topk_correct)
+from crate_mae.eval.features import feature_cache_key, load_cached, save_cached
+from crate_mae.eval.knn import knn_accuracy, knn_classify
+from crate_mae.eval.logreg import fit_logistic_regression
+from crate_mae.eval.metrics import topk_correct
 
 
 def test_topk_correct_counts_hits_and_clips_k() -> None:
@@ -82,7 +84,7 @@ def test_solvers_agree_for_the_same_C(digits: tuple[torch.Tensor, ...]) -> None:
 @pytest.mark.parametrize("solver", ["sklearn", "torch"])
 def test_unconverged_fit_is_logged_not_raised(digits: tuple[torch.Tensor, ...], solver: str,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="crate_mae.probe"):
+    with caplog.at_level(logging.WARNING, logger="crate_mae.eval"):
         result = fit_logistic_regression(*digits, Cs=(1.0,), solver=solver, max_iter=2, device="cpu")
     assert f"({solver}, C=1) stopped at max_iter=2" in caplog.text
     assert 0.0 <= result.val_top1 <= 100.0
@@ -142,7 +144,7 @@ def test_corrupt_feature_cache_is_ignored(tmp_path, caplog: pytest.LogCaptureFix
     path = tmp_path / "feats.pth"
     save_cached(path, {"x": torch.randn(4, 4)})
     path.write_bytes(path.read_bytes()[:50])  # truncated, as by a crash of a non-atomic writer
-    with caplog.at_level(logging.WARNING, logger="crate_mae.probe"):
+    with caplog.at_level(logging.WARNING, logger="crate_mae.eval"):
         assert load_cached(path) is None
     assert "unreadable feature cache" in caplog.text
     path.write_bytes(b"not a torch file")

@@ -9,7 +9,7 @@ import pytest
 from crate_mae.config import (Config, ConfigError, ModelConfig, add_config_args, config_from_args, load_config,
                               save_config)
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -143,7 +143,7 @@ def test_argparse_helpers() -> None:
 def test_entry_points_list_every_key_in_help(script: str, capsys: pytest.CaptureFixture) -> None:
     import importlib.util
 
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     spec = importlib.util.spec_from_file_location(script[:-3], root / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -194,7 +194,7 @@ def test_config_and_the_command_lines_import_neither_torch_nor_timm() -> None:
             "heavy = [m for m in ('torch', 'timm', 'numpy', 'webdataset') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for entry in ("pretrain.py", "linprobe.py", "finetune.py"):
         out = subprocess.run([sys.executable, "-X", "importtime", str(root / entry), "--help"], capture_output=True,
                              text=True, check=True)

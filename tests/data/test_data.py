@@ -15,9 +15,8 @@ from PIL import Image
 from crate_mae.data import (DataError, EvalTransform, PretrainTransform, ShardError, eval_loader, read_manifest,
                             resolve_shards, train_loader)
 from crate_mae.data.shards import ensure_digits, main as shards_main
-from crate_mae.data.transforms import MEAN, STD, normalise
 from crate_mae.data.writer import Source, digits_source, imagefolder_source, write_split
-from tests.data_helpers import good_sample, image_bytes, make_set, write_tar_set
+from tests.helpers import good_sample, image_bytes, make_set, write_tar_set
 
 T32 = EvalTransform(16, crop_pct=1.0)
 
@@ -287,14 +286,6 @@ def test_manifest_and_check_commands(tmp_path: Path, capsys) -> None:
 
 
 # ---------------------------------------------------------------------------- transforms
-
-def test_normalise_makes_model_input_from_uint8() -> None:
-    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
-    y = normalise(x)
-    expected = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(y, expected)
-    assert normalise(y) is y
-
 
 def test_pretrain_transform_shape_range_and_rng() -> None:
     data = image_bytes(1, size=(500, 375))

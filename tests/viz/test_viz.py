@@ -89,7 +89,7 @@ def test_commands_write_pictures_and_numbers(tmp_path: Path) -> None:
     torch.save({"model": mae.state_dict(), "config": config_to_dict(cfg)}, tmp_path / "final.pth")
     encoder = {k: v for k, v in mae.state_dict().items() if not k.startswith(("mask_token", "decoder"))}
     torch.save({"model": encoder, "config": config_to_dict(cfg)}, tmp_path / "encoder.pth")
-    from tests.data_helpers import image_bytes
+    from tests.helpers import image_bytes
 
     images = tmp_path / "images"
     images.mkdir()
@@ -107,8 +107,8 @@ def test_commands_write_pictures_and_numbers(tmp_path: Path) -> None:
 
 
 def test_commands_take_the_released_checkpoint_layout(tmp_path: Path) -> None:
-    from tests.data_helpers import image_bytes
-    from tests.test_convert import released_state
+    from tests.helpers import image_bytes
+    from tests.model.test_convert import released_state
 
     torch.save({"model": released_state()}, tmp_path / "released.pth")  # the authors' keys, nano-sized
     (tmp_path / "img.png").write_bytes(image_bytes(1, size=(32, 32), fmt="PNG"))
@@ -119,8 +119,8 @@ def test_commands_take_the_released_checkpoint_layout(tmp_path: Path) -> None:
 
 
 def test_attention_and_layers_take_the_supervised_family(tmp_path: Path) -> None:
-    from tests.data_helpers import image_bytes
-    from tests.test_hub import released_supervised
+    from tests.helpers import image_bytes
+    from tests.model.test_hub import released_supervised
 
     torch.save({"state_dict": {"module." + k: v for k, v in released_supervised().items()}}, tmp_path / "crate.pth")
     (tmp_path / "img.png").write_bytes(image_bytes(2, size=(40, 40), fmt="PNG"))
