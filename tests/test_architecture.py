@@ -1,6 +1,6 @@
 """The package's layers (docs/ARCHITECTURE.md): no module imports a layer above its own.
 
-    config, atomic  ←  model, data  ←  engine  ←  eval, viz  ←  stages  ←  cli (the entry points' shared part)
+    config, atomic, seeding  ←  model, data  ←  engine  ←  eval, viz  ←  stages  ←  cli (the entry points' shared part)
 
 model and data sit side by side and import neither each other; the engine imports no evaluation code.
 """
@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "crate_mae"
-RANK = {"config": 0, "atomic": 0, "model": 1, "data": 1, "engine": 2, "eval": 3, "viz": 3, "stages": 4, "cli": 5}
+RANK = {"config": 0, "atomic": 0, "seeding": 0, "model": 1, "data": 1, "engine": 2, "eval": 3, "viz": 3, "stages": 4, "cli": 5}
 
 
 def _layer(module: str) -> str:

@@ -31,7 +31,7 @@ class Prefetcher:
 
     `prepare` maps a Batch to one whose tensors live on `device`. It runs in a background thread (on a
     side stream on CUDA); an exception there (a DataError, a decode failure) is raised in the caller at
-    the batch where it happened. The loader's epoch control (`set_epoch`, `len`, skip counts) passes
+    the batch where it happened. The loader's epoch control (`set_epoch`, `len`, sample counts) passes
     through unchanged.
     """
 
@@ -44,16 +44,16 @@ class Prefetcher:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.loader.set_epoch(epoch, skip_batches)
+    def set_epoch(self, epoch: int, replay: int = 0) -> None:
+        self.loader.set_epoch(epoch, replay)
 
     @property
     def seen(self) -> int:
         return self.loader.seen
 
     @property
-    def skipped(self) -> int:
-        return self.loader.skipped
+    def bad(self) -> int:
+        return self.loader.bad
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         cuda = self.device.type == "cuda"

@@ -12,36 +12,30 @@ whose index i ≡ slot (mod slots). Each rank sums its own counts (correct, tota
 over ranks with one all_reduce(SUM), so accuracies are exact.
 
 Bad samples (undecodable image, no image, no or bad label) are skipped, counted and logged with shard
-and key. When skips exceed `max_bad_fraction` of a worker's samples (judged after 1/max_bad_fraction
+and key. When they exceed `max_bad_fraction` of a worker's samples (judged after 1/max_bad_fraction
 samples, or at the end of its stream), it stops with an error: a systematic problem is not skipped.
+The steps themselves (shard order, rank/worker split, decode-or-skip, batching) are in data/stream.py.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from crate_mae.data.device_decode import RawImage, collate_raw
 from crate_mae.data.manifest import ShardError, ShardList, resolve_shards
+from crate_mae.data.stream import (BadSample, DataError, SampleCount, batches, check_bad, decode_or_skip, read_samples,
+                                   shard_order, shuffled, split_by_sample, worker_role)
 from crate_mae.data.transforms import Transform
+from crate_mae.seeding import mix_seed, seed_everything
 
 if TYPE_CHECKING:
     from crate_mae.config import DataConfig
 
-log = logging.getLogger("crate_mae.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-class DataError(RuntimeError):
-    """Too much of the data is bad to go on."""
 
 
 class Batch(NamedTuple):
@@ -54,26 +48,11 @@ class _WorkerItem(NamedTuple):
     batch: Batch | None  # None: the worker's closing count
     slot: int
     seen: int
-    skipped: int
-
-
-@dataclass
-class SkipCounter:
-    seen: int = 0
-    skipped: int = 0
-
-
-class _Skip(Exception):
-    pass
-
-
-def mix_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, stable across processes and runs (unlike hash())."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+    bad: int
 
 
 class ShardStream(IterableDataset):
-    """Yields batches for one rank; inside a DataLoader each worker yields its own share."""
+    """Yields batches for one rank; inside a DataLoader each worker yields its own share (data/stream.py's steps)."""
 
     def __init__(self, shards: ShardList, transform: Transform, *, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, seed: int = 0, resample: bool = True, shuffle_buffer: int = 1000,
@@ -85,124 +64,66 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed, self.resample = rank, world_size, seed, resample
         self.shuffle_buffer, self.steps_per_epoch, self.max_bad_fraction = shuffle_buffer, steps_per_epoch, max_bad_fraction
         self.num_classes = shards.manifest.num_classes if shards.manifest else 0
-        self.epoch, self.skip_batches = 0, 0
+        self.epoch, self.replay = 0, 0
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Reseeds the order for `epoch`; `skip_batches` resumes it after that many batches of this rank.
+    def set_epoch(self, epoch: int, replay: int = 0) -> None:
+        """Reseeds the order for `epoch`; `replay` resumes it after that many batches of this rank.
 
-        Call before iterating (workers must not be persistent to see it). Skipped batches are replayed
-        without decoding (`transform.skip` draws the same random numbers), so a resumed epoch continues
-        with exactly the batches the interrupted one would have produced, given the same num_workers.
+        Call before iterating (workers must not be persistent to see it). The replayed batches are formed
+        without decoding (`transform.draw` makes the same random draws), so a resumed epoch continues with
+        exactly the batches the interrupted one would have produced, given the same num_workers.
         """
-        self.epoch, self.skip_batches = epoch, skip_batches
+        self.epoch, self.replay = epoch, replay
 
-    # ------------------------------------------------------------------ which shards this slot reads
-    def _urls(self, slot: int, slots: int, rng: random.Random) -> tuple[Iterator[str], bool]:
-        """(shard urls for this slot, whether to split by sample index instead of by shard)."""
-        urls = self.shards.urls
-        by_sample = len(urls) < slots
-        if not self.train:
-            return iter(urls if by_sample else urls[slot::slots]), by_sample
-        if self.resample:
-            return (rng.choice(urls) for _ in iter(int, 1)), False  # endless, independent per slot
-
-        def passes() -> Iterator[str]:
-            for k in iter(int, 1):  # endless passes, each in a new order shared by all slots
-                order = list(urls)
-                random.Random(mix_seed(self.seed, self.epoch, "pass", k)).shuffle(order)
-                yield from (order if by_sample else order[slot::slots])
-        return passes(), by_sample
-
-    def _read(self, urls: Iterator[str]) -> Iterator[dict]:
-        empty_run = 0
-        for url in urls:
-            got = False
+    def _decode(self, rng: random.Random) -> Callable[[dict, bool], tuple[torch.Tensor | None, int]]:
+        """decode(sample, dry) → (image, label), or BadSample; `dry` makes the transform's random draws only."""
+        def decode(sample: dict, dry: bool) -> tuple[torch.Tensor | None, int]:
+            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if data is None:
+                raise BadSample(f"no image ({'/'.join(IMAGE_KEYS)})")
+            if "cls" not in sample:
+                raise BadSample("no label (cls)")
             try:
-                for sample in wds.tarfile_samples([{"url": url}]):
-                    got = True
-                    yield sample
-            except Exception as err:  # a truncated or unreadable tar: name it and stop
-                raise ShardError(f"{url}: cannot read the shard ({type(err).__name__}: {err})".split("\n")[0]) from None
-            empty_run = 0 if got else empty_run + 1
-            if empty_run > max(len(self.shards.urls), 8):
-                raise ShardError(f"{self.shards.spec}: the shards hold no samples")
+                label = int(sample["cls"])
+            except ValueError:
+                raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
+            if label < 0 or (self.num_classes and label >= self.num_classes):
+                raise BadSample(f"label {label} outside [0, {self.num_classes})")
+            try:
+                if dry:
+                    getattr(self.transform, "draw", self.transform)(data, rng)
+                    return None, label
+                return self.transform(data, rng), label
+            except Exception as err:  # PIL raises several types for corrupt or truncated images
+                raise BadSample(f"undecodable image ({type(err).__name__}: {err})".split("\n")[0]) from None
+        return decode
 
-    # ------------------------------------------------------------------ one sample
-    def _decode(self, sample: dict, rng: random.Random, dry: bool = False) -> tuple[torch.Tensor | None, int]:
-        """(image, label) of one sample, or `_Skip`; `dry` draws the transform's random numbers only."""
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if data is None:
-            raise _Skip(f"no image ({'/'.join(IMAGE_KEYS)})")
-        if "cls" not in sample:
-            raise _Skip("no label (cls)")
-        try:
-            label = int(sample["cls"])
-        except ValueError:
-            raise _Skip(f"label {sample['cls'][:20]!r} is not an integer") from None
-        if label < 0 or (self.num_classes and label >= self.num_classes):
-            raise _Skip(f"label {label} outside [0, {self.num_classes})")
-        try:
-            if dry:
-                getattr(self.transform, "skip", self.transform)(data, rng)
-                return None, label
-            return self.transform(data, rng), label
-        except Exception as err:  # PIL raises several types for corrupt or truncated images
-            raise _Skip(f"undecodable image ({type(err).__name__}: {err})".split("\n")[0]) from None
-
-    def _check_bad(self, counter: SkipCounter, last: str, final: bool) -> None:
-        f = self.max_bad_fraction
-        judged = final or f == 0 or counter.seen >= 1 / f
-        if counter.skipped and judged and counter.skipped > f * counter.seen:
-            raise DataError(f"{counter.skipped} of {counter.seen} samples were bad, more than data.max_bad_fraction="
-                            f"{f} (last: {last}); check the shards of {self.shards.spec}")
-
-    # ------------------------------------------------------------------ the stream
     def __iter__(self) -> Iterator[_WorkerItem]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The DataLoader takes batch i from worker i mod workers. After `skip` batches the next one must
-        # come from role skip mod workers, but a new DataLoader starts at worker 0: rotate the roles.
-        skip = self.skip_batches
-        role = (worker + skip) % workers
-        skip_mine = max(0, (skip - role + workers - 1) // workers)  # batches i < skip with i ≡ role
+        role, replay_mine = worker_role(worker, workers, self.replay)
         slot, slots = self.rank * workers + role, self.world_size * workers
         rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, role))
-        if info is not None:  # seed the global generators timm's transforms draw from; only inside workers
-            global_seed = mix_seed(self.seed, self.epoch, self.rank, role, "global")
-            random.seed(global_seed), torch.manual_seed(global_seed), np.random.seed(global_seed % 2**32)
-        urls, by_sample = self._urls(slot, slots, rng)
-        samples: Iterator[dict] = self._read(urls)
+        if info is not None:  # timm's transforms draw from the global generators; seed them, only inside workers
+            seed_everything(mix_seed(self.seed, self.epoch, self.rank, role, "global"))
+        urls, by_sample = shard_order(self.shards.urls, train=self.train, resample=self.resample, slot=slot,
+                                      slots=slots, seed=self.seed, epoch=self.epoch, rng=rng)
+        samples: Iterator[dict] = read_samples(urls, spec=self.shards.spec, shards=len(self.shards.urls))
         if by_sample:
-            samples = (s for i, s in enumerate(samples) if i % slots == slot)
-        if self.train and self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
-        limit = None
+            samples = split_by_sample(samples, slot, slots)
         if self.train:
+            samples = shuffled(samples, self.shuffle_buffer, rng)
+        count = SampleCount()
+        items = decode_or_skip(samples, self._decode(rng), count, dry=replay_mine * self.batch_size,
+                               max_bad_fraction=self.max_bad_fraction, spec=self.shards.spec)
+        limit = None
+        if self.train:  # every rank the same number of batches, dealt out to its workers in turn
             limit = self.steps_per_epoch // workers + (role < self.steps_per_epoch % workers)
-        counter, batch, done, last = SkipCounter(), [], 0, ""
-        for sample in samples:
-            if limit is not None and done >= limit:
-                break
-            counter.seen += 1
-            key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
-            try:
-                # While replaying the start of a resumed epoch: the same random draws, no decode.
-                batch.append((*self._decode(sample, rng, dry=done < skip_mine), key))
-            except _Skip as skip_reason:
-                counter.skipped += 1
-                last = f"{key}: {skip_reason}"
-                if counter.skipped <= 100 or counter.skipped % 100 == 0:
-                    log.warning("skipped %s (%d skipped of %d so far)", last, counter.skipped, counter.seen)
-                self._check_bad(counter, last, final=False)
-                continue
-            if len(batch) == self.batch_size:
-                done += 1
-                if done > skip_mine:
-                    yield _WorkerItem(_collate(batch), slot, counter.seen, counter.skipped)
-                batch = []
+        for batch in batches(items, self.batch_size, _collate, limit=limit, drop=replay_mine, partial=not self.train):
+            yield _WorkerItem(batch, slot, count.seen, count.bad)
         if not self.train:
-            self._check_bad(counter, last, final=True)
-            yield _WorkerItem(_collate(batch) if batch else None, slot, counter.seen, counter.skipped)
+            check_bad(count, self.max_bad_fraction, self.shards.spec, final=True)
+            yield _WorkerItem(None, slot, count.seen, count.bad)
 
 
 def _collate(items: list[tuple[Any, int, str]]) -> Batch:
@@ -213,7 +134,7 @@ def _collate(items: list[tuple[Any, int, str]]) -> Batch:
 
 
 class ShardLoader:
-    """A DataLoader over a ShardStream that yields `Batch`es and keeps its workers' skip counts."""
+    """A DataLoader over a ShardStream that yields `Batch`es and keeps its workers' sample counts (seen, bad)."""
 
     def __init__(self, stream: ShardStream, *, num_workers: int = 0, pin_memory: bool = False) -> None:
         self.stream = stream
@@ -222,8 +143,8 @@ class ShardLoader:
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                  persistent_workers=False, prefetch_factor=4 if num_workers else None,
                                  generator=torch.Generator())
-        self._done = SkipCounter()  # finished epochs
-        self._current: dict[int, tuple[int, int]] = {}  # slot → (seen, skipped) in this epoch
+        self._done = SampleCount()  # finished epochs
+        self._current: dict[int, tuple[int, int]] = {}  # slot → (seen, bad) in this epoch
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -234,24 +155,25 @@ class ShardLoader:
             raise TypeError("an evaluation loader has no fixed length per rank")
         return self.stream.steps_per_epoch
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.stream.set_epoch(epoch, skip_batches)
+    def set_epoch(self, epoch: int, replay: int = 0) -> None:
+        self.stream.set_epoch(epoch, replay)
 
     @property
     def seen(self) -> int:
         return self._done.seen + sum(s for s, _ in self._current.values())
 
     @property
-    def skipped(self) -> int:
-        return self._done.skipped + sum(k for _, k in self._current.values())
+    def bad(self) -> int:
+        """Bad samples skipped so far, over this loader's epochs."""
+        return self._done.bad + sum(k for _, k in self._current.values())
 
     def __iter__(self) -> Iterator[Batch]:
         self._current = {}
         for item in self.loader:
-            self._current[item.slot] = (item.seen, item.skipped)
+            self._current[item.slot] = (item.seen, item.bad)
             if item.batch is not None:
                 yield item.batch
-        self._done.seen, self._done.skipped, self._current = self.seen, self.skipped, {}
+        self._done.seen, self._done.bad, self._current = self.seen, self.bad, {}
 
 
 def train_loader(spec: str, transform: Transform, *, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             loader = eval_loader(args.spec, _decode_only, batch_size=256, max_bad_fraction=1.0)
             for _ in loader:
                 pass
-            print(f"{args.spec}: {loader.seen} samples, {loader.skipped} bad")
-            return 1 if loader.skipped else 0
+            print(f"{args.spec}: {loader.seen} samples, {loader.bad} bad")
+            return 1 if loader.bad else 0
     except (ShardError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     return 0

@@ -126,7 +126,7 @@ class PretrainTransform:
         """All the random numbers of one sample: the crop box and whether to flip."""
         return random_resized_crop_box(width, height, self.scale, self.ratio, rng), rng.random() < self.hflip
 
-    def skip(self, data: bytes, rng: random.Random) -> None:
+    def draw(self, data: bytes, rng: random.Random) -> None:
         """Draw exactly what `__call__` draws, reading only the header: replays a resumed epoch cheaply."""
         self._draw(*open_image(data).size, rng)
 

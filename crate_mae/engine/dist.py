@@ -113,13 +113,6 @@ def broadcast_object(d: Dist, obj: Any) -> Any:
     return box[0]
 
 
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch (CPU and every GPU) generators from one seed."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def rng_state() -> dict[str, Any]:
     """This process's generator states as plain Python values: they travel through all_gather_object
     and load with `torch.load(weights_only=True)`."""

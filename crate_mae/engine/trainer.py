@@ -145,7 +145,7 @@ class Trainer:
         state, summary, accum = self.state, LossSummary(), self.accum_steps
         window, window_steps, tick = torch.zeros((), device=self.dist.device), 0, time.perf_counter()
         while state.epoch < self.epochs:
-            loader.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
+            loader.set_epoch(state.epoch, replay=state.batch_in_epoch)
             micro: list[Any] = []
             for item in loader:
                 micro.append(item)

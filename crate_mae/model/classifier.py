@@ -16,8 +16,7 @@ import torch.nn as nn
 
 from crate_mae.config.variants import FAMILIES
 from crate_mae.model.crate import Encoder, xavier_linear
-from crate_mae.model.layers import (LearnedPosition, Normalize, PatchEmbed, PatchifyEmbed, SinCosPosition, grid_size,
-                                    prepend_cls)
+from crate_mae.model.layers import CrateStem, grid_size
 
 Intermediate = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
@@ -39,7 +38,7 @@ def take_indices(depth: int, indices: int | Sequence[int] | None) -> tuple[list[
     return take, max(take)
 
 
-class CrateClassifier(nn.Module):
+class CrateClassifier(CrateStem):
     """stem + CLS + position table + CRATE encoder + pool + (LayerNorm, Linear) head.
 
     Family `mae`: non-head tensors carry the CRATE-MAE's encoder-side names (`patch_embed.proj.*`,
@@ -64,45 +63,22 @@ class CrateClassifier(nn.Module):
         pool: Literal["cls", "mean"] = "cls",
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-        kind, grid = FAMILIES[family], grid_size((img_size, img_size), patch_size)
-        self.family, self.pool, self.num_classes, self.num_features = family, pool, num_classes, dim
-        self.num_prefix_tokens = 1
-        self.normalize = Normalize()  # uint8 pixels in; everything below sees normalised images
-        if kind.stem == "conv":
-            self.patch_embed: nn.Module = PatchEmbed(patch_size=patch_size, dim=dim)
-            self.pos: nn.Module = SinCosPosition(dim=dim, grid=grid)
-        else:
-            self.patch_embed = PatchifyEmbed(patch_size=patch_size, dim=dim)
-            self.pos = LearnedPosition(dim=dim, grid=grid)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        super().__init__(family=family, img_size=img_size, patch_size=patch_size, dim=dim)  # normalise, embed, CLS, table
+        final_norm = FAMILIES[family].final_norm
+        self.pool, self.num_classes, self.num_features, self.num_prefix_tokens = pool, num_classes, dim, 1
         self.encoder = Encoder(dim=dim, heads=heads, depth=depth, eta=eta, lambd=lambd, drop_path=drop_path,
-                               final_norm=kind.final_norm)
+                               final_norm=final_norm)
         self.fc_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        if kind.stem == "conv":  # CRATE-MAE's initialisation
-            nn.init.normal_(self.cls_token, std=0.02)
+        if family == "mae":  # CRATE-MAE's initialisation
             if num_classes > 0:
                 self.head = xavier_linear(dim, num_classes, bias=True)
-        else:  # the released supervised CRATE's: standard normal tokens, PyTorch's default Linear init
-            nn.init.normal_(self.cls_token)
+        else:  # the released supervised CRATE's: PyTorch's default Linear init
             for module in self.encoder.modules():
                 if isinstance(module, nn.Linear):
                     module.reset_parameters()
-
-    @property
-    def patch_size(self) -> int:
-        return self.patch_embed.patch_size
-
-    def tokens(self, img: torch.Tensor) -> torch.Tensor:
-        """img (B, 3, H, W), uint8 pixels (or normalised float) → the encoder's input (B, 1 + N, d): patch tokens, CLS
-        first, position table added."""
-        x, grid = self.patch_embed(self.normalize(img))  # (B, N, d)
-        return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid)
 
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         """img (B, 3, H, W) → encoder tokens (B, 1 + N, d), CLS first (after the final norm, where there is one)."""
@@ -142,6 +118,13 @@ class CrateClassifier(nn.Module):
             spatial = [y.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in spatial]  # (B, d, h, w)
         out: list[Intermediate] = list(zip(spatial, prefix)) if return_prefix_tokens else spatial
         return out if intermediates_only else (self.encoder.norm(z), out)
+
+    def layer_inputs(self, img: torch.Tensor) -> list[torch.Tensor]:
+        """The tokens (B, 1 + N, d) entering every encoder layer, from one pass: the stem's output, then each
+        layer's output but the last (`forward_intermediates`)."""
+        outs = self.forward_intermediates(img, indices=len(self.encoder.layers), return_prefix_tokens=True,
+                                          output_fmt="NLC", intermediates_only=True)
+        return [self.tokens(img)] + [torch.cat([cls, patches], dim=1) for patches, cls in outs[:-1]]
 
     def layer_input(self, img: torch.Tensor, index: int) -> torch.Tensor:
         """The tokens (B, 1 + N, d), CLS first, entering encoder layer `index` (negative: from the end): the stem's

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crate_mae.config.variants import IMAGE_MEAN, IMAGE_STD
+from crate_mae.config.variants import FAMILIES, IMAGE_MEAN, IMAGE_STD
 
 
 class Normalize(nn.Module):
@@ -210,3 +210,40 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = 
     x = x.reshape(b, h, w, patch_size, patch_size, channels)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
     return x.reshape(b, channels, h * patch_size, w * patch_size)
+
+
+class CrateStem(nn.Module):
+    """What every CRATE model does before its layers, in one place: the base of CrateMAE and CrateClassifier.
+
+    img (B, 3, H, W) → Normalize → patch embedding (B, N, d) → [masked patches replaced by a mask token] → CLS
+    prepended → position table added → tokens (B, 1 + N, d). The family picks the parts (config/variants.py):
+    `mae` the conv embedding and the fixed sin-cos table (CLS normal(0.02), as MAE); `supervised` the patchify →
+    LN → Linear → LN embedding and the learned table (CLS standard normal, as released). The parts keep the
+    top-level names `patch_embed.*`, `cls_token`, `pos.*` that checkpoints use.
+    """
+
+    def __init__(self, *, family: str, img_size: int, patch_size: int, dim: int) -> None:
+        super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        conv, grid = FAMILIES[family].stem == "conv", grid_size((img_size, img_size), patch_size)
+        self.family = family
+        self.normalize = Normalize()  # uint8 pixels in; everything below sees normalised images
+        self.patch_embed: nn.Module = PatchEmbed(patch_size=patch_size, dim=dim) if conv else \
+            PatchifyEmbed(patch_size=patch_size, dim=dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.cls_token, std=0.02 if conv else 1.0)
+        self.pos: nn.Module = SinCosPosition(dim=dim, grid=grid) if conv else LearnedPosition(dim=dim, grid=grid)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size
+
+    def tokens(self, img: torch.Tensor, mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """img (B, 3, H, W), uint8 pixels (or normalised float), mask (B, N) 1 = replace by `mask_token` (1, 1, d)
+        → the encoder's input (B, 1 + N, d): patch tokens, CLS first, position table added."""
+        x, grid = self.patch_embed(self.normalize(img))  # (B, N, d)
+        if mask is not None:
+            x = torch.where(mask.bool()[..., None], mask_token.to(x.dtype), x)
+        return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from crate_mae.model.crate import Decoder, Encoder, xavier_linear
-from crate_mae.model.layers import Normalize, PatchEmbed, SinCosPosition, grid_size, patchify, prepend_cls
+from crate_mae.model.layers import CrateStem, grid_size, patchify
 
 
 class MAEOutput(NamedTuple):
@@ -34,7 +34,7 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     return (ids_restore >= len_keep).to(noise.dtype)
 
 
-class CrateMAE(nn.Module):
+class CrateMAE(CrateStem):
     """The CRATE masked autoencoder.
 
     img → patch tokens → masked ones replaced by `mask_token` → CLS prepended → sin-cos table added
@@ -57,26 +57,18 @@ class CrateMAE(nn.Module):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
     ) -> None:
-        super().__init__()
-        self.patch_size, self.mask_ratio, self.norm_pix_loss = patch_size, mask_ratio, norm_pix_loss
-        self.family, self.num_classes, self.num_features = "mae", 0, dim  # timm's attributes (no classifier head)
-        self.normalize = Normalize()  # uint8 pixels in; everything below sees normalised images
-        self.patch_embed = PatchEmbed(patch_size=patch_size, dim=dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        super().__init__(family="mae", img_size=img_size, patch_size=patch_size, dim=dim)  # normalise, embed, CLS, table
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.num_classes, self.num_features = 0, dim  # timm's attributes (no classifier head)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.pos = SinCosPosition(dim=dim, grid=grid_size((img_size, img_size), patch_size))
         self.encoder = Encoder(dim=dim, heads=heads, depth=encoder_depth, eta=eta, lambd=lambd)
         self.decoder = Decoder(dim=dim, heads=heads, depth=decoder_depth)
         self.decoder_pred = xavier_linear(dim, 3 * patch_size * patch_size, bias=True)
 
     def encode(self, img: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """img (B, 3, H, W) uint8 or normalised, mask (B, N) or None → encoder output (B, 1 + N, d), CLS first."""
-        x, grid = self.patch_embed(self.normalize(img))  # (B, N, d)
-        if mask is not None:
-            x = torch.where(mask.bool()[..., None], self.mask_token.to(x.dtype), x)
-        return self.encoder(self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid))
+        return self.encoder(self.tokens(img, mask, self.mask_token))
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent (B, 1 + N, d) → pred (B, N, P); the CLS row is dropped."""
@@ -95,13 +87,20 @@ class CrateMAE(nn.Module):
             target = (target - mean) / (var + 1e-6) ** 0.5
         return target
 
+    def patch_loss(self, img: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Each patch's mean squared error (B, N), in fp32: (pred − target)².mean(−1)."""
+        return (pred.float() - self.target(img.float())).pow(2).mean(dim=-1)
+
+    def sample_loss(self, img: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each image's loss (B,): its patch errors averaged over its masked patches (what the viz commands show)."""
+        return (self.patch_loss(img, pred) * mask).sum(dim=1) / mask.sum(dim=1)
+
     def loss(self, img: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per patch, averaged over the masked patches only (in fp32).
+        """Mean squared error per patch, averaged over the masked patches of the whole batch (in fp32).
 
         ((pred − target)².mean(−1) · mask).sum() / mask.sum()
         """
-        per_patch = (pred.float() - self.target(img.float())).pow(2).mean(dim=-1)  # (B, N)
-        return (per_patch * mask).sum() / mask.sum()
+        return (self.patch_loss(img, pred) * mask).sum() / mask.sum()
 
     def no_weight_decay(self) -> set[str]:
         """Parameters kept free of weight decay besides norms and biases (timm's convention)."""

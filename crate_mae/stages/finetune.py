@@ -22,6 +22,7 @@ from crate_mae.data import FinetuneTransform
 from crate_mae.data.device_decode import to_device
 from crate_mae.data.reader import config_eval_loader, config_train_loader
 from crate_mae.engine import dist
+from crate_mae.seeding import seed_everything
 from crate_mae.engine.optim import peak_lr
 from crate_mae.engine.trainer import Trainer
 from crate_mae.eval.metrics import evaluate
@@ -70,7 +71,7 @@ def _run(run: StageRun) -> FinetuneResult:
     cfg, weights = classifier_config(run.cfg, ft.checkpoint, default_family="mae" if ft.checkpoint else "supervised")
     cfg, train_spec, val_spec, classes = labelled_data(cfg, d)
     mixup, criterion = _loss(ft, classes, cfg.data.batch_size)
-    dist.seed_everything(cfg.run.seed)  # the same initial head on every rank
+    seed_everything(cfg.run.seed)  # the same initial head on every rank
     model, cfg = classifier_for(cfg, weights, classes)
     run.cfg, model = cfg, model.to(d.device)
     cuda, ready = d.device.type == "cuda", functools.partial(to_device, size=cfg.model.img_size, device=d.device)
@@ -89,7 +90,7 @@ def _run(run: StageRun) -> FinetuneResult:
     ema = ModelEmaV2(model, decay=ft.ema_decay) if ft.ema_decay else None
     best, last = {"top1": -1.0, "top5": 0.0}, {"top1": 0.0, "top5": 0.0, "samples": 0}
     checkpointer = run.checkpointer(lambda: {"best": best, **({"ema": ema.module.state_dict()} if ema else {})})
-    dist.seed_everything(cfg.run.seed + 1 + d.rank)
+    seed_everything(cfg.run.seed + 1 + d.rank)
     if run.resume is not None:
         state = checkpointer.restore(trainer, run.resume, cfg.model)
         best.update(state.get("best", best))

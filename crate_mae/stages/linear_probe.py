@@ -26,6 +26,7 @@ from crate_mae.data import EvalTransform, PretrainTransform, eval_loader, resolv
 from crate_mae.data.device_decode import to_device
 from crate_mae.data.reader import config_eval_loader, config_train_loader
 from crate_mae.engine import dist
+from crate_mae.seeding import seed_everything
 from crate_mae.engine.log import RunLogger
 from crate_mae.engine.trainer import Trainer, resolve_precision
 from crate_mae.eval.features import extract, feature_cache_key, load_cached, save_cached
@@ -70,7 +71,7 @@ def run_linprobe(cfg: Config) -> ProbeResult:
 def _run(run: StageRun) -> ProbeResult:
     cfg, weights = classifier_config(run.cfg, run.cfg.probe.checkpoint)
     cfg, train_spec, val_spec, classes = labelled_data(cfg, run.d)
-    dist.seed_everything(cfg.run.seed)
+    seed_everything(cfg.run.seed)
     encoder, run.cfg = classifier_for(cfg, weights, classes)
     encoder = encoder.to(run.d.device).requires_grad_(False)
     with run.logger() as log:

@@ -19,6 +19,7 @@ from crate_mae.data.prefetch import Prefetcher
 from crate_mae.data.reader import ShardLoader, config_train_loader
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
+from crate_mae.seeding import seed_everything
 from crate_mae.engine.optim import peak_lr
 from crate_mae.engine.trainer import Trainer
 from crate_mae.model import build_mae
@@ -45,7 +46,7 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[Trainer,
     """
     if not cfg.model.resolved:
         raise ValueError("build_training: resolve cfg.model first (checkpoint.resolve_for_resume)")
-    dist.seed_everything(cfg.run.seed)
+    seed_everything(cfg.run.seed)
     model = build_mae(cfg.model).to(d.device)
     size = cfg.model.img_size
     transform = DeviceCropTransform(size) if cfg.data.decode_on == "device" else \
@@ -78,7 +79,7 @@ def _run(run: StageRun) -> PretrainResult:
     train_spec, val_spec = stage_data(cfg, d)
     trainer, loader = build_training(cfg, d, train_spec)
     model, checkpointer = trainer.module, run.checkpointer()
-    dist.seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
+    seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
     if run.resume is not None:
         checkpointer.restore(trainer, run.resume, cfg.model)
     with run.logger(trainer) as log:
@@ -98,8 +99,8 @@ def _run(run: StageRun) -> PretrainResult:
 
         summary = trainer.fit(loader, log=log, log_every=cfg.run.log_every, checkpointer=checkpointer,
                               on_epoch_end=pictures)
-        if loader.skipped:
-            log.info(f"data: {loader.skipped} of {loader.seen} samples skipped as unusable (see the warnings above)")
+        if loader.bad:
+            log.info(f"data: {loader.bad} of {loader.seen} samples skipped as unusable (see the warnings above)")
         final = checkpointer.save(trainer, "final.pth")
         if d.is_main:
             ckpt.export_encoder(ckpt.load(final), run_dir / "encoder.pth")

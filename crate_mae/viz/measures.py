@@ -53,13 +53,12 @@ def layer_measures(model: CrateClassifier, images: torch.Tensor, *, eps2: float 
     (of LN₁(z) and of LN₂(z + MSSA(LN₁ z)), the inputs of the two operators, so that scale does not enter),
     and the sparsity of ISTA's output. Means over the images."""
     model.eval()
-    z, rows = model.tokens(images), []
-    for i, layer in enumerate(model.encoder.layers):
-        trace = layer.trace(z)
+    rows = []
+    for i, (layer, z) in enumerate(zip(model.encoder.layers, model.layer_inputs(images))):
+        trace = layer.trace(z)  # the layer's two operators, each input kept
         heads, weight = layer.attn.heads, layer.attn.U.weight
         rows.append({"layer": i,
                      "rate_before_mssa": coding_rate(trace.mssa_in, weight, heads=heads, eps2=eps2).mean().item(),
                      "rate_after_mssa": coding_rate(trace.ista_in, weight, heads=heads, eps2=eps2).mean().item(),
                      **sparsity(trace.out)})
-        z = trace.out
     return rows

@@ -40,8 +40,7 @@ def reconstruct(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float | None 
     model.train(was_training)
     p, grid = model.patch_size, (img.shape[-2] // model.patch_size, img.shape[-1] // model.patch_size)
     target, pred = patchify(img, p), out.pred.float()  # (B, N, P)
-    per_patch = (pred - model.target(img)).pow(2).mean(-1)
-    loss = (per_patch * out.mask).sum(1) / out.mask.sum(1)
+    loss = model.sample_loss(img, out.pred, out.mask)  # (B,): the model's own loss, per image
     if model.norm_pix_loss:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** 0.5 + mean

@@ -73,7 +73,7 @@ def test_imagefolder_round_trip_keeps_original_bytes(tmp_path: Path) -> None:
     written = sorted((int(s["cls"]), s.get("jpg", s.get("png"))) for s in stored.values())
     assert written == originals  # every sample, its label, and the source's own bytes
     loader = eval_loader(str(tmp_path / "s" / "val.json"), T32, batch_size=4)
-    assert sum(len(b.keys) for b in loader) == 15 and loader.skipped == 0
+    assert sum(len(b.keys) for b in loader) == 15 and loader.bad == 0
 
 
 def test_resize_at_write_time(tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def test_more_epochs_are_counted(tmp_path: Path) -> None:
     for epoch in range(2):
         loader.set_epoch(epoch)
         assert len(list(loader)) == 4
-    assert loader.seen == 32 and loader.skipped == 0  # both epochs
+    assert loader.seen == 32 and loader.bad == 0  # both epochs
 
 
 # ---------------------------------------------------------------------------- bad data
@@ -202,7 +202,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog) -> N
     loader = eval_loader(spec, T32, batch_size=8, max_bad_fraction=0.5)
     with caplog.at_level(logging.WARNING, logger="crate_mae.data"):
         keys = keys_of(loader)
-    assert len(keys) == 36 and loader.seen == 40 and loader.skipped == 4
+    assert len(keys) == 36 and loader.seen == 40 and loader.bad == 4
     for key in ("val-000000.tar/corrupt", "val-000000.tar/nolabel", "val-000000.tar/cutjpeg", "val-000000.tar/badlabel"):
         assert key in caplog.text
     assert "no label" in caplog.text and "undecodable" in caplog.text
@@ -336,7 +336,7 @@ def test_a_resumed_epoch_continues_with_the_same_batches(tmp_path: Path, workers
     full = list(loader)
     assert len(full) == 10
     for skip in (1, 4, 7):
-        loader.set_epoch(3, skip_batches=skip)
+        loader.set_epoch(3, replay=skip)
         rest = list(loader)
         assert [b.keys for b in rest] == [b.keys for b in full[skip:]], skip
         assert all(torch.equal(a.images, b.images) for a, b in zip(rest, full[skip:]))

@@ -58,7 +58,7 @@ def test_loader_yields_raw_batches_and_replays_a_resume(tmp_path: Path) -> None:
     assert all(isinstance(b.images, RawBatch) and len(b.images.payloads) == 4 for b in batches)
     pixels = images_on(batches[0].images, 16, torch.device("cpu"))
     assert pixels.shape == (4, 3, 16, 16)
-    loader.set_epoch(0, skip_batches=2)
+    loader.set_epoch(0, replay=2)
     rest = list(loader)
     assert [b.keys for b in rest] == [b.keys for b in batches[2:]]
     assert all(torch.equal(x.images.boxes, y.images.boxes) for x, y in zip(rest, batches[2:]))

@@ -32,8 +32,8 @@ def test_same_batches_in_the_same_order_and_epoch_control_passes_through(tmp_pat
                        device=CPU, depth=2)
     assert len(ahead) == len(plain) == 9
     for epoch, skip in ((0, 0), (1, 0), (1, 5)):
-        plain.set_epoch(epoch, skip_batches=skip)
-        ahead.set_epoch(epoch, skip_batches=skip)
+        plain.set_epoch(epoch, replay=skip)
+        ahead.set_epoch(epoch, replay=skip)
         expected = [_decode(b) for b in plain]
         got = list(ahead)
         assert len(got) == len(expected) == 9 - skip
@@ -41,7 +41,7 @@ def test_same_batches_in_the_same_order_and_epoch_control_passes_through(tmp_pat
             assert x.keys == y.keys
             assert torch.equal(x.images, y.images) and x.images.dtype == torch.uint8
             assert torch.equal(x.labels, y.labels)
-    assert ahead.seen == plain.seen and ahead.skipped == plain.skipped == 0
+    assert ahead.seen == plain.seen and ahead.bad == plain.bad == 0
     assert _threads() == 0
 
 

@@ -279,6 +279,8 @@ def test_forward_intermediates_against_the_layers_run_by_hand(family: str) -> No
                                                    stop_early=True, output_fmt="NLC", intermediates_only=True)
     assert_close(torch.cat([cls, patches], 1), model.encoder.norm(by_hand[0]))
     assert_close(model.layer_input(img, 2), by_hand[1])
+    inputs = model.layer_inputs(img)
+    assert len(inputs) == 3 and all(assert_close(a, b) is None for a, b in zip(inputs[1:], by_hand[:-1]))
     assert_close(model.layer_input(img, 0), model.tokens(img))
     with pytest.raises(ValueError, match="out of range"):
         model.forward_intermediates(img, indices=[3])

@@ -165,3 +165,15 @@ def test_training_forward_is_one_graph_without_breaks() -> None:
     for model in (nano(), build_classifier(ModelConfig(variant="nano", num_classes=10, drop_path=0.1))):
         explained = torch._dynamo.explain(model.train())(img)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_per_sample_loss_is_the_loss_of_each_image() -> None:
+    model = nano().eval()
+    img, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    out = model(img, noise=noise)
+    per_image = model.sample_loss(img, out.pred, out.mask)
+    assert per_image.shape == (3,)
+    for i in range(3):  # each image alone gives its own entry
+        alone = model(img[i:i + 1], noise=noise[i:i + 1])
+        torch.testing.assert_close(per_image[i], alone.loss)
+    torch.testing.assert_close(per_image.mean(), out.loss)  # every image masks the same number of patches
