@@ -14,7 +14,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "finetune" / 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(argv, doc=__doc__, default_config=DEFAULT_CONFIG, stage="crate_mae.stages.finetune:run_finetune",
+    return stage_main(argv, doc=__doc__, default_config=DEFAULT_CONFIG, config="finetune",
+                      stage="crate_mae.stages.finetune:run_finetune",
                       shortcuts={"--checkpoint": ("finetune.checkpoint", "pretrained weights to start from"),
                                  "--resume": ("run.resume", "'auto' (the run's latest checkpoint) or a checkpoint")})
 

@@ -14,7 +14,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "linprobe" / 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(argv, doc=__doc__, default_config=DEFAULT_CONFIG, stage="crate_mae.stages.linear_probe:run_linprobe",
+    return stage_main(argv, doc=__doc__, default_config=DEFAULT_CONFIG, config="linprobe",
+                      stage="crate_mae.stages.linear_probe:run_linprobe",
                       shortcuts={"--checkpoint": ("probe.checkpoint", "pretrained weights to probe")})
 
 

@@ -15,7 +15,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "pretrain" / 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(argv, doc=__doc__, default_config=DEFAULT_CONFIG, stage="crate_mae.stages.pretrain:run_pretrain",
+    return stage_main(argv, doc=__doc__, default_config=DEFAULT_CONFIG, config="pretrain",
+                      stage="crate_mae.stages.pretrain:run_pretrain",
                       shortcuts={"--resume": ("run.resume", "'auto' (the run's latest checkpoint) or a checkpoint")})
 
 

@@ -14,14 +14,15 @@ import sys
 from crate_mae.config import ConfigError, add_config_args, config_from_args
 
 
-def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: str,
+def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: str, config: str,
                shortcuts: dict[str, tuple[str, str]]) -> int:
-    """Run `stage` ("module:function", imported after parsing so `--help` is fast) on the parsed config.
+    """Run `stage` ("module:function", imported after parsing so `--help` is fast) on the parsed config of kind
+    `config` ("pretrain", "linprobe", "finetune": the sections that stage reads).
 
     `shortcuts` maps a flag ("--resume") to (config key, help): `--resume auto` = `--set run.resume=auto`.
     """
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog="examples:\n" + doc.split("\n\n")[1])
-    add_config_args(parser, default_config=default_config)
+    add_config_args(parser, default_config=default_config, stage=config)
     for flag, (key, help_text) in shortcuts.items():
         parser.add_argument(flag, dest=key, metavar=key.rsplit(".", 1)[1].upper(), help=f"{help_text} (= --set {key}=...)")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from crate_mae.atomic import atomic_path
-from crate_mae.config.sections import Config, ConfigError
+from crate_mae.config.sections import STAGES, Config, ConfigError
 
 
 # ----------------------------------------------------------------------------- typing and coercion
@@ -106,12 +106,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _parse_override(item: str, schema: type) -> tuple[list[str], Any]:
     """'optim.lr=1e-4' → (['optim', 'lr'], 0.0001), parsed by the type of the field it names."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
     key, raw = item.split("=", 1)
-    path, cls = key.strip().split("."), Config
+    path, cls = key.strip().split("."), schema
     for depth, part in enumerate(path):
         names = [f.name for f in fields(cls)] if is_dataclass(cls) else []
         if part not in names:
@@ -130,24 +130,55 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: {err}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """The defaults, updated by the YAML file at `path` (if any), then by each `KEY=VALUE` override."""
+def _schema(stage: str) -> type:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    return STAGES[stage]
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section (a key of `over` wins)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a dict; a top-level `base: FILE` (relative to this file) is read first and overridden."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the path of another config file, got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+        raise ConfigError(f"{path}: base: {base} includes itself")
+    return _merge(_read_yaml(base_path, (*chain, path)), data)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (), *,
+                stage: str = "pretrain") -> Config:
+    """The defaults of `stage`'s config (pretrain, linprobe, finetune: each holds only its own sections),
+    updated by the YAML file at `path` (if any; with its `base` file first), then by each `KEY=VALUE` override."""
+    schema = _schema(stage)
     data: dict[str, Any] = {}
     origin = "the defaults"
     if path is not None:
         origin = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        data = _read_yaml(Path(path))
     for item in overrides:
-        keys, value = _parse_override(item)
+        keys, value = _parse_override(item, schema)
         node = data
         for part in keys[:-1]:
             if not isinstance(node.get(part), dict):
@@ -157,7 +188,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     if overrides:
         origin += " with --set " + " ".join(overrides)
     try:
-        return _build(Config, data, "")
+        return _build(schema, data, "")
     except ConfigError as err:
         raise ConfigError(f"{origin}: {err}") from None
 
@@ -190,16 +221,19 @@ def config_help(cls: type = Config, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    """`--config FILE` and `--set KEY=VALUE ...` (repeatable), with every key listed in `--help`."""
+def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None, *, stage: str = "pretrain") -> None:
+    """`--config FILE` and `--set KEY=VALUE ...` (repeatable), with every key of `stage`'s config listed in `--help`."""
     parser.add_argument("--config", default=default_config, metavar="FILE",
-                        help=f"YAML file of values that differ from the defaults (default: {default_config})")
+                        help=f"YAML file of values that differ from the defaults; it may name a `base: FILE` whose "
+                             f"values it overrides (default: {default_config})")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. --set optim.lr=1e-4 model.variant=small (repeatable)")
+    parser.set_defaults(config_stage=stage)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (parser.epilog or "") + "\nconfig keys (--set KEY=VALUE), defaults and meaning:\n" + config_help()
+    parser.epilog = (parser.epilog or "") + "\nconfig keys (--set KEY=VALUE), defaults and meaning:\n" + \
+        config_help(_schema(stage))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config named by parsed `add_config_args` arguments."""
-    return load_config(args.config, [item for group in args.overrides for item in group])
+    return load_config(args.config, [item for group in args.overrides for item in group], stage=args.config_stage)

@@ -280,16 +280,68 @@ class FinetuneConfig:
                  self.ema_decay)
 
 
+def _like(section: type, name: str, default: Any) -> Any:
+    """The field `name` of `section` with another default and the same doc: a stage's own optimiser defaults."""
+    return field(default=default, metadata=section.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class ProbeOptimConfig(OptimConfig):
+    """The linear probe's optimiser (protocol linear), by default MAE's recipe: LARS, base lr 0.1, no weight decay,
+    90 epochs with 10 of warm-up."""
+
+    optimizer: Literal["adamw", "lion", "lars", "sgd"] = _like(OptimConfig, "optimizer", "lars")
+    blr: float = _like(OptimConfig, "blr", 0.1)
+    weight_decay: float = _like(OptimConfig, "weight_decay", 0.0)
+    epochs: int = _like(OptimConfig, "epochs", 90)
+    warmup_epochs: float = _like(OptimConfig, "warmup_epochs", 10.0)
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """Fine-tuning's optimiser, by default MAE's recipe: AdamW (0.9, 0.999), base lr 5e-4, weight decay 0.05, layer
+    decay 0.75, 100 epochs with 5 of warm-up, cosine to 1e-6."""
+
+    blr: float = _like(OptimConfig, "blr", 5e-4)
+    min_lr: float = _like(OptimConfig, "min_lr", 1e-6)
+    betas: tuple[float, float] = _like(OptimConfig, "betas", (0.9, 0.999))
+    layer_decay: Optional[float] = _like(OptimConfig, "layer_decay", 0.75)
+    epochs: int = _like(OptimConfig, "epochs", 100)
+    warmup_epochs: float = _like(OptimConfig, "warmup_epochs", 5.0)
+
+
 @dataclass
 class Config:
-    """Everything one run needs; sections `model`, `data`, `optim`, `run`, and the stages' `probe`, `finetune`."""
+    """What every stage's config holds: sections `model`, `data`, `optim`, `run` (pretraining's config is this)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class PretrainStage(Config):
+    """pretrain.py: masked pretraining (MAE's recipe for the optimiser: 800 epochs, 40 of warm-up, AdamW)."""
+
+
+@dataclass
+class LinearProbeStage(Config):
+    """linprobe.py: the common sections with the probe's optimiser defaults, and `probe`."""
+
+    optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+@dataclass
+class FinetuneStage(Config):
+    """finetune.py: the common sections with fine-tuning's optimiser defaults, and `finetune`."""
+
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+STAGES: dict[str, type[Config]] = {"pretrain": PretrainStage, "linprobe": LinearProbeStage, "finetune": FinetuneStage}
 
 
 def _require(ok: bool, key: str, message: str, value: Any) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from crate_mae.config import (Config, ConfigError, ModelConfig, add_config_args, config_from_args, load_config,
+from crate_mae.config import (ConfigError, ModelConfig, PretrainStage, add_config_args, config_from_args, load_config,
                               save_config)
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_resolve_the_variant() -> None:
     cfg = load_config()
-    assert cfg == Config() and cfg.model.dim is None  # unset until resolved (against a checkpoint, if any)
+    assert cfg == PretrainStage() and cfg.model.dim is None  # unset until resolved (against a checkpoint, if any)
     m = cfg.model.resolve()
     assert (m.variant, m.family, m.dim, m.heads, m.encoder_depth, m.img_size, m.eta, m.lambd) == (
         "base", "mae", 768, 12, 12, 224, 0.1, 0.5)
@@ -127,7 +127,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_bundled_config_loads(path: Path) -> None:
-    load_config(path)
+    load_config(path, stage=path.parent.name)  # configs/<stage>/*.yaml
 
 
 def test_argparse_helpers() -> None:
@@ -152,7 +152,10 @@ def test_entry_points_list_every_key_in_help(script: str, capsys: pytest.Capture
         module.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "probe.knn_k" in text and "finetune.mixup" in text and "--set KEY=VALUE" in text
+    own = {"pretrain.py": "model.mask_ratio", "linprobe.py": "probe.knn_k", "finetune.py": "finetune.mixup"}[script]
+    assert own in text and "optim.epochs" in text and "--set KEY=VALUE" in text
+    others = {"probe.knn_k", "finetune.mixup"} - {own}
+    assert not any(key in text for key in others)  # each stage lists only its own sections
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--set", "optim.lrr=1"])
     assert exit_info.value.code == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err
@@ -201,3 +204,37 @@ def test_config_and_the_command_lines_import_neither_torch_nor_timm() -> None:
         imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
         assert not imported & {"torch", "timm"}, entry
         assert "model.variant" in out.stdout  # every key is still listed
+
+
+def test_each_stage_holds_only_its_sections_with_its_own_optimiser_defaults(tmp_path: Path) -> None:
+    pre, probe, ft = (load_config(stage=s) for s in ("pretrain", "linprobe", "finetune"))
+    assert not hasattr(pre, "probe") and not hasattr(pre, "finetune") and not hasattr(probe, "finetune")
+    assert (pre.optim.epochs, pre.optim.warmup_epochs, pre.optim.optimizer) == (800, 40.0, "adamw")
+    assert (probe.optim.epochs, probe.optim.optimizer, probe.optim.blr, probe.optim.weight_decay) == (90, "lars", 0.1, 0.0)
+    assert (ft.optim.epochs, ft.optim.betas, ft.optim.layer_decay, ft.optim.blr) == (100, (0.9, 0.999), 0.75, 5e-4)
+    with pytest.raises(ConfigError, match=r"unknown key 'probe'"):
+        load_config(write(tmp_path, "probe:\n  knn_k: 5\n"))  # a pretraining config has no probe section
+    with pytest.raises(ConfigError, match=r"--set 'finetune\.mixup=0': unknown key 'finetune'"):
+        load_config(None, ["finetune.mixup=0"], stage="linprobe")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        load_config(stage="train")
+
+
+def test_a_config_file_may_name_a_base_it_overrides(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("model:\n  variant: small\n  mask_ratio: 0.6\noptim:\n  epochs: 70\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel:\n  variant: tiny\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.epochs=90"])
+    assert (cfg.model.variant, cfg.model.mask_ratio, cfg.optim.epochs) == ("tiny", 0.6, 90)  # child, then --set win
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loop.yaml: base: loop.yaml includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: cannot read the config file"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "bad_key.yaml").write_text("model:\n  variantt: small\n")
+    (tmp_path / "uses_bad.yaml").write_text("base: bad_key.yaml\n")
+    with pytest.raises(ConfigError, match=r"uses_bad\.yaml: unknown key 'model\.variantt'"):
+        load_config(tmp_path / "uses_bad.yaml")
+    small = load_config(Path(__file__).parents[2] / "configs/finetune/supervised_small.yaml", stage="finetune")
+    assert (small.model.variant, small.optim.optimizer, small.optim.lr, small.run.name) == (
+        "small", "lion", 2e-4, "crate-small-supervised-in1k")

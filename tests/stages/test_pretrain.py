@@ -111,7 +111,7 @@ def test_every_stage_builds_its_trainer_from_the_config(stage: str) -> None:
     accumulation, and the clipping / precision keys honoured in every stage (the probe once ignored them)."""
     cfg = load_config(ROOT / f"configs/{stage}/demo.yaml", [
         "model.variant=nano", "data.batch_size=8", "optim.accum_steps=2", "optim.lr=null", "optim.blr=0.064",
-        "optim.clip_grad=0.5", "run.precision=bf16"])
+        "optim.clip_grad=0.5", "run.precision=bf16"], stage=stage)
     model = torch.nn.Linear(4, 3)
     trainer = Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).sum(), batches_per_epoch=11)
     assert (trainer.updates_per_epoch, trainer.global_batch, trainer.total_steps) == (5, 16, 5 * cfg.optim.epochs)

@@ -31,9 +31,10 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def cfg_for(stage: str, digits, out: Path, *extra: str):
+    cache = [f"probe.cache_dir={out / 'cache'}"] if stage == "linprobe" else []
     return load_config(ROOT / f"configs/{stage}/demo.yaml", [
         "model.variant=nano", f"data.train_shards={digits[0]}", f"data.val_shards={digits[1]}", "data.num_workers=0",
-        f"run.out_dir={out}", f"probe.cache_dir={out / 'cache'}", *extra])
+        f"run.out_dir={out}", *cache, *extra], stage=stage)
 
 
 def test_linprobe_logreg_end_to_end_with_cached_features(digits, encoder, tmp_path: Path) -> None:
@@ -134,13 +135,13 @@ def test_unset_fields_take_the_checkpoints_values_in_every_stage(digits, pretrai
     enc = pretrained_heads_2 / "encoder.pth"
     probe = run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={enc}", "probe.Cs=[1.0]",
                                  "probe.knn_k=0"))
-    saved = load_config(tmp_path / "demo-linprobe" / "config.yaml").model  # records what was really built
+    saved = load_config(tmp_path / "demo-linprobe" / "config.yaml", stage="linprobe").model  # records what was really built
     assert (saved.variant, saved.heads, saved.lambd, saved.eta, saved.family) == ("nano", 2, 0.3, 0.1, "mae")
     assert probe.top1 > 30
     ft = run_finetune(cfg_for("finetune", digits, tmp_path, f"finetune.checkpoint={enc}", "optim.epochs=1"))
     layer = ft.model.encoder.layers[0]
     assert (layer.attn.heads, layer.ista.lambd) == (2, 0.3)
-    assert load_config(tmp_path / "demo-finetune" / "config.yaml").model.heads == 2
+    assert load_config(tmp_path / "demo-finetune" / "config.yaml", stage="finetune").model.heads == 2
     # the probe's classifier computes exactly the pretrained encoder's function
     from crate_mae.model import hub
 
