@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from crate_mae.data.device_decode import RawImage, collate_raw
 from crate_mae.data.manifest import ShardError, ShardList, resolve_shards
-from crate_mae.data.stream import (BadSample, DataError, SampleCount, batches, check_bad, decode_or_skip, read_samples,
-                                   shard_order, shuffled, split_by_sample, worker_role)
+from crate_mae.data.stream import (BadSample, SampleCount, batches, check_bad, decode_or_skip, read_samples, shard_order,
+                                   shuffled, split_by_sample, worker_role)
 from crate_mae.data.transforms import Transform
 from crate_mae.seeding import mix_seed, seed_everything
 

@@ -21,7 +21,6 @@ from crate_mae.config import Config, ConfigError, FinetuneConfig
 from crate_mae.data import FinetuneTransform
 from crate_mae.data.device_decode import to_device
 from crate_mae.data.reader import config_eval_loader, config_train_loader
-from crate_mae.engine import dist
 from crate_mae.seeding import seed_everything
 from crate_mae.engine.optim import peak_lr
 from crate_mae.engine.trainer import Trainer
