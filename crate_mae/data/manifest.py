@@ -98,7 +98,7 @@ class ShardList:
 
 
 def _check_local(url: str, expected_bytes: int | None) -> None:
-    """A local shard exists, has the manifest's size, and ends with a tar end-of-archive marker.
+    """A local shard exists, has the manifest's size, ends with a tar end-of-archive marker, and holds a member.
 
     The marker check matters: Python's tarfile (and so webdataset) ends a stream silently at a
     truncated header, so a shard cut short would otherwise just yield fewer samples.
@@ -109,10 +109,13 @@ def _check_local(url: str, expected_bytes: int | None) -> None:
     if expected_bytes is not None and size != expected_bytes:
         raise ShardError(f"{url}: {size} bytes but the manifest says {expected_bytes}: truncated or rewritten")
     with open(url, "rb") as f:
+        head = f.read(512)
         f.seek(max(0, size - 1024))
         tail = f.read()
     if size % 512 or size < 1024 or tail.count(0) != len(tail):
         raise ShardError(f"{url}: not a complete tar file (no end-of-archive marker): truncated?")
+    if head.count(0) == len(head):  # the first header block is the end-of-archive marker: no member at all
+        raise ShardError(f"{url}: the shard holds no samples (an empty tar)")
 
 
 def _sibling_manifest(url: str) -> Path | None:
@@ -136,6 +139,8 @@ def resolve_shards(spec: str) -> ShardList:
         folder = os.path.dirname(spec)
         urls = [s.name if is_remote(s.name) else os.path.join(folder, s.name) for s in manifest.shards]
         for url, info in zip(urls, manifest.shards):
+            if info.samples == 0:
+                raise ShardError(f"{url}: the manifest {spec} lists it with no samples")
             if not is_remote(url):
                 _check_local(url, info.bytes)
         return ShardList(spec, urls, [s.samples for s in manifest.shards], manifest)

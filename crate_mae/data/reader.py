@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from crate_mae.data.device_decode import RawImage, collate_raw
 from crate_mae.data.manifest import ShardError, ShardList, resolve_shards
-from crate_mae.data.stream import (BadSample, SampleCount, batches, check_bad, decode_or_skip, read_samples, shard_order,
-                                   shuffled, split_by_sample, worker_role)
+from crate_mae.data.stream import (BadSample, DataError, SampleCount, batches, check_bad, decode_or_skip, read_samples,
+                                   shard_order, shuffled, split_by_sample, worker_role)
 from crate_mae.data.transforms import Transform
 from crate_mae.seeding import mix_seed, seed_everything
 
@@ -49,6 +49,7 @@ class _WorkerItem(NamedTuple):
     slot: int
     seen: int
     bad: int
+    last: str  # the worker's last bad sample so far ("" if none)
 
 
 class ShardStream(IterableDataset):
@@ -120,10 +121,10 @@ class ShardStream(IterableDataset):
         if self.train:  # every rank the same number of batches, dealt out to its workers in turn
             limit = self.steps_per_epoch // workers + (role < self.steps_per_epoch % workers)
         for batch in batches(items, self.batch_size, _collate, limit=limit, drop=replay_mine, partial=not self.train):
-            yield _WorkerItem(batch, slot, count.seen, count.bad)
+            yield _WorkerItem(batch, slot, count.seen, count.bad, count.last)
         if not self.train:
             check_bad(count, self.max_bad_fraction, self.shards.spec, final=True)
-            yield _WorkerItem(None, slot, count.seen, count.bad)
+            yield _WorkerItem(None, slot, count.seen, count.bad, count.last)
 
 
 def _collate(items: list[tuple[Any, int, str]]) -> Batch:
@@ -145,6 +146,7 @@ class ShardLoader:
                                  generator=torch.Generator())
         self._done = SampleCount()  # finished epochs
         self._current: dict[int, tuple[int, int]] = {}  # slot → (seen, bad) in this epoch
+        self._last = ""  # the last bad sample any worker reported
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -168,12 +170,33 @@ class ShardLoader:
         return self._done.bad + sum(k for _, k in self._current.values())
 
     def __iter__(self) -> Iterator[Batch]:
+        """One epoch's batches. At its end the bad samples are judged over everything this loader has read, all
+        workers and epochs together: a run of short epochs cannot stay under the limit epoch by epoch."""
         self._current = {}
-        for item in self.loader:
-            self._current[item.slot] = (item.seen, item.bad)
-            if item.batch is not None:
-                yield item.batch
+        try:
+            for item in self.loader:
+                self._current[item.slot] = (item.seen, item.bad)
+                self._last = item.last or self._last
+                if item.batch is not None:
+                    yield item.batch
+        except (DataError, ShardError) as err:  # raised in a worker: the DataLoader wraps it in a traceback text
+            raise type(err)(_worker_message(err)) from None
         self._done.seen, self._done.bad, self._current = self.seen, self.bad, {}
+        check_bad(SampleCount(self.seen, self.bad, self._last), self.stream.max_bad_fraction, self.stream.shards.spec,
+                  final=True)
+
+
+def _worker_message(err: Exception) -> str:
+    """The one-line message of an error raised inside a DataLoader worker, without the traceback text that the
+    DataLoader puts around it ("Caught DataError in DataLoader worker process 0. Original Traceback ...")."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    for prefix in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
 
 
 def train_loader(spec: str, transform: Transform, *, batch_size: int, rank: int = 0, world_size: int = 1,

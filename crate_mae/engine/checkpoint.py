@@ -128,7 +128,18 @@ def resume_path(run_dir: Path, resume: str | None) -> Path | None:
     if latest(run_dir) is not None:
         raise FileExistsError(f"{run_dir} holds checkpoints already: --resume auto continues that run, "
                               f"--set run.name=NAME starts another")
+    if (Path(run_dir) / "results.json").exists():  # a finished probe: its figures are never overwritten silently
+        raise FileExistsError(f"{run_dir}/results.json exists already: --set run.name=NAME writes another run")
     return None
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """The hidden temp files (`.<name>.<random>.tmp`, crate_mae/atomic.py) that a kill during a write left behind:
+    a whole checkpoint's size each at scale. Called by rank 0 when a run starts in its folder."""
+    stale = sorted(Path(run_dir).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 class CheckpointPayload(TypedDict, total=False):
@@ -150,8 +161,8 @@ class Checkpointer:
 
     After every optimiser step `after_step` writes `ckpt-<step>.pth` every `every` steps (not at the last step:
     `final.pth` follows it) and prunes all but the newest `keep_last` of them. Every save is collective (every
-    rank's RNG state is gathered, rank 0 writes atomically) and never follows a non-finite loss
-    (`trainer.check_finite()` raises first). `extra()` adds a stage's own entries (an EMA, the best accuracy).
+    rank's RNG state is gathered, rank 0 writes atomically) and never holds weights whose loss is not finite
+    (`trainer.check_state_finite()` raises first). `extra()` adds a stage's own entries (an EMA, the best accuracy).
     """
 
     def __init__(self, run_dir: str | Path, *, every: int, keep_last: int, config: Mapping[str, Any], dist: Dist,
@@ -168,7 +179,7 @@ class Checkpointer:
         """Write `run_dir/name` from every rank's state (collective); periodic files beyond keep_last are pruned."""
         from crate_mae.engine.dist import all_gather_object, barrier, rng_state
 
-        trainer.check_finite()
+        trainer.check_state_finite()  # never a checkpoint of weights whose loss is not finite
         rngs = all_gather_object(self.dist, rng_state())
         path = self.run_dir / name
         if self.dist.is_main:

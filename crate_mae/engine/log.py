@@ -44,6 +44,13 @@ class RunLogger:
         self.jsonl.flush()
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
 
+    def event(self, name: str, step: int, **details: Any) -> None:
+        """One line {"time", "step", "event": name, ...} in log.jsonl: a resume, so that a reader knows the lines
+        after it replace those of the same steps before it."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"time": round(time.time(), 3), "step": step, "event": name, **details}) + "\n")
+            self.jsonl.flush()
+
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
             self.bar.update(steps)

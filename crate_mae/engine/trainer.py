@@ -88,6 +88,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
         self._first_bad = torch.full((), -1, dtype=torch.long, device=dist.device)
+        self._last_batch: Any = None  # the last micro-batch, for `check_state_finite`
 
     @classmethod
     def from_config(cls, cfg: Config, model: nn.Module, d: Dist, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -126,6 +127,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.scheduler.step_update(num_updates=self.state.step)
+        self._last_batch = micro_batches[-1]
         mean = total / n
         bad = ~torch.isfinite(mean) & (self._first_bad < 0)
         self._first_bad = torch.where(bad, torch.full_like(self._first_bad, self.state.step), self._first_bad)
@@ -184,6 +186,31 @@ class Trainer:
         if first >= 0:
             raise NonFiniteLoss(f"the loss is not finite at step {first} (lr {self.lr:.3g}); stopping. "
                                 "Checkpoints written before it are intact: lower optim.lr/blr or set optim.clip_grad")
+
+    def check_state_finite(self) -> None:
+        """Raise unless the weights as they are now give a finite loss: what a checkpoint may hold.
+
+        A step's loss is computed before its update, so a diverging update shows only in the next step's loss:
+        `check_finite` alone runs one step behind. This also checks every parameter, and the loss of the current
+        weights on the last micro-batch (no gradient; every generator restored afterwards, so the run's random
+        stream and an exact resume are untouched). Collective: every rank raises together.
+        """
+        from crate_mae.engine.dist import rng_state, set_rng_state
+
+        self.check_finite()
+        bad = any(not torch.isfinite(p).all() for p in self.module.parameters())
+        if not bad and self._last_batch is not None:
+            saved = rng_state()
+            try:
+                with torch.no_grad(), autocast(self.dist.device, self.precision):
+                    bad = not torch.isfinite(self.loss_fn(self.module, self._last_batch).float()).item()
+            finally:
+                set_rng_state(saved)
+        flag = all_reduce_max(self.dist, torch.tensor(int(bad), device=self.dist.device))
+        if flag.item():
+            raise NonFiniteLoss(f"the weights after step {self.state.step} (lr {self.lr:.3g}) give a non-finite loss; "
+                                "stopping without saving them. Checkpoints written before are intact: lower "
+                                "optim.lr/blr or set optim.clip_grad")
 
     @property
     def lr(self) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from crate_mae.data.manifest import ShardError
 from crate_mae.engine.dist import Dist, all_reduce_sum
 from crate_mae.engine.trainer import autocast
 
@@ -45,4 +46,7 @@ def evaluate(model: nn.Module, loader: Any, dist: Dist, precision: str = "fp32")
         counts += torch.tensor([correct[1], correct[5], len(batch.labels)], dtype=torch.float64, device=dist.device)
     model.train(was_training)
     top1, top5, n = all_reduce_sum(dist, counts).tolist()
+    if n == 0:  # an accuracy over nothing would read as 0 % and let the run exit 0
+        spec = getattr(getattr(loader, "stream", None), "shards", None)
+        raise ShardError(f"{getattr(spec, 'spec', 'the evaluation set')}: evaluation read no samples")
     return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "samples": int(n)}

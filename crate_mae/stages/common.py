@@ -43,11 +43,19 @@ class StageRun:
 
     @contextmanager
     def logger(self, trainer: Trainer | None = None) -> Iterator[RunLogger]:
-        """The run's logger (rank 0 writes), closed however the run ends; rank 0 saves the resolved config first."""
+        """The run's logger (rank 0 writes), closed however the run ends; rank 0 saves the resolved config first,
+        removes the temp files a killed write left behind, and marks a resume in log.jsonl (the steps between the
+        checkpoint and the kill are logged again after it)."""
+        stale: list[Path] = []
         if self.d.is_main:
+            stale = ckpt.remove_stale_temp_files(self.run_dir)
             save_config(self.cfg, self.run_dir / "config.yaml")
         log = RunLogger(self.run_dir, enabled=self.d.is_main, total_steps=trainer.total_steps if trainer else 0,
                         initial_step=trainer.state.step if trainer else 0)
+        if stale:
+            log.info(f"removed {len(stale)} temp file(s) left by an interrupted write: {', '.join(p.name for p in stale)}")
+        if self.resume is not None and trainer is not None:
+            log.event("resume", trainer.state.step, checkpoint=str(self.resume))
         try:
             yield log
         finally:

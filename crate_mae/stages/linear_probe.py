@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from crate_mae.config import Config
-from crate_mae.data import EvalTransform, PretrainTransform, eval_loader, resolve_shards
+from crate_mae.data import EvalTransform, PretrainTransform, ShardError, eval_loader, resolve_shards
 from crate_mae.data.device_decode import to_device
 from crate_mae.data.reader import config_eval_loader, config_train_loader
 from crate_mae.engine import dist
@@ -113,6 +113,9 @@ def _logreg(cfg: Config, d: dist.Dist, encoder: CrateClassifier, train_spec: str
                  for s in ("train", "val")}
         x = {s: torch.cat([part["x"] for part in parts[s]]) for s in parts}
         y = {s: torch.cat([part["y"] for part in parts[s]]) for s in parts}
+        for split, spec in (("train", train_spec), ("val", val_spec)):
+            if len(y[split]) == 0:
+                raise ShardError(f"{spec}: the {split} features hold no samples")
         fit_ = fit_logistic_regression(x["train"], y["train"], x["val"], y["val"], Cs=p.Cs, heldout=p.heldout,
                                              solver=p.solver, max_iter=p.max_iter, seed=cfg.run.seed, device=d.device)
         details: dict[str, Any] = {"C": fit_.C, "heldout_top1": fit_.heldout_top1, "searched": fit_.searched,

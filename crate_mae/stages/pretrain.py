@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from crate_mae.config import Config, ConfigError
-from crate_mae.data import EvalTransform, PretrainTransform, eval_loader
+from crate_mae.data import EvalTransform, PretrainTransform, ShardError, eval_loader
 from crate_mae.data.device_decode import DeviceCropTransform, to_device
 from crate_mae.data.prefetch import Prefetcher
 from crate_mae.data.reader import ShardLoader, config_train_loader
@@ -62,9 +62,13 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[Trainer,
 
 def _preview(cfg: Config, train_spec: str, val_spec: str | None, n: int = 8) -> torch.Tensor:
     """A fixed set of uint8 images for reconstruction pictures: the first of the val set (else of train)."""
-    loader = eval_loader(val_spec or train_spec, EvalTransform(cfg.model.img_size, crop_pct=cfg.data.eval_crop_pct),
-                         batch_size=n, max_bad_fraction=1.0)
-    return next(iter(loader)).images
+    spec = val_spec or train_spec
+    loader = eval_loader(spec, EvalTransform(cfg.model.img_size, crop_pct=cfg.data.eval_crop_pct), batch_size=n,
+                         max_bad_fraction=1.0)
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ShardError(f"{spec}: no usable image for the reconstruction previews")
+    return batch.images
 
 
 def run_pretrain(cfg: Config) -> PretrainResult:

@@ -208,6 +208,30 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog) -> N
     assert "no label" in caplog.text and "undecodable" in caplog.text
 
 
+def test_the_bad_fraction_is_judged_over_the_whole_run_in_every_epoch(tmp_path: Path) -> None:
+    """Short training epochs once reset the count each epoch and never judged it: 2.4 % bad passed a 0.1 % limit."""
+    samples = [good_sample(i) for i in range(250)]
+    for i in range(0, 250, 42):  # 6 of 250 bad: 2.4 %
+        samples[i] = {"__key__": f"bad{i}", "jpg": b"\xff\xd8 not a jpeg", "cls": b"0"}
+    spec = write_tar_set(tmp_path, "train", [samples[:125], samples[125:]])
+    loader = train_loader(spec, T32, batch_size=8, shuffle_buffer=0, max_bad_fraction=0.001)  # 31 batches/epoch
+    with pytest.raises(DataError, match=r"of \d+ samples were bad, more than data\.max_bad_fraction=0\.001 "
+                                        r"\(last: .*bad\d+: undecodable"):
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            list(loader)
+    assert 0 < loader.seen < 3 * 250  # stopped at the end of an epoch, not after the run
+
+
+def test_an_error_in_a_data_worker_is_one_line(tmp_path: Path) -> None:
+    spec = bad_set(tmp_path)
+    with pytest.raises(DataError) as caught:
+        list(eval_loader(spec, T32, batch_size=8, max_bad_fraction=0.01, num_workers=2))
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message and "worker process" not in message
+    assert message.startswith("2 of") or "samples were bad" in message
+
+
 def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path: Path) -> None:
     spec = bad_set(tmp_path)
     with pytest.raises(DataError, match=r"4 of 40 samples were bad.*max_bad_fraction=0\.05"):
@@ -351,3 +375,31 @@ def test_webdataset_pipe_urls_are_read(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="data.train_samples"):
         train_loader(spec, T32, batch_size=4)
     assert len(list(train_loader(spec, T32, batch_size=4, samples_per_epoch=12, shuffle_buffer=4))) == 3
+
+
+def test_an_empty_shard_is_named_before_anything_is_read(tmp_path: Path) -> None:
+    write_tar_set(tmp_path / "e", "val", [[]], manifest=False)  # a tar with no member: only the end marker
+    empty = str(tmp_path / "e" / "val-000000.tar")
+    with pytest.raises(ShardError, match=r"val-000000\.tar: the shard holds no samples"):
+        resolve_shards(empty)
+    spec = write_tar_set(tmp_path / "m", "val", [[good_sample(0)], []])  # a manifest that lists an empty shard
+    with pytest.raises(ShardError, match=r"val-000001\.tar: the manifest .* lists it with no samples"):
+        resolve_shards(spec)
+
+
+def test_an_evaluation_that_reads_nothing_is_an_error(tmp_path: Path) -> None:
+    import torch
+
+    from crate_mae.engine.dist import Dist
+    from crate_mae.eval.metrics import evaluate
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.float().flatten(1)[:, :3]  # three "logits" from the first pixels
+
+    spec = write_tar_set(tmp_path, "val", [[good_sample(0)]])
+    loader, cpu = eval_loader(spec, T32, batch_size=4), Dist(0, 1, 0, torch.device("cpu"))
+    assert evaluate(Tiny(), loader, cpu)["samples"] == 1
+    loader.stream.shards.urls = []  # a set that yields no sample (all of it another rank's, or filtered away)
+    with pytest.raises(ShardError, match=r"val\.json: evaluation read no samples"):
+        evaluate(Tiny(), loader, cpu)

@@ -80,9 +80,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_pa
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     real_loss, calls = CrateMAE.loss, {"n": 0}
 
-    def poisoned(self, img, pred, mask):  # fault injection: the 13th step's loss is NaN
-        calls["n"] += 1
-        return real_loss(self, img, pred, mask) * (float("nan") if calls["n"] == 13 else 1.0)
+    def poisoned(self, img, pred, mask):  # fault injection: the 13th step's loss is NaN (checkpoint checks not counted)
+        calls["n"] += torch.is_grad_enabled()
+        return real_loss(self, img, pred, mask) * (float("nan") if calls["n"] == 13 and torch.is_grad_enabled() else 1.0)
 
     monkeypatch.setattr(CrateMAE, "loss", poisoned)
     with pytest.raises(NonFiniteLoss, match="not finite at step 13"):
@@ -91,6 +91,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_pa
     assert [p.name for p in ckpt.periodic(run)] == ["ckpt-00000010.pth"] and not (run / "final.pth").exists()
     good = ckpt.load(run / "ckpt-00000010.pth")
     assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_no_checkpoint_holds_weights_whose_loss_is_not_finite(digits, tmp_path: Path) -> None:
+    """A huge lr diverges in the first update: its own loss was finite, the next one is not. With a checkpoint
+    every step, the guard must stop before writing ckpt-00000001.pth, not one step later."""
+    with pytest.raises(NonFiniteLoss, match="weights after step 1 .* give a non-finite loss"):
+        run_pretrain(tiny(digits, tmp_path, "optim.lr=1e12", "optim.warmup_epochs=0", "run.ckpt_every=1",
+                          "run.log_every=100"))
+    assert ckpt.periodic(tmp_path / "t") == [] and not (tmp_path / "t" / "final.pth").exists()
+
+
+def test_the_checkpoint_check_leaves_the_random_stream_alone() -> None:
+    model = build_mae(ModelConfig(variant="nano"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0),
+                      opt, 1), dist=CPU, loss_fn=lambda m, b: m(b).loss)
+    trainer.step([torch.randn(2, 3, 32, 32)])
+    before = torch.get_rng_state()
+    trainer.check_state_finite()  # draws a mask, then puts every generator back
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_trainer_names_the_first_non_finite_step() -> None:
@@ -299,3 +319,18 @@ def test_cuda_train_step_never_waits_on_the_host() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     trainer.check_finite()
+
+
+def test_a_resume_removes_stale_temp_files_and_is_marked_in_the_log(digits, tmp_path: Path) -> None:
+    import json
+
+    run_pretrain(tiny(digits, tmp_path, "run.ckpt_every=20"))
+    run = tmp_path / "t"
+    (run / "final.pth").unlink()  # as if killed after ckpt-00000040.pth, during a write of the next one
+    stale = run / ".ckpt-00000060.pth.k2j3h4.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    run_pretrain(tiny(digits, tmp_path, "run.ckpt_every=20", "run.resume=auto"))
+    assert not stale.exists() and not list(run.glob(".*.tmp"))
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    marks = [e for e in events if e.get("event") == "resume"]
+    assert len(marks) == 1 and marks[0]["step"] == 40 and marks[0]["checkpoint"].endswith("ckpt-00000040.pth")

@@ -44,13 +44,16 @@ def test_linprobe_logreg_end_to_end_with_cached_features(digits, encoder, tmp_pa
     cached = list((tmp_path / "cache").rglob("*.pt"))
     assert len(cached) == 2
     stamps = {p: p.stat().st_mtime_ns for p in cached}
+    with pytest.raises(FileExistsError, match=r"demo-linprobe/results\.json exists already: --set run\.name=NAME"):
+        run_linprobe(cfg)  # the figures of a finished probe are never overwritten silently
+    cfg.run.name = "demo-linprobe-again"
     again = run_linprobe(cfg)
     assert again.top1 == first.top1 and {p: p.stat().st_mtime_ns for p in cached} == stamps  # reused, not rewritten
     result = json.loads((tmp_path / "demo-linprobe" / "results.json").read_text())
     assert {"dataset", "protocol", "feature", "top1", "top5", "train_samples", "val_samples"} <= set(result)
     assert result["details"]["knn"]["top1"] > 30
     mean = run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={encoder}", "probe.feature=mean",
-                                "probe.Cs=[1.0]", "probe.knn_k=0"))
+                                "probe.Cs=[1.0]", "probe.knn_k=0", "run.name=mean"))
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 4 and mean.top1 > 60  # another feature, another key
 
 
