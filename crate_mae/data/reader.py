@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from crate_mae.data.device_decode import RawImage, collate_raw
 from crate_mae.data.manifest import ShardError, ShardList, resolve_shards
-from crate_mae.data.stream import (BadSample, DataError, SampleCount, batches, check_bad, decode_or_skip, read_samples,
-                                   shard_order, shuffled, split_by_sample, worker_role)
+from crate_mae.data.stream import (BadSample, DataError, SampleCount, batches, check_bad, decode_or_skip,
+                                   merged_members, read_samples, shard_order, shuffled, split_by_sample, worker_role)
 from crate_mae.data.transforms import Transform
 from crate_mae.seeding import mix_seed, seed_everything
 
@@ -57,7 +57,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardList, transform: Transform, *, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, seed: int = 0, resample: bool = True, shuffle_buffer: int = 1000,
-                 steps_per_epoch: int | None = None, max_bad_fraction: float = 0.001) -> None:
+                 steps_per_epoch: int | None = None, max_bad_fraction: float = 0.001, labels: bool = True) -> None:
         super().__init__()
         if train and not steps_per_epoch:
             raise ValueError("a training stream needs steps_per_epoch")
@@ -65,6 +65,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed, self.resample = rank, world_size, seed, resample
         self.shuffle_buffer, self.steps_per_epoch, self.max_bad_fraction = shuffle_buffer, steps_per_epoch, max_bad_fraction
         self.num_classes = shards.manifest.num_classes if shards.manifest else 0
+        self.labels = labels  # False (pretraining): labels are not read, so none can stop or skip a sample
         self.epoch, self.replay = 0, 0
 
     def set_epoch(self, epoch: int, replay: int = 0) -> None:
@@ -81,15 +82,14 @@ class ShardStream(IterableDataset):
         def decode(sample: dict, dry: bool) -> tuple[torch.Tensor | None, int]:
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
+                merged = merged_members(sample)
+                if merged:  # a naming fault of the whole set, not one bad sample: say what happened
+                    key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+                    raise DataError(f"{key}: holds the members {', '.join(merged[:4])}: samples whose keys contain a "
+                                    f"dot were merged (webdataset splits member names at the first dot); rewrite "
+                                    f"the shards with keys without dots (python -m crate_mae.data.shards write)")
                 raise BadSample(f"no image ({'/'.join(IMAGE_KEYS)})")
-            if "cls" not in sample:
-                raise BadSample("no label (cls)")
-            try:
-                label = int(sample["cls"])
-            except ValueError:
-                raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
-            if label < 0 or (self.num_classes and label >= self.num_classes):
-                raise BadSample(f"label {label} outside [0, {self.num_classes})")
+            label = self._label(sample) if self.labels else -1
             try:
                 if dry:
                     getattr(self.transform, "draw", self.transform)(data, rng)
@@ -98,6 +98,22 @@ class ShardStream(IterableDataset):
             except Exception as err:  # PIL raises several types for corrupt or truncated images
                 raise BadSample(f"undecodable image ({type(err).__name__}: {err})".split("\n")[0]) from None
         return decode
+
+    def _label(self, sample: dict) -> int:
+        """The sample's class: a missing or non-integer one is a BadSample (that sample is unusable); one outside the
+        manifest's classes is a DataError naming the shard, key and value (the labels or the class list are wrong,
+        as with 1-based labels: skipping them would drop a whole class silently)."""
+        if "cls" not in sample:
+            raise BadSample("no label (cls)")
+        try:
+            label = int(sample["cls"])
+        except ValueError:
+            raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
+        if label < 0 or (self.num_classes and label >= self.num_classes):
+            key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+            raise DataError(f"{key}: label {label} does not fit the {self.num_classes or 'known'} classes of "
+                            f"{self.shards.spec} (labels run 0 … {max(self.num_classes - 1, 0)})")
+        return label
 
     def __iter__(self) -> Iterator[_WorkerItem]:
         info = get_worker_info()
@@ -202,7 +218,7 @@ def _worker_message(err: Exception) -> str:
 def train_loader(spec: str, transform: Transform, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 0, resample: bool = True, shuffle_buffer: int = 1000,
                  samples_per_epoch: int | None = None, max_bad_fraction: float = 0.001, accum_steps: int = 1,
-                 pin_memory: bool = False) -> ShardLoader:
+                 pin_memory: bool = False, labels: bool = True) -> ShardLoader:
     """The training loader of one rank: full batches per epoch = samples // (batch × ranks × accum) × accum."""
     shards = resolve_shards(spec)
     total = samples_per_epoch or shards.total
@@ -215,25 +231,26 @@ def train_loader(spec: str, transform: Transform, *, batch_size: int, rank: int 
                          f" × {accum_steps} accumulation steps")
     stream = ShardStream(shards, transform, batch_size=batch_size, train=True, rank=rank, world_size=world_size,
                          seed=seed, resample=resample, shuffle_buffer=shuffle_buffer, steps_per_epoch=steps,
-                         max_bad_fraction=max_bad_fraction)
+                         max_bad_fraction=max_bad_fraction, labels=labels)
     return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def eval_loader(spec: str, transform: Transform, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, max_bad_fraction: float = 0.001, pin_memory: bool = False) -> ShardLoader:
+                num_workers: int = 0, max_bad_fraction: float = 0.001, pin_memory: bool = False,
+                labels: bool = True) -> ShardLoader:
     """The evaluation loader of one rank: its share of every sample, exactly once over all ranks."""
     stream = ShardStream(resolve_shards(spec), transform, batch_size=batch_size, train=False, rank=rank,
-                         world_size=world_size, max_bad_fraction=max_bad_fraction)
+                         world_size=world_size, max_bad_fraction=max_bad_fraction, labels=labels)
     return ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def config_train_loader(data: "DataConfig", spec: str, transform: Transform, *, rank: int, world_size: int,
-                        seed: int, accum_steps: int, pin_memory: bool) -> ShardLoader:
+                        seed: int, accum_steps: int, pin_memory: bool, labels: bool = True) -> ShardLoader:
     """`train_loader` with the settings of a config's `data` section (what every training stage uses)."""
     return train_loader(spec, transform, batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
                         num_workers=data.num_workers, resample=data.resample, shuffle_buffer=data.shuffle_buffer,
                         samples_per_epoch=data.train_samples, max_bad_fraction=data.max_bad_fraction,
-                        accum_steps=accum_steps, pin_memory=pin_memory)
+                        accum_steps=accum_steps, pin_memory=pin_memory, labels=labels)
 
 
 def config_eval_loader(data: "DataConfig", spec: str, img_size: int, *, rank: int, world_size: int,

@@ -21,6 +21,7 @@ import torch
 import webdataset as wds
 
 from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, resolve_shards, write_manifest
+from crate_mae.data.stream import DataError, merged_members
 from crate_mae.data.transforms import decode_rgb
 from crate_mae.data.writer import cifar_source, digits_source, imagefolder_source, write_split
 
@@ -52,7 +53,14 @@ def count_manifest(spec: str, split: str | None = None) -> Manifest:
     shards = resolve_shards(spec)
     infos = []
     for url in shards.urls:
-        count = sum(1 for _ in wds.tarfile_samples([{"url": url}]))
+        count = 0
+        for sample in wds.tarfile_samples([{"url": url}]):
+            merged = merged_members(sample)
+            if merged:
+                raise ShardError(f"{url}/{sample['__key__']}: holds the members {', '.join(merged[:4])}: samples whose "
+                                 f"keys contain a dot merge into one (webdataset splits member names at the first "
+                                 f"dot), so no count would be true; rewrite the shards with keys without dots")
+            count += 1
         infos.append(ShardInfo(os.path.basename(url), count, None if "://" in url else os.path.getsize(url)))
     name = os.path.basename(shards.urls[0])
     return Manifest(split=split or name.rsplit("-", 1)[0], shards=infos, source=spec)
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 pass
             print(f"{args.spec}: {loader.seen} samples, {loader.bad} bad")
             return 1 if loader.bad else 0
-    except (ShardError, OSError) as err:
+    except (ShardError, DataError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     return 0
 

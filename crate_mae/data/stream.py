@@ -54,6 +54,14 @@ def worker_role(worker: int, workers: int, replay: int) -> tuple[int, int]:
     return role, max(0, (replay - role + workers - 1) // workers)  # batches i < replay with i ≡ role
 
 
+def merged_members(sample: dict) -> list[str]:
+    """The member suffixes that show several samples merged into one: webdataset splits a member name at its
+    *first* dot, so the members of samples keyed `img.1`, `img.2` (files `img.1.jpg`, `img.2.jpg`, ...) all land in
+    one sample `img` as `1.jpg`, `2.jpg`. Empty when the sample looks like one sample."""
+    return sorted(k for k in sample if not k.startswith("__") and "." in k
+                  and k.rsplit(".", 1)[1] in ("jpg", "jpeg", "png", "webp", "cls"))
+
+
 def shard_order(urls: list[str], *, train: bool, resample: bool, slot: int, slots: int, seed: int, epoch: int,
                 rng: random.Random) -> tuple[Iterator[str], bool]:
     """(the shard urls this slot reads, whether to split by sample index instead of by shard).

@@ -140,6 +140,8 @@ class ShardWriter:
         self._tar = None
 
     def write(self, key: str, data: bytes, ext: str, label: int) -> None:
+        if "." in key or "/" in key:  # webdataset splits member names at the first dot: samples would merge
+            raise ValueError(f"sample key {key!r} contains a dot or a slash; shard keys must not")
         if self._tar is not None and (self._count >= self.max_count or self._bytes + len(data) > self.max_bytes):
             self._close()
         if self._tar is None:

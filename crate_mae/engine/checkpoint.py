@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import torch
 
 from crate_mae.atomic import atomic_path
-from crate_mae.config import FUNCTION_FIELDS, ConfigError, ModelConfig
+from crate_mae.config import FUNCTION_FIELDS, Config, ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     from crate_mae.engine.dist import Dist
@@ -142,6 +142,14 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     return stale
 
 
+def schedule_changes(saved_optim: Mapping[str, Any], cfg: Config) -> list[str]:
+    """'optim.lr 0.0001 → 0.0002' for every optimiser or schedule key of `cfg` that differs from a checkpoint's."""
+    from crate_mae.config import config_to_dict
+
+    now = config_to_dict(cfg)["optim"]
+    return [f"optim.{k} {saved_optim[k]!r} → {v!r}" for k, v in now.items() if k in saved_optim and saved_optim[k] != v]
+
+
 class CheckpointPayload(TypedDict, total=False):
     """What a run checkpoint holds (every value loads with weights_only=True)."""
 
@@ -169,6 +177,7 @@ class Checkpointer:
                  extra: Callable[[], dict[str, Any]] | None = None) -> None:
         self.run_dir, self.every, self.keep_last = Path(run_dir), every, keep_last
         self.config, self.dist, self.extra = dict(config), dist, extra
+        self.changes: list[str] = []  # schedule keys a resume changed (see restore)
 
     def after_step(self, trainer: Trainer) -> None:
         step = trainer.state.step
@@ -190,13 +199,23 @@ class Checkpointer:
         barrier(self.dist)
         return path
 
-    def restore(self, trainer: Trainer, path: Path, model_cfg: ModelConfig) -> CheckpointPayload:
-        """Load a run checkpoint into `trainer` (model, optimiser, schedule, scaler, position) and this rank's RNG;
-        returns the payload, for what a stage keeps besides (an EMA, the best accuracy)."""
+    def restore(self, trainer: Trainer, path: Path, cfg: Config) -> CheckpointPayload:
+        """Load a run checkpoint into `trainer` (model, optimiser state, scaler, position) and this rank's RNG;
+        returns the payload, for what a stage keeps besides (an EMA, the best accuracy).
+
+        The schedule and the optimiser's hyperparameters are the current config's (`Trainer.load_state_dict`);
+        changed ones are named in the log (`schedule_changes`). A changed optimiser or layer decay (other
+        parameter groups, other moments) cannot continue and is an error naming the key."""
         from crate_mae.engine.dist import set_rng_state
 
         state: CheckpointPayload = load(path)  # type: ignore[assignment]
-        check_arch(state, model_cfg, path)
+        check_arch(state, cfg.model, path)
+        saved = (state.get("config") or {}).get("optim") or {}
+        for key in ("optimizer", "layer_decay"):
+            if key in saved and saved[key] != getattr(cfg.optim, key):
+                raise ConfigError(f"{path}: optim.{key} is {saved[key]!r} in the checkpoint but "
+                                  f"{getattr(cfg.optim, key)!r} in the config; its optimiser state cannot continue")
+        self.changes = schedule_changes(saved, cfg)
         trainer.load_state_dict(state)
         if len(state.get("rng", [])) == self.dist.world_size:  # the same ranks: every generator continues exactly
             set_rng_state(state["rng"][self.dist.rank])

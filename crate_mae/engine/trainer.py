@@ -222,12 +222,20 @@ class Trainer:
                 "state": vars(self.state).copy()}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """The checkpoint's weights, optimiser state (moments), scaler and position, under this Trainer's schedule.
+
+        The optimiser's hyperparameters (lr, weight decay, betas, layer-decay scales) and the schedule are this
+        Trainer's, built from the current config, not the checkpoint's: a resumed run trains with exactly the
+        values it prints and saves, from the current step on. With an unchanged config they are the same values.
+        """
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.module.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        for group, values in zip(self.optimizer.param_groups, hyper):
+            group.update(values)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
-        self.scheduler.step_update(num_updates=self.state.step)
+        self.scheduler.step_update(num_updates=self.state.step)  # the schedule is a function of the config and step
 
 
 @dataclass

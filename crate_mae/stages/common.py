@@ -42,7 +42,7 @@ class StageRun:
                             config=config_to_dict(self.cfg), dist=self.d, extra=extra)
 
     @contextmanager
-    def logger(self, trainer: Trainer | None = None) -> Iterator[RunLogger]:
+    def logger(self, trainer: Trainer | None = None, checkpointer: Checkpointer | None = None) -> Iterator[RunLogger]:
         """The run's logger (rank 0 writes), closed however the run ends; rank 0 saves the resolved config first,
         removes the temp files a killed write left behind, and marks a resume in log.jsonl (the steps between the
         checkpoint and the kill are logged again after it)."""
@@ -55,7 +55,11 @@ class StageRun:
         if stale:
             log.info(f"removed {len(stale)} temp file(s) left by an interrupted write: {', '.join(p.name for p in stale)}")
         if self.resume is not None and trainer is not None:
-            log.event("resume", trainer.state.step, checkpoint=str(self.resume))
+            changes = checkpointer.changes if checkpointer is not None else []
+            log.event("resume", trainer.state.step, checkpoint=str(self.resume), changed=changes)
+            if changes:
+                log.info(f"resumed at step {trainer.state.step} with a changed schedule, applied from this step on: "
+                         + ", ".join(changes))
         try:
             yield log
         finally:

@@ -91,11 +91,11 @@ def _run(run: StageRun) -> FinetuneResult:
     checkpointer = run.checkpointer(lambda: {"best": best, **({"ema": ema.module.state_dict()} if ema else {})})
     seed_everything(cfg.run.seed + 1 + d.rank)
     if run.resume is not None:
-        state = checkpointer.restore(trainer, run.resume, cfg.model)
+        state = checkpointer.restore(trainer, run.resume, cfg)
         best.update(state.get("best", best))
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
-    with run.logger(trainer) as log:
+    with run.logger(trainer, checkpointer) as log:
         log.info(f"{run.run_dir}: CRATE {cfg.model.family} '{cfg.model.variant}' {classes} classes, "
                  + (f"weights from {ft.checkpoint}" if ft.checkpoint else "from scratch")
                  + f"; {trainer.updates_per_epoch} steps/epoch × {trainer.epochs} epochs, global batch "

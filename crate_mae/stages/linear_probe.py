@@ -147,7 +147,7 @@ def _linear(run: StageRun, encoder: CrateClassifier, train_spec: str, val_spec: 
     trainer = Trainer.from_config(cfg, model, d, loss_fn, len(loader))
     checkpointer = run.checkpointer()
     if run.resume is not None:
-        checkpointer.restore(trainer, run.resume, cfg.model)
+        checkpointer.restore(trainer, run.resume, cfg)
     scores = {"top1": 0.0, "top5": 0.0, "samples": 0}
 
     def end_of_epoch(epoch: int) -> None:

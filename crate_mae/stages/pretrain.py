@@ -53,7 +53,7 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[Trainer,
         PretrainTransform(size, fast_decode=cfg.data.fast_decode)
     loader: ShardLoader | Prefetcher = config_train_loader(
         cfg.data, train_spec, transform, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed,
-        accum_steps=cfg.optim.accum_steps, pin_memory=d.device.type == "cuda")
+        accum_steps=cfg.optim.accum_steps, pin_memory=d.device.type == "cuda", labels=False)  # no labels needed
     ready = functools.partial(to_device, size=size, device=d.device)
     if cfg.data.prefetch:  # the copy to the device (and a device decode) off the step's critical path
         loader = Prefetcher(loader, ready, device=d.device, depth=cfg.data.prefetch)
@@ -64,7 +64,7 @@ def _preview(cfg: Config, train_spec: str, val_spec: str | None, n: int = 8) -> 
     """A fixed set of uint8 images for reconstruction pictures: the first of the val set (else of train)."""
     spec = val_spec or train_spec
     loader = eval_loader(spec, EvalTransform(cfg.model.img_size, crop_pct=cfg.data.eval_crop_pct), batch_size=n,
-                         max_bad_fraction=1.0)
+                         max_bad_fraction=1.0, labels=False)
     batch = next(iter(loader), None)
     if batch is None:
         raise ShardError(f"{spec}: no usable image for the reconstruction previews")
@@ -85,8 +85,8 @@ def _run(run: StageRun) -> PretrainResult:
     model, checkpointer = trainer.module, run.checkpointer()
     seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
     if run.resume is not None:
-        checkpointer.restore(trainer, run.resume, cfg.model)
-    with run.logger(trainer) as log:
+        checkpointer.restore(trainer, run.resume, cfg)
+    with run.logger(trainer, checkpointer) as log:
         if d.is_main:
             preview = _preview(cfg, train_spec, val_spec).to(d.device)
             noise = torch.rand(preview.shape[0], model.patch_embed.num_patches(cfg.model.img_size),

@@ -403,3 +403,46 @@ def test_an_evaluation_that_reads_nothing_is_an_error(tmp_path: Path) -> None:
     loader.stream.shards.urls = []  # a set that yields no sample (all of it another rank's, or filtered away)
     with pytest.raises(ShardError, match=r"val\.json: evaluation read no samples"):
         evaluate(Tiny(), loader, cpu)
+
+
+def test_a_label_outside_the_classes_is_an_error_naming_shard_key_and_value(tmp_path: Path) -> None:
+    samples = [good_sample(i) for i in range(8)]
+    samples[5] = {"__key__": "onebased", "jpg": image_bytes(5), "cls": b"3"}  # 3 classes: 0, 1, 2
+    spec = write_tar_set(tmp_path, "val", [samples])
+    with pytest.raises(DataError, match=r"val-000000\.tar/onebased: label 3 does not fit the 3 classes of .*val\.json"):
+        list(eval_loader(spec, T32, batch_size=4, max_bad_fraction=1.0))
+    with pytest.raises(DataError, match=r"onebased: label 3") as caught:  # from a worker too, on one line
+        list(eval_loader(spec, T32, batch_size=4, max_bad_fraction=1.0, num_workers=2))
+    assert "\n" not in str(caught.value)
+
+
+def test_pretraining_reads_no_labels_so_none_can_stop_or_skip_it(tmp_path: Path) -> None:
+    samples = [good_sample(i) for i in range(16)]
+    samples[2] = {"__key__": "nolabel", "jpg": image_bytes(2)}
+    samples[3] = {"__key__": "wild", "jpg": image_bytes(3), "cls": b"99"}
+    samples[4] = {"__key__": "text", "jpg": image_bytes(4), "cls": b"cat"}
+    spec = write_tar_set(tmp_path, "train", [samples])
+    loader = train_loader(spec, T32, batch_size=4, shuffle_buffer=0, max_bad_fraction=0.0, labels=False)
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert sum(len(b.keys) for b in batches) == 16 and loader.bad == 0
+    assert all((b.labels == -1).all() for b in batches)
+
+
+def test_keys_with_dots_are_never_written_and_are_named_when_read(tmp_path: Path) -> None:
+    from crate_mae.data.writer import ShardWriter
+
+    writer = ShardWriter(tmp_path / "w", "train", max_count=10, max_bytes=10**9)
+    with pytest.raises(ValueError, match=r"sample key 'img\.1' contains a dot"):
+        writer.write("img.1", image_bytes(0), "jpg", 0)
+    writer.abort()
+    dotted = [{"__key__": f"img.{i}", "jpg": image_bytes(i), "cls": b"0"} for i in range(8)]
+    spec = write_tar_set(tmp_path / "d", "val", [dotted], manifest=False)  # a hand-made set, as users make them
+    shard = str(tmp_path / "d" / "val-000000.tar")
+    with pytest.raises(DataError, match=r"val-000000\.tar/img: holds the members 0\.cls, 0\.jpg, 1\.cls, 1\.jpg: samples "
+                                        r"whose keys contain a dot were merged"):
+        list(eval_loader(shard, T32, batch_size=4, max_bad_fraction=1.0))
+    with pytest.raises(SystemExit) as exit_info:  # the manifest tool refuses to count "1 samples" for 8
+        shards_main(["manifest", shard])
+    assert exit_info.value.code == 2 and not (tmp_path / "d" / "val.json").exists()
+    del spec

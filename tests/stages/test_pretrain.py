@@ -334,3 +334,41 @@ def test_a_resume_removes_stale_temp_files_and_is_marked_in_the_log(digits, tmp_
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     marks = [e for e in events if e.get("event") == "resume"]
     assert len(marks) == 1 and marks[0]["step"] == 40 and marks[0]["checkpoint"].endswith("ckpt-00000040.pth")
+
+
+def test_a_resume_trains_with_the_schedule_it_prints(digits, tmp_path: Path) -> None:
+    """A changed lr / epochs / warm-up / weight decay applies from the resumed step, and the log says so."""
+    import json
+
+    def trainer_for(*overrides: str) -> Trainer:
+        cfg = load_config(None, ["model.variant=nano", "data.batch_size=8", "optim.epochs=10", "optim.warmup_epochs=1",
+                                 *overrides])
+        torch.manual_seed(0)
+        model = build_mae(cfg.model.resolve())
+        return Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).loss, batches_per_epoch=4)
+
+    old = trainer_for("optim.lr=1e-3")
+    for _ in range(6):
+        old.step([torch.randn(2, 3, 32, 32)])
+    saved = old.state_dict()
+    same = trainer_for("optim.lr=1e-3")
+    same.load_state_dict(saved)
+    assert same.lr == old.lr and [g["weight_decay"] for g in same.optimizer.param_groups] == \
+        [g["weight_decay"] for g in old.optimizer.param_groups]
+    new = trainer_for("optim.lr=4e-3", "optim.epochs=20", "optim.weight_decay=0.2")
+    new.load_state_dict(saved)
+    reference = trainer_for("optim.lr=4e-3", "optim.epochs=20", "optim.weight_decay=0.2")
+    reference.scheduler.step_update(num_updates=6)
+    assert new.state.step == 6 and new.lr == pytest.approx(reference.lr) and new.lr != pytest.approx(old.lr)
+    assert max(g["weight_decay"] for g in new.optimizer.param_groups) == 0.2
+    assert torch.equal(next(iter(new.optimizer.state.values()))["exp_avg"],
+                       next(iter(old.optimizer.state.values()))["exp_avg"])  # the moments continue
+
+    run_pretrain(tiny(digits, tmp_path, "optim.epochs=2", "run.ckpt_every=20"))
+    (tmp_path / "t" / "final.pth").unlink()
+    run_pretrain(tiny(digits, tmp_path, "optim.epochs=2", "run.ckpt_every=20", "optim.blr=4e-2", "run.resume=auto"))
+    events = [json.loads(line) for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    [mark] = [e for e in events if e.get("event") == "resume"]
+    assert mark["changed"] == ["optim.blr 0.02 → 0.04"]
+    with pytest.raises(ValueError, match=r"optim\.optimizer is 'adamw' in the checkpoint but 'lion'"):
+        run_pretrain(tiny(digits, tmp_path, "optim.epochs=2", "optim.optimizer=lion", "run.resume=auto"))
