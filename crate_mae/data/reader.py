@@ -125,7 +125,9 @@ class ShardStream(IterableDataset):
             seed_everything(mix_seed(self.seed, self.epoch, self.rank, role, "global"))
         urls, by_sample = shard_order(self.shards.urls, train=self.train, resample=self.resample, slot=slot,
                                       slots=slots, seed=self.seed, epoch=self.epoch, rng=rng)
-        samples: Iterator[dict] = read_samples(urls, spec=self.shards.spec, shards=len(self.shards.urls))
+        expected = dict(zip(self.shards.urls, self.shards.samples)) if self.shards.samples is not None else None
+        samples: Iterator[dict] = read_samples(urls, spec=self.shards.spec, shards=len(self.shards.urls),
+                                               expected=expected)
         if by_sample:
             samples = split_by_sample(samples, slot, slots)
         if self.train:

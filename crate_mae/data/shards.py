@@ -66,6 +66,21 @@ def count_manifest(spec: str, split: str | None = None) -> Manifest:
     return Manifest(split=split or name.rsplit("-", 1)[0], shards=infos, source=spec)
 
 
+def verify_manifest(spec: str) -> int:
+    """Count every shard of a manifest's set and compare with the manifest: 0 if all agree, else 1 (printed)."""
+    shards = resolve_shards(spec)
+    if shards.samples is None:
+        raise ShardError(f"{spec}: no manifest to verify; write one with python -m crate_mae.data.shards manifest")
+    counted = count_manifest(spec)
+    wrong = [(url, listed, info.samples) for url, listed, info in zip(shards.urls, shards.samples, counted.shards)
+             if listed != info.samples]
+    for url, listed, real in wrong:
+        print(f"{url}: {real} samples, the manifest says {listed}")
+    print(f"{spec}: {len(shards.urls) - len(wrong)} of {len(shards.urls)} shards agree with the manifest "
+          f"({counted.total} samples counted, {shards.total} listed)")
+    return 1 if wrong else 0
+
+
 def _decode_only(data: bytes, rng: object = None) -> torch.Tensor:
     """A full decode, for `check`: a corrupt or truncated image raises here."""
     decode_rgb(data)
@@ -112,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
     m.add_argument("spec", help="brace pattern or glob of local shards")
     m.add_argument("--split", help="split name (default: the shard name before its last '-')")
+    m.add_argument("--verify", action="store_true", help="count every shard of SPEC (a manifest) against the "
+                                                          "manifest and report the shards that disagree; write nothing")
     c = sub.add_parser("check", help="read every sample of a shard set and report the bad ones")
     c.add_argument("spec")
     args = parser.parse_args(argv)
@@ -120,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "write":
             args.shard_size = args.shard_size or (250 if args.source == "digits" else 10_000)
             _write(args)
+        elif args.command == "manifest" and args.verify:
+            return verify_manifest(args.spec)
         elif args.command == "manifest":
             manifest = count_manifest(args.spec, args.split)
             path = Path(resolve_shards(args.spec).urls[0]).parent / f"{manifest.split}.json"

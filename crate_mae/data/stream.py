@@ -85,21 +85,28 @@ def shard_order(urls: list[str], *, train: bool, resample: bool, slot: int, slot
     return passes(), by_sample
 
 
-def read_samples(urls: Iterable[str], *, spec: str, shards: int) -> Iterator[dict]:
+def read_samples(urls: Iterable[str], *, spec: str, shards: int, expected: dict[str, int] | None = None
+                 ) -> Iterator[dict]:
     """The samples of each shard in turn (webdataset's tar reader groups a sample's members by key).
 
-    An unreadable or truncated tar is a ShardError naming it; a run of more empty shards than the set holds
-    (an endless training order over empty shards) is a ShardError naming the set.
+    An unreadable or truncated tar is a ShardError naming it; a shard read to its end with another number of
+    samples than the manifest's (`expected`, by url) is a ShardError too, since the epoch length comes from those
+    counts; a run of more empty shards than the set holds (an endless training order over empty shards) is a
+    ShardError naming the set.
     """
     empty_run = 0
     for url in urls:
-        got = False
+        count = 0
         try:
             for sample in wds.tarfile_samples([{"url": url}]):
-                got = True
+                count += 1
                 yield sample
         except Exception as err:  # a truncated or unreadable tar: name it and stop
             raise ShardError(f"{url}: cannot read the shard ({type(err).__name__}: {err})".split("\n")[0]) from None
+        if expected is not None and url in expected and expected[url] != count:
+            raise ShardError(f"{url}: {count} samples, but the manifest of {spec} says {expected[url]}; recount with "
+                             f"python -m crate_mae.data.shards manifest (see its --verify)")
+        got = count > 0
         empty_run = 0 if got else empty_run + 1
         if empty_run > max(shards, 8):
             raise ShardError(f"{spec}: the shards hold no samples")

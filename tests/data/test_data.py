@@ -446,3 +446,19 @@ def test_keys_with_dots_are_never_written_and_are_named_when_read(tmp_path: Path
         shards_main(["manifest", shard])
     assert exit_info.value.code == 2 and not (tmp_path / "d" / "val.json").exists()
     del spec
+
+
+def test_a_manifest_whose_counts_are_wrong_is_caught_as_read_and_by_verify(tmp_path: Path, capsys) -> None:
+    import json
+
+    spec = write_tar_set(tmp_path, "val", [[good_sample(i) for i in range(6)], [good_sample(i) for i in range(6, 10)]])
+    assert shards_main(["manifest", spec, "--verify"]) == 0
+    raw = json.loads(Path(spec).read_text())
+    raw["shards"][1]["samples"] = 40  # ten times too many
+    Path(spec).write_text(json.dumps(raw))
+    with pytest.raises(ShardError, match=r"val-000001\.tar: 4 samples, but the manifest of .*val\.json says 40"):
+        list(eval_loader(spec, T32, batch_size=4))
+    capsys.readouterr()
+    assert shards_main(["manifest", spec, "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "val-000001.tar: 4 samples, the manifest says 40" in out and "1 of 2 shards agree" in out
