@@ -20,7 +20,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from crate_mae.data.transforms import PretrainTransform, decode_tensor, open_image
+from crate_mae.data.transforms import PretrainTransform, check_size, decode_tensor, open_image
 
 if TYPE_CHECKING:
     from crate_mae.data.reader import Batch
@@ -49,6 +49,7 @@ class DeviceCropTransform(PretrainTransform):
 
     def __call__(self, data: bytes, rng: random.Random) -> RawImage:  # type: ignore[override]
         img = open_image(data)
+        check_size(img)  # the device decodes whole images: one past MAX_PIXELS is a counted skip here
         box, flip = self._draw(img.width, img.height, rng)
         if img.format == "JPEG":
             return RawImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, box, flip)

@@ -24,6 +24,7 @@ import random
 import warnings
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 try:
@@ -46,26 +47,75 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
+MAX_PIXELS = 64_000_000  # a larger image is decoded at reduced size (JPEG) or skipped: memory stays bounded
+
+
+def check_size(img: Image.Image) -> None:
+    """An image past MAX_PIXELS (as opened, or as drafted to a reduced JPEG scale) raises: a counted skip."""
+    if img.width * img.height > MAX_PIXELS:
+        raise ValueError(f"{img.width}×{img.height} pixels is more than the {MAX_PIXELS:,}-pixel limit")
+
+
+def _draft_to_limit(img: Image.Image, scale: float = 1.0) -> float:
+    """Ask a JPEG for a reduced DCT-scale decode (1/2, 1/4 or 1/8): at least to `scale` of its size (PIL keeps the
+    requested size or more), and far enough to fit MAX_PIXELS where 1/8 can; returns the decoded pixels per source
+    pixel (1.0: no reduction)."""
+    width, height = img.size
+    if img.format != "JPEG":
+        return 1.0
+    fit = next((d for d in (1, 2, 4, 8) if (width / d) * (height / d) <= MAX_PIXELS), 8)  # the limit's denominator
+    request = (min(math.ceil(width * scale), math.ceil(width / fit)), min(math.ceil(height * scale), math.ceil(height / fit)))
+    if request[0] >= width and request[1] >= height:
+        return 1.0
+    drafted = img.draft("RGB", request)
+    return drafted[1][2] / width if drafted is not None else 1.0
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 1, L, LA, P (with transparency), RGBA, CMYK, YCbCr, and the 16-bit and 32-bit
+    grey modes (I;16*, I, F), which PIL's own convert("RGB") would clip to white: they are scaled to 8 bits."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and values.max(initial=0) <= 1.0 else 65535.0 if img.mode != "F" else 255.0
+        if img.mode == "I" and values.max(initial=0) <= 255:
+            top = 255.0  # an 8-bit image stored as 32-bit ints
+        img = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("P", "PA") and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette image with transparency: through RGBA, as PIL recommends
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode bytes to a PIL RGB image (any format PIL reads); corrupt or truncated data raises."""
-    return open_image(data).convert("RGB")
+    """Decode bytes to an 8-bit PIL RGB image (any format and mode PIL reads); corrupt or truncated data raises,
+    and so does an image past MAX_PIXELS (a JPEG is decoded at the reduced scale that fits instead)."""
+    img = open_image(data)
+    _draft_to_limit(img)  # a huge JPEG: a reduced decode keeps the memory bounded
+    check_size(img)
+    return to_rgb(img)
 
 
 def decode_tensor(data: bytes) -> torch.Tensor:
     """Decode bytes to uint8 RGB (3, H, W): torchvision's decoders, PIL for formats they do not read.
 
-    Both raise on corrupt or truncated data (tested), so a bad image is never silently half-decoded.
+    Both raise on corrupt or truncated data (tested), so a bad image is never silently half-decoded. A 16-bit PNG
+    (torchvision gives uint16) is scaled to 8 bits; an image past MAX_PIXELS goes the PIL way (reduced or skipped).
     """
-    if decode_image is None:
+    if decode_image is None or _too_large(data):
         return TF.pil_to_tensor(decode_rgb(data))
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work
             # and are the fastest available here. When they go, the PIL path below takes over.
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
         return TF.pil_to_tensor(decode_rgb(data))
+    return image if image.dtype == torch.uint8 else TF2.to_dtype(image, torch.uint8, scale=True)
+
+
+def _too_large(data: bytes) -> bool:
+    img = open_image(data)
+    return img.width * img.height > MAX_PIXELS
 
 
 def crop_resize(data: bytes, img: Image.Image, box: tuple[float, float, float, float], size: int,
@@ -75,15 +125,16 @@ def crop_resize(data: bytes, img: Image.Image, box: tuple[float, float, float, f
     `img` is the lazily opened image (its header gives the size and format).
     """
     left, top, w, h = box
-    width, height = img.size  # before `draft`, which changes it
     k = size / min(w, h)  # output pixels per source pixel
-    if fast_decode and img.format == "JPEG" and k < 0.5:  # a 1/2-scale decode or smaller keeps the resolution
-        drafted = img.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
-        if drafted is not None:
-            f = drafted[1][2] / width  # decoded pixels per source pixel
-            small = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC,
-                                              box=(left * f, top * f, (left + w) * f, (top + h) * f))
+    oversized = img.width * img.height > MAX_PIXELS
+    if img.format == "JPEG" and (oversized or (fast_decode and k < 0.5)):  # a 1/2-scale decode or smaller
+        f = _draft_to_limit(img, k if fast_decode and k < 0.5 else 1.0)  # decoded pixels per source pixel
+        if f < 1.0:
+            check_size(img)
+            small = to_rgb(img).resize((size, size), Image.Resampling.BICUBIC,
+                                       box=(left * f, top * f, (left + w) * f, (top + h) * f))
             return TF.pil_to_tensor(small)
+    check_size(img)  # past the limit and not reducible: a counted skip, before any pixel is decoded
     return TF2.resized_crop(decode_tensor(data), round(top), round(left), round(h), round(w), [size, size],
                             interpolation=InterpolationMode.BICUBIC, antialias=True)
 

@@ -462,3 +462,56 @@ def test_a_manifest_whose_counts_are_wrong_is_caught_as_read_and_by_verify(tmp_p
     assert shards_main(["manifest", spec, "--verify"]) == 1
     out = capsys.readouterr().out
     assert "val-000001.tar: 4 samples, the manifest says 40" in out and "1 of 2 shards agree" in out
+
+
+def _encoded(img, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("PT", "PNG"),
+                                       ("RGBA", "PNG"), ("I;16", "PNG"), ("L", "JPEG"), ("CMYK", "JPEG"),
+                                       ("RGBA", "WEBP"), ("RGB", "WEBP")])
+def test_every_image_mode_becomes_8_bit_rgb(mode: str, fmt: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from crate_mae.data.transforms import FinetuneTransform
+
+    grey = np.full((40, 50), 128, dtype=np.uint8)
+    if mode == "I;16":
+        img = Image.fromarray(np.full((40, 50), 0x8080, dtype=np.uint16))  # 16-bit mid-grey
+    elif mode == "PT":  # a palette with a transparent colour
+        img = Image.fromarray(grey).convert("RGB").convert("P")
+        img.info["transparency"] = 0
+    else:
+        img = Image.fromarray(np.stack([grey] * 3, -1)).convert(mode)
+    data = _encoded(img, fmt)
+    for transform in (T32, PretrainTransform(16), FinetuneTransform(16, auto_augment=None, re_prob=0.0)):
+        out = transform(data, __import__("random").Random(0))
+        assert out.shape == (3, 16, 16)
+        if out.dtype == torch.uint8 and mode != "1":
+            assert 100 <= float(out.float().mean()) <= 160, (mode, fmt, transform)  # mid-grey stays mid-grey
+
+
+def test_oversized_images_are_decoded_reduced_or_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    import crate_mae.data.transforms as tr
+
+    monkeypatch.setattr(tr, "MAX_PIXELS", 20_000)  # a 320 × 240 image is "oversized" here
+    big = Image.new("RGB", (320, 240), (200, 60, 30))
+    jpeg, png = _encoded(big, "JPEG"), _encoded(big, "PNG")
+    for transform in (T32, PretrainTransform(16, fast_decode=False)):
+        assert transform(jpeg, __import__("random").Random(0)).shape == (3, 16, 16)  # a reduced DCT decode
+        with pytest.raises(ValueError, match=r"320×240 pixels is more than the 20,000-pixel limit"):
+            transform(png, __import__("random").Random(0))
+    huge = _encoded(Image.new("RGB", (1600, 1200)), "JPEG")  # even 1/8 scale (200 × 150) is over
+    with pytest.raises(ValueError, match="pixel limit"):
+        T32(huge)
+    spec = write_tar_set(tmp_path, "val", [[good_sample(0), {"__key__": "big", "png": png, "cls": b"1"}]])
+    loader = eval_loader(spec, T32, batch_size=4, max_bad_fraction=1.0)
+    assert keys_of(loader) == ["000000"] and loader.bad == 1  # a counted skip, with its reason
