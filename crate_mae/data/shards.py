@@ -89,7 +89,7 @@ def _decode_only(data: bytes, rng: object = None) -> torch.Tensor:
 
 def _write(args: argparse.Namespace) -> None:
     common = dict(shard_size=args.shard_size, shard_bytes=int(args.shard_bytes), resize=args.resize,
-                  quality=args.quality, seed=args.seed, overwrite=args.overwrite)
+                  quality=args.quality, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
     out = args.out or f"shards/{args.source}"
     if args.source == "digits":
         sources = {split: digits_source(split, size=args.size) for split in ("train", "val")}
@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default: 90)")
     w.add_argument("--seed", type=int, default=0, help="seed of the sample order (default: 0)")
     w.add_argument("--overwrite", action="store_true", help="replace an existing split")
+    w.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes that load and re-encode the images (default: all cores); the set is the same "
+                        "for any number")
     m = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
     m.add_argument("spec", help="brace pattern or glob of local shards")
     m.add_argument("--split", help="split name (default: the shard name before its last '-')")

@@ -14,6 +14,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Callable
 
 import numpy as np
@@ -164,10 +165,47 @@ class ShardWriter:
         return self.shards
 
 
+_JOB: tuple[Source, int | None, int] | None = None  # (source, resize, quality) of the pool's workers (fork)
+
+
+def _load_prepared(i: int) -> tuple[int, bytes | None, str, tuple[int, int], int, str]:
+    """Sample i of the job's source, loaded and prepared: (i, bytes, ext, size, label, error or "")."""
+    source, resize, quality = _JOB
+    data, label = source.load(i)
+    try:
+        data, ext, size = prepare(data, resize=resize, quality=quality)
+    except Exception as err:  # an unreadable source image: skipped by the writer, counted, named
+        return i, None, "", (0, 0), label, f"{type(err).__name__}: {err}"
+    return i, data, ext, size, label, ""
+
+
+def _prepared(source: Source, order: list[int], *, resize: int | None, quality: int,
+              workers: int) -> Iterator[tuple[int, bytes | None, str, tuple[int, int], int, str]]:
+    """The prepared samples in `order`, loaded and re-encoded by `workers` processes (in order, whatever their
+    number: the shards are the same with 1 worker or 96)."""
+    global _JOB
+    _JOB = (source, resize, quality)
+    try:
+        if workers <= 1:
+            yield from map(_load_prepared, order)
+            return
+        import multiprocessing
+
+        # fork: the workers inherit the source (a closure over a folder listing or a dataset) without pickling it
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            yield from pool.imap(_load_prepared, order, chunksize=32)
+    finally:
+        _JOB = None
+
+
 def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_size: int = 10_000,
                 shard_bytes: int = 1 << 30, resize: int | None = None, quality: int = 90, seed: int = 0,
-                overwrite: bool = False) -> Manifest:
-    """Write one split of `source` to `out/<split>-NNNNNN.tar` and its manifest `out/<split>.json`."""
+                overwrite: bool = False, workers: int = 1) -> Manifest:
+    """Write one split of `source` to `out/<split>-NNNNNN.tar` and its manifest `out/<split>.json`.
+
+    `workers` processes load and re-encode the images; this process writes the shards in order, so the set
+    (every shard's contents, and the manifest) is identical whatever the number of workers.
+    """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / f"{split}.json"
@@ -182,13 +220,11 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
     random.Random(seed).shuffle(order)  # every shard mixes classes
     writer, sizes, skipped = ShardWriter(folder, split, max_count=shard_size, max_bytes=shard_bytes), set(), 0
     try:
-        for n, i in enumerate(order):
-            data, label = source.load(i)
-            try:
-                data, ext, size = prepare(data, resize=resize, quality=quality)
-            except Exception as err:  # an unreadable source image: skipped, counted, named
+        for n, (i, data, ext, size, label, error) in enumerate(_prepared(source, order, resize=resize,
+                                                                          quality=quality, workers=workers)):
+            if data is None:
                 skipped += 1
-                log.warning("skipped %s: cannot read the image (%s: %s)", source.describe(i), type(err).__name__, err)
+                log.warning("skipped %s: cannot read the image (%s)", source.describe(i), error)
                 continue
             sizes.add(size)
             writer.write(f"{i:09d}", data, ext, label)

@@ -43,3 +43,12 @@ def test_e2e_bench_times_the_pretraining_pipeline(tmp_path: Path) -> None:
     assert all(r["images_per_s"] > 0 and r["batch"] == 4 and r["prefetch"] == 2 for r in rows)
     assert rows[0]["ratio_to_step"] == 1.0
     assert "target: e2e ≥ 0.9 × the random-pixel step, decode_on cpu" in run.stdout
+
+
+def test_write_bench_rows_and_identical_sets(tmp_path: Path) -> None:
+    out = tmp_path / "write.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/write.py"), "--images", "12", "--workers", "1", "2", "--json",
+                    str(out)], check=True, env=ENV, capture_output=True, cwd=tmp_path)
+    rows = json.loads(out.read_text())
+    assert [r["workers"] for r in rows] == [1, 2] and all(r["images"] == 12 and r["images_per_s"] > 0 for r in rows)
+    assert all(r["identical_to_first"] for r in rows) and rows[0]["speedup"] == 1.0

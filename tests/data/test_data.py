@@ -515,3 +515,18 @@ def test_oversized_images_are_decoded_reduced_or_skipped(tmp_path: Path, monkeyp
     spec = write_tar_set(tmp_path, "val", [[good_sample(0), {"__key__": "big", "png": png, "cls": b"1"}]])
     loader = eval_loader(spec, T32, batch_size=4, max_bad_fraction=1.0)
     assert keys_of(loader) == ["000000"] and loader.bad == 1  # a counted skip, with its reason
+
+
+def test_the_parallel_writer_writes_the_same_set_as_one_process(tmp_path: Path) -> None:
+    from crate_mae.data.writer import Source
+
+    blobs = [image_bytes(i, size=(60 + i % 7, 40 + i % 5), fmt="PNG" if i % 3 else "JPEG") for i in range(45)]
+    blobs[17] = b"not an image"  # skipped and counted the same way by both
+    source = Source("test", ["a", "b", "c"], len(blobs), lambda i: (blobs[i], i % 3))
+    one = write_split(source, tmp_path / "one", "train", shard_size=8, resize=32, workers=1)
+    two = write_split(source, tmp_path / "two", "train", shard_size=8, resize=32, workers=2)
+    assert one.to_json() == two.to_json() and one.skipped == 1
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("*.tar")) and len(names) == 6
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
