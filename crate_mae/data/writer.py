@@ -9,19 +9,20 @@ the manifest is written last, so an interrupted write never leaves a set that lo
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Callable
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from crate_mae.atomic import AtomicFile
+from crate_mae.atomic import AtomicFile, atomic_path
 from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, write_manifest
 
 log = logging.getLogger("crate_mae.data")
@@ -204,24 +205,35 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
     """Write one split of `source` to `out/<split>-NNNNNN.tar` and its manifest `out/<split>.json`.
 
     `workers` processes load and re-encode the images; this process writes the shards in order, so the set
-    (every shard's contents, and the manifest) is identical whatever the number of workers.
+    (every shard's contents, and the manifest) is identical whatever the number of workers. A rerun of an
+    interrupted write (same source and parameters, kept in `.<split>-write.json` until the manifest is written)
+    keeps its finished shards and continues after them, to the same set; `overwrite` starts again.
     """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest_path = folder / f"{split}.json"
-    old = sorted(folder.glob(f"{split}-*.tar")) + sorted(folder.glob(f".{split}-*.tar.*.tmp"))
-    if manifest_path.exists() or any(p.suffix == ".tar" for p in old):
-        if not overwrite:
-            raise ShardError(f"{folder}: split '{split}' exists already; pass overwrite (--overwrite) to replace it")
-    for path in old + [manifest_path]:
-        path.unlink(missing_ok=True)  # stale shards of an earlier, longer or interrupted write
-
+    manifest_path, params_path = folder / f"{split}.json", folder / f".{split}-write.json"
+    params = {"source": source.name, "count": source.count, "shard_size": shard_size, "shard_bytes": shard_bytes,
+              "resize": resize, "quality": quality, "seed": seed}
+    old = sorted(folder.glob(f"{split}-*.tar"))
+    for path in folder.glob(f".{split}-*.tar.*.tmp"):
+        path.unlink(missing_ok=True)  # the shard an interrupted write was in the middle of
+    if not overwrite and (manifest_path.exists() or (old and not params_path.exists())):
+        raise ShardError(f"{folder}: split '{split}' exists already; pass overwrite (--overwrite) to replace it")
+    if overwrite or not old:
+        for path in old + [manifest_path]:
+            path.unlink(missing_ok=True)  # stale shards of an earlier, longer or interrupted write
+        old = []
     order = list(range(source.count))
     random.Random(seed).shuffle(order)  # every shard mixes classes
     writer, sizes, skipped = ShardWriter(folder, split, max_count=shard_size, max_bytes=shard_bytes), set(), 0
+    start = 0
+    if old:  # an interrupted write of the same set: keep its finished shards, continue after them
+        start, skipped = _continue(writer, old, params, json.loads(params_path.read_text()), order, sizes)
+        log.info("%s %s: continuing after %d finished shards (%d samples)", folder, split, len(old), start)
+    write_manifest_params(params_path, params)
     try:
-        for n, (i, data, ext, size, label, error) in enumerate(_prepared(source, order, resize=resize,
-                                                                          quality=quality, workers=workers)):
+        for n, (i, data, ext, size, label, error) in enumerate(_prepared(source, order[start:], resize=resize,
+                                                                          quality=quality, workers=workers), start):
             if data is None:
                 skipped += 1
                 log.warning("skipped %s: cannot read the image (%s)", source.describe(i), error)
@@ -237,4 +249,37 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
     manifest = Manifest(split=split, shards=writer.finish(), classes=source.classes, image_size=fixed,
                         source=source.name, skipped=skipped)
     write_manifest(manifest, manifest_path)
+    params_path.unlink(missing_ok=True)  # the set is complete: nothing to continue
     return manifest
+
+
+def write_manifest_params(path: Path, params: dict) -> None:
+    """The parameters of a write in progress, so that a rerun continues only the same write."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(params))
+
+
+def _continue(writer: ShardWriter, shards: list[Path], params: dict, saved: dict, order: list[int],
+              sizes: set) -> tuple[int, int]:
+    """Take over the finished shards of an interrupted write: (position in `order` to continue from, unreadable
+    source images skipped before it). Each finished shard was closed when the next sample arrived, so the next
+    shard starts exactly where the uninterrupted write's would: the set comes out the same."""
+    for key, value in params.items():
+        if saved.get(key) != value:
+            raise ShardError(f"{shards[0].parent}: an interrupted write with {key}={saved.get(key)!r} is there; this one "
+                             f"has {value!r}: rerun it as it was, or pass --overwrite to start again")
+    names = [f"{writer.split}-{n:06d}.tar" for n in range(len(shards))]
+    if [p.name for p in shards] != names:
+        raise ShardError(f"{shards[0].parent}: the finished shards are not {names[0]} … {names[-1]} in a row; "
+                         f"pass --overwrite to start again")
+    written, last = 0, -1
+    for path in shards:
+        count = 0
+        for sample in wds.tarfile_samples([{"url": str(path)}]):
+            count, last = count + 1, int(sample["__key__"])
+            data = sample.get("jpg", sample.get("png"))
+            sizes.add(Image.open(io.BytesIO(data)).size)
+        writer.shards.append(ShardInfo(path.name, count, path.stat().st_size))
+        written += count
+    position = order.index(last) + 1
+    return position, position - written

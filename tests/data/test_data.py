@@ -530,3 +530,35 @@ def test_the_parallel_writer_writes_the_same_set_as_one_process(tmp_path: Path) 
     assert names == sorted(p.name for p in (tmp_path / "two").glob("*.tar")) and len(names) == 6
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_an_interrupted_write_continues_to_the_same_set(tmp_path: Path) -> None:
+    from crate_mae.data.writer import Source
+
+    blobs = [image_bytes(i, size=(50, 40)) for i in range(40)]
+    blobs[5] = b"unreadable"
+
+    def source(fail_at: int | None = None) -> Source:
+        calls = {"n": 0}
+
+        def load(i: int) -> tuple[bytes, int]:
+            calls["n"] += 1
+            if fail_at is not None and calls["n"] > fail_at:
+                raise KeyboardInterrupt  # a kill in the middle of the 4th shard
+            return blobs[i], i % 3
+        return Source("test", ["a", "b", "c"], len(blobs), load)
+
+    whole = write_split(source(), tmp_path / "whole", "train", shard_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        write_split(source(fail_at=29), tmp_path / "cut", "train", shard_size=8)
+    cut = tmp_path / "cut"
+    assert len(list(cut.glob("*.tar"))) == 3 and not (cut / "train.json").exists()
+    with pytest.raises(ShardError, match=r"an interrupted write with shard_size=8 is there; this one has 6"):
+        write_split(source(), cut, "train", shard_size=6)
+    again = write_split(source(), cut, "train", shard_size=8)  # continues after the 3 finished shards
+    assert again.to_json() == whole.to_json() and again.skipped == 1
+    for path in sorted((tmp_path / "whole").glob("*.tar")):
+        assert (cut / path.name).read_bytes() == path.read_bytes()
+    assert not list(cut.glob(".*"))  # no parameters file or temp file left
+    with pytest.raises(ShardError, match="exists already"):
+        write_split(source(), cut, "train", shard_size=8)
