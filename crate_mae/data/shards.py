@@ -23,7 +23,8 @@ import webdataset as wds
 from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, resolve_shards, write_manifest
 from crate_mae.data.stream import DataError, merged_members
 from crate_mae.data.transforms import decode_rgb
-from crate_mae.data.writer import cifar_source, digits_source, imagefolder_source, write_split
+from crate_mae.data.writer import (cifar_source, digits_source, imagefolder_source, merge_parts, part_manifest_name,
+                                  write_split)
 
 DIGITS_DIR = "shards/digits"
 
@@ -89,7 +90,8 @@ def _decode_only(data: bytes, rng: object = None) -> torch.Tensor:
 
 def _write(args: argparse.Namespace) -> None:
     common = dict(shard_size=args.shard_size, shard_bytes=int(args.shard_bytes), resize=args.resize,
-                  quality=args.quality, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
+                  quality=args.quality, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
+                  num_nodes=args.num_nodes, node_rank=args.node_rank)
     out = args.out or f"shards/{args.source}"
     if args.source == "digits":
         sources = {split: digits_source(split, size=args.size) for split in ("train", "val")}
@@ -103,7 +105,9 @@ def _write(args: argparse.Namespace) -> None:
         sources = {args.split: imagefolder_source(args.root)}
     for split, source in sources.items():
         manifest = write_split(source, out, split, **common)
-        print(f"{out}/{split}.json: {manifest.total} samples in {len(manifest.shards)} shards, "
+        where = f"{out}/{split}.json" if args.num_nodes == 1 else \
+            f"{out}/{part_manifest_name(split, args.node_rank, args.num_nodes)} (then: manifest --merge {out})"
+        print(f"{where}: {manifest.total} samples in {len(manifest.shards)} shards, "
               f"{manifest.num_classes} classes" + (f", {manifest.skipped} unreadable images skipped" if manifest.skipped else ""))
 
 
@@ -124,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default: 90)")
     w.add_argument("--seed", type=int, default=0, help="seed of the sample order (default: 0)")
     w.add_argument("--overwrite", action="store_true", help="replace an existing split")
+    w.add_argument("--num-nodes", type=int, default=1, help="machines writing the split together (default: 1)")
+    w.add_argument("--node-rank", type=int, default=0, help="this machine's part, 0 … num-nodes − 1")
     w.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes that load and re-encode the images (default: all cores); the set is the same "
                         "for any number")
     m = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
     m.add_argument("spec", help="brace pattern or glob of local shards")
     m.add_argument("--split", help="split name (default: the shard name before its last '-')")
+    m.add_argument("--merge", action="store_true", help="SPEC is a folder: join the part manifests that "
+                                                         "`write --num-nodes K` left there into <split>.json")
     m.add_argument("--verify", action="store_true", help="count every shard of SPEC (a manifest) against the "
                                                           "manifest and report the shards that disagree; write nothing")
     c = sub.add_parser("check", help="read every sample of a shard set and report the bad ones")
@@ -142,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             _write(args)
         elif args.command == "manifest" and args.verify:
             return verify_manifest(args.spec)
+        elif args.command == "manifest" and args.merge:
+            merged = merge_parts(args.spec, args.split or "train")
+            print(f"{args.spec}/{merged.split}.json: {merged.total} samples in {len(merged.shards)} shards")
         elif args.command == "manifest":
             manifest = count_manifest(args.spec, args.split)
             path = Path(resolve_shards(args.spec).urls[0]).parent / f"{manifest.split}.json"

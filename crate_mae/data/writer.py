@@ -199,23 +199,34 @@ def _prepared(source: Source, order: list[int], *, resize: int | None, quality: 
         _JOB = None
 
 
+def part_manifest_name(split: str, node_rank: int, num_nodes: int) -> str:
+    """The manifest of one machine's part of a split written on `num_nodes` machines."""
+    return f"{split}-part-{node_rank:03d}-of-{num_nodes:03d}.json"
+
+
 def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_size: int = 10_000,
                 shard_bytes: int = 1 << 30, resize: int | None = None, quality: int = 90, seed: int = 0,
-                overwrite: bool = False, workers: int = 1) -> Manifest:
+                overwrite: bool = False, workers: int = 1, num_nodes: int = 1, node_rank: int = 0) -> Manifest:
     """Write one split of `source` to `out/<split>-NNNNNN.tar` and its manifest `out/<split>.json`.
 
     `workers` processes load and re-encode the images; this process writes the shards in order, so the set
     (every shard's contents, and the manifest) is identical whatever the number of workers. A rerun of an
     interrupted write (same source and parameters, kept in `.<split>-write.json` until the manifest is written)
     keeps its finished shards and continues after them, to the same set; `overwrite` starts again.
+    With `num_nodes` > 1 this machine writes its `node_rank`-th share of the (shuffled) samples as
+    `<split>-<rank>-NNNNNN.tar` and a part manifest; `merge_parts` (`manifest --merge`) joins the parts.
     """
+    if not 0 <= node_rank < num_nodes:
+        raise ShardError(f"--node-rank {node_rank} is not in 0 … {num_nodes - 1} (--num-nodes {num_nodes})")
+    prefix = split if num_nodes == 1 else f"{split}-{node_rank:03d}"
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest_path, params_path = folder / f"{split}.json", folder / f".{split}-write.json"
+    manifest_path = folder / (f"{split}.json" if num_nodes == 1 else part_manifest_name(split, node_rank, num_nodes))
+    params_path = folder / f".{prefix}-write.json"
     params = {"source": source.name, "count": source.count, "shard_size": shard_size, "shard_bytes": shard_bytes,
-              "resize": resize, "quality": quality, "seed": seed}
-    old = sorted(folder.glob(f"{split}-*.tar"))
-    for path in folder.glob(f".{split}-*.tar.*.tmp"):
+              "resize": resize, "quality": quality, "seed": seed, "num_nodes": num_nodes, "node_rank": node_rank}
+    old = sorted(p for p in folder.glob(f"{prefix}-*.tar") if p.name[len(prefix) + 1:-4].isdigit())
+    for path in folder.glob(f".{prefix}-*.tar.*.tmp"):
         path.unlink(missing_ok=True)  # the shard an interrupted write was in the middle of
     if not overwrite and (manifest_path.exists() or (old and not params_path.exists())):
         raise ShardError(f"{folder}: split '{split}' exists already; pass overwrite (--overwrite) to replace it")
@@ -225,7 +236,8 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
         old = []
     order = list(range(source.count))
     random.Random(seed).shuffle(order)  # every shard mixes classes
-    writer, sizes, skipped = ShardWriter(folder, split, max_count=shard_size, max_bytes=shard_bytes), set(), 0
+    order = order[source.count * node_rank // num_nodes: source.count * (node_rank + 1) // num_nodes]  # this machine's
+    writer, sizes, skipped = ShardWriter(folder, prefix, max_count=shard_size, max_bytes=shard_bytes), set(), 0
     start = 0
     if old:  # an interrupted write of the same set: keep its finished shards, continue after them
         start, skipped = _continue(writer, old, params, json.loads(params_path.read_text()), order, sizes)
@@ -251,6 +263,37 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
     write_manifest(manifest, manifest_path)
     params_path.unlink(missing_ok=True)  # the set is complete: nothing to continue
     return manifest
+
+
+def merge_parts(folder: str | os.PathLike, split: str) -> Manifest:
+    """Join the part manifests of a split written on several machines into `<folder>/<split>.json`: every part must
+    be there (0 … K − 1 of the same K) and of the same source and classes; shards are listed part by part."""
+    folder = Path(folder)
+    parts = sorted(folder.glob(f"{split}-part-*-of-*.json"))
+    if not parts:
+        raise ShardError(f"{folder}: no part manifests {split}-part-RRR-of-KKK.json to merge")
+    totals = {p.name.rsplit("-of-", 1)[1][:-5] for p in parts}
+    if len(totals) != 1:
+        raise ShardError(f"{folder}: part manifests of different machine counts ({', '.join(sorted(totals))})")
+    num_nodes = int(totals.pop())
+    missing = [r for r in range(num_nodes) if not (folder / part_manifest_name(split, r, num_nodes)).exists()]
+    if missing:
+        raise ShardError(f"{folder}: the parts of machines {', '.join(map(str, missing))} of {num_nodes} are not "
+                         f"written yet ({part_manifest_name(split, missing[0], num_nodes)})")
+    from crate_mae.data.manifest import read_manifest
+
+    manifests = [read_manifest(folder / part_manifest_name(split, r, num_nodes)) for r in range(num_nodes)]
+    first = manifests[0]
+    for r, m in enumerate(manifests):
+        if (m.classes, m.source) != (first.classes, first.source):
+            raise ShardError(f"{folder / part_manifest_name(split, r, num_nodes)}: another source or class list than "
+                             f"part 0's")
+    sizes = {tuple(m.image_size) if m.image_size else None for m in manifests}
+    merged = Manifest(split=split, shards=[s for m in manifests for s in m.shards], classes=first.classes,
+                      image_size=list(sizes.pop()) if len(sizes) == 1 and None not in sizes else None,
+                      source=first.source, skipped=sum(m.skipped for m in manifests))
+    write_manifest(merged, folder / f"{split}.json")
+    return merged
 
 
 def write_manifest_params(path: Path, params: dict) -> None:

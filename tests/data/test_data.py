@@ -562,3 +562,23 @@ def test_an_interrupted_write_continues_to_the_same_set(tmp_path: Path) -> None:
     assert not list(cut.glob(".*"))  # no parameters file or temp file left
     with pytest.raises(ShardError, match="exists already"):
         write_split(source(), cut, "train", shard_size=8)
+
+
+def test_machines_write_their_parts_and_the_merge_joins_them(tmp_path: Path) -> None:
+    from crate_mae.data.writer import Source, merge_parts
+
+    blobs = [image_bytes(i, size=(50, 40)) for i in range(30)]
+    source = Source("test", ["a", "b", "c"], len(blobs), lambda i: (blobs[i], i % 3))
+    whole = write_split(source, tmp_path / "one", "train", shard_size=8)
+    write_split(source, tmp_path / "two", "train", shard_size=8, num_nodes=2, node_rank=1)
+    with pytest.raises(ShardError, match=r"the parts of machines 0 of 2 are not written yet"):
+        merge_parts(tmp_path / "two", "train")
+    write_split(source, tmp_path / "two", "train", shard_size=8, num_nodes=2, node_rank=0)
+    assert shards_main(["manifest", str(tmp_path / "two"), "--merge", "--split", "train"]) == 0
+    merged = read_manifest(tmp_path / "two" / "train.json")
+    assert merged.total == whole.total == 30 and merged.num_classes == 3
+    assert [s.name for s in merged.shards][:2] == ["train-000-000000.tar", "train-000-000001.tar"]
+    keys = keys_of(eval_loader(str(tmp_path / "two" / "train.json"), T32, batch_size=8))
+    assert sorted(keys) == sorted(f"{i:09d}" for i in range(30))  # every sample exactly once over the parts
+    with pytest.raises(ShardError, match=r"--node-rank 2 is not in 0 … 1"):
+        write_split(source, tmp_path / "three", "train", num_nodes=2, node_rank=2)
