@@ -53,7 +53,7 @@ class DeviceCropTransform(PretrainTransform):
         box, flip = self._draw(img.width, img.height, rng)
         if img.format == "JPEG":
             return RawImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, box, flip)
-        return RawImage(decode_tensor(data), False, box, flip)
+        return RawImage(decode_tensor(data, img), False, box, flip)
 
 
 def collate_raw(items: list[RawImage]) -> RawBatch:

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from crate_mae.data.device_decode import RawImage, collate_raw
 from crate_mae.data.manifest import ShardError, ShardList, resolve_shards
 from crate_mae.data.stream import (BadSample, DataError, SampleCount, batches, check_bad, decode_or_skip,
-                                   merged_members, read_samples, shard_order, shuffled, split_by_sample, worker_role)
+                                   merged_members, read_samples, sample_key, shard_order, shuffled, split_by_sample,
+                                   worker_role)
 from crate_mae.data.transforms import Transform
 from crate_mae.seeding import mix_seed, seed_everything
 
@@ -84,7 +85,7 @@ class ShardStream(IterableDataset):
             if data is None:
                 merged = merged_members(sample)
                 if merged:  # a naming fault of the whole set, not one bad sample: say what happened
-                    key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+                    key = sample_key(sample)
                     raise DataError(f"{key}: holds the members {', '.join(merged[:4])}: samples whose keys contain a "
                                     f"dot were merged (webdataset splits member names at the first dot); rewrite "
                                     f"the shards with keys without dots (python -m crate_mae.data.shards write)")
@@ -110,7 +111,7 @@ class ShardStream(IterableDataset):
         except ValueError:
             raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
         if label < 0 or (self.num_classes and label >= self.num_classes):
-            key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+            key = sample_key(sample)
             raise DataError(f"{key}: label {label} does not fit the {self.num_classes or 'known'} classes of "
                             f"{self.shards.spec} (labels run 0 … {max(self.num_classes - 1, 0)})")
         return label

@@ -54,6 +54,11 @@ def worker_role(worker: int, workers: int, replay: int) -> tuple[int, int]:
     return role, max(0, (replay - role + workers - 1) // workers)  # batches i < replay with i ≡ role
 
 
+def sample_key(sample: dict) -> str:
+    """"<shard url>/<sample key>": how every message and Batch names a sample."""
+    return f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+
+
 def merged_members(sample: dict) -> list[str]:
     """The member suffixes that show several samples merged into one: webdataset splits a member name at its
     *first* dot, so the members of samples keyed `img.1`, `img.2` (files `img.1.jpg`, `img.2.jpg`, ...) all land in
@@ -143,7 +148,7 @@ def decode_or_skip(samples: Iterable[dict], decode: Callable[[dict, bool], tuple
     good = 0
     for sample in samples:
         count.seen += 1
-        key = f"{sample.get('__url__', '?')}/{sample.get('__key__', '?')}"
+        key = sample_key(sample)
         try:
             image, label = decode(sample, good < dry)
         except BadSample as reason:

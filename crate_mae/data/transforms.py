@@ -94,13 +94,15 @@ def decode_rgb(data: bytes) -> Image.Image:
     return to_rgb(img)
 
 
-def decode_tensor(data: bytes) -> torch.Tensor:
+def decode_tensor(data: bytes, img: Image.Image | None = None) -> torch.Tensor:
     """Decode bytes to uint8 RGB (3, H, W): torchvision's decoders, PIL for formats they do not read.
 
     Both raise on corrupt or truncated data (tested), so a bad image is never silently half-decoded. A 16-bit PNG
     (torchvision gives uint16) is scaled to 8 bits; an image past MAX_PIXELS goes the PIL way (reduced or skipped).
+    `img`, the image already opened from `data` (its header), saves opening it again.
     """
-    if decode_image is None or _too_large(data):
+    img = img if img is not None else open_image(data)
+    if decode_image is None or img.width * img.height > MAX_PIXELS:
         return TF.pil_to_tensor(decode_rgb(data))
     try:
         with warnings.catch_warnings():
@@ -111,11 +113,6 @@ def decode_tensor(data: bytes) -> torch.Tensor:
     except RuntimeError:
         return TF.pil_to_tensor(decode_rgb(data))
     return image if image.dtype == torch.uint8 else TF2.to_dtype(image, torch.uint8, scale=True)
-
-
-def _too_large(data: bytes) -> bool:
-    img = open_image(data)
-    return img.width * img.height > MAX_PIXELS
 
 
 def crop_resize(data: bytes, img: Image.Image, box: tuple[float, float, float, float], size: int,
@@ -135,7 +132,7 @@ def crop_resize(data: bytes, img: Image.Image, box: tuple[float, float, float, f
                                        box=(left * f, top * f, (left + w) * f, (top + h) * f))
             return TF.pil_to_tensor(small)
     check_size(img)  # past the limit and not reducible: a counted skip, before any pixel is decoded
-    return TF2.resized_crop(decode_tensor(data), round(top), round(left), round(h), round(w), [size, size],
+    return TF2.resized_crop(decode_tensor(data, img), round(top), round(left), round(h), round(w), [size, size],
                             interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
