@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from crate_mae.config.variants import FAMILIES
 from crate_mae.model.crate import Encoder, xavier_linear
-from crate_mae.model.layers import CrateStem, grid_size
+from crate_mae.model.layers import CrateStem
 
 Intermediate = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
@@ -93,6 +93,7 @@ class CrateClassifier(CrateStem):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        stride: int | None = None,
     ) -> list[Intermediate] | tuple[torch.Tensor, list[Intermediate]]:
         """Chosen encoder layers' output tokens, as timm's ViTs give them.
 
@@ -101,13 +102,14 @@ class CrateClassifier(CrateStem):
         `return_prefix_tokens` a pair (patch tokens, CLS (B, 1, d)). `norm` applies the encoder's final norm
         (none in the supervised family). Returns the list alone if `intermediates_only`, else
         (final tokens (B, 1 + N, d), list); `stop_early` runs no layer past the last one asked for.
+        `stride` s < p: the tokens of overlapping patches (`CrateStem.tokens`), on their finer grid.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         layers = self.encoder.layers
         take, last = take_indices(len(layers), indices)
-        b, (h, w) = img.shape[0], grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
-        z, picked = self.tokens(img), []
+        b, (h, w) = img.shape[0], self.token_grid((img.shape[-2], img.shape[-1]), stride)
+        z, picked = self.tokens(img, stride=stride), []
         for i, layer in enumerate(layers[: last + 1] if stop_early else layers):
             z = layer(z)
             if i in take:
@@ -119,21 +121,22 @@ class CrateClassifier(CrateStem):
         out: list[Intermediate] = list(zip(spatial, prefix)) if return_prefix_tokens else spatial
         return out if intermediates_only else (self.encoder.norm(z), out)
 
-    def layer_inputs(self, img: torch.Tensor) -> list[torch.Tensor]:
+    def layer_inputs(self, img: torch.Tensor, stride: int | None = None) -> list[torch.Tensor]:
         """The tokens (B, 1 + N, d) entering every encoder layer, from one pass: the stem's output, then each
         layer's output but the last (`forward_intermediates`)."""
         outs = self.forward_intermediates(img, indices=len(self.encoder.layers), return_prefix_tokens=True,
-                                          output_fmt="NLC", intermediates_only=True)
-        return [self.tokens(img)] + [torch.cat([cls, patches], dim=1) for patches, cls in outs[:-1]]
+                                          output_fmt="NLC", intermediates_only=True, stride=stride)
+        return [self.tokens(img, stride=stride)] + [torch.cat([cls, patches], dim=1) for patches, cls in outs[:-1]]
 
-    def layer_input(self, img: torch.Tensor, index: int) -> torch.Tensor:
+    def layer_input(self, img: torch.Tensor, index: int, stride: int | None = None) -> torch.Tensor:
         """The tokens (B, 1 + N, d), CLS first, entering encoder layer `index` (negative: from the end): the stem's
         output for the first layer, else the previous layer's output (`forward_intermediates`)."""
         index = take_indices(len(self.encoder.layers), [index])[1]
         if index == 0:
-            return self.tokens(img)
+            return self.tokens(img, stride=stride)
         [(patches, cls)] = self.forward_intermediates(img, indices=[index - 1], return_prefix_tokens=True,
-                                                      stop_early=True, output_fmt="NLC", intermediates_only=True)
+                                                      stop_early=True, output_fmt="NLC", intermediates_only=True,
+                                                      stride=stride)
         return torch.cat([cls, patches], dim=1)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,

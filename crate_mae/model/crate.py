@@ -58,10 +58,12 @@ class MSSA(nn.Module):
         w = self._project(z)  # (B, H, N, p)
         return self._merge(F.scaled_dot_product_attention(w, w, w))  # default scale 1/√p
 
-    def attention(self, z: torch.Tensor) -> torch.Tensor:
-        """The explicit attention maps A_h = softmax(W_h W_hᵀ / √p): z (B, N, d) → (B, H, N, N)."""
+    def attention(self, z: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """The explicit attention maps A_h = softmax(W_h W_hᵀ / √p): z (B, N, d) → (B, H, N, N); with `queries` q
+        only the first q rows (B, H, q, N), e.g. the CLS token's, without the N × N matrix."""
         w = self._project(z)
-        return torch.softmax(w @ w.transpose(-2, -1) * w.shape[-1] ** -0.5, dim=-1)
+        rows = w if queries is None else w[:, :, :queries]
+        return torch.softmax(rows @ w.transpose(-2, -1) * w.shape[-1] ** -0.5, dim=-1)
 
     def forward_reference(self, z: torch.Tensor) -> torch.Tensor:
         """The same output as `forward` through the explicit softmax: the test oracle."""

@@ -2,6 +2,11 @@
 learned, interpolated), and patchify / unpatchify.
 
 Legend: B batch, N = h·w patches, d width, p patch side, P = 3·p·p pixels per patch.
+
+Stride. Both stems also take a `stride` s < p, for finer attention maps and masks (the emergence notebooks' patch 8
+at stride 4): the p×p patches then overlap, and the token grid (h', w') = ((H − p)/s + 1, (W − p)/s + 1) spans the
+same extent as the plain grid (h, w) = (H/p, W/p): token j sits at patch-grid coordinate j·s/p, from 0 to h − 1.
+The position tables are evaluated there (`fine=` below). At s = p every path is the plain one, exactly.
 """
 from __future__ import annotations
 
@@ -41,6 +46,24 @@ def grid_size(img_hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
     return height // patch_size, width // patch_size
 
 
+def token_grid(img_hw: tuple[int, int], patch_size: int, stride: int | None = None) -> tuple[int, int]:
+    """The token grid (h', w') of p×p patches taken every `stride` pixels (None: p, the plain grid `grid_size`).
+
+    An error names the value at fault: the patch must divide the image (the plain grid places the position
+    table), 1 ≤ s ≤ p, and s must step from the first patch to the last, i.e. divide H − p and W − p.
+    """
+    plain = grid_size(img_hw, patch_size)
+    if stride is None or stride == patch_size:
+        return plain
+    if not 1 <= stride <= patch_size:
+        raise ValueError(f"stride {stride} must be between 1 and the patch size {patch_size}")
+    height, width = img_hw
+    if (height - patch_size) % stride or (width - patch_size) % stride:
+        raise ValueError(f"stride {stride} does not step from the first {patch_size}-pixel patch to the last of a "
+                         f"{height}x{width} image: H − p = {height - patch_size} and W − p = {width - patch_size} must be multiples of it")
+    return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p×p patches → d-dim tokens: a p×p stride-p convolution 3→d with bias.
 
@@ -60,10 +83,11 @@ class PatchEmbed(nn.Module):
         h, w = grid_size((img_size, img_size), self.patch_size)
         return h * w
 
-    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """img (B, 3, H, W) → tokens (B, N, d) in row-major patch order, and the grid (h, w)."""
-        grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
-        x = self.proj(img)  # (B, d, h, w)
+    def forward(self, img: torch.Tensor, stride: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """img (B, 3, H, W) → tokens (B, N, d) in row-major patch order, and their grid (h, w); with `stride`
+        the same convolution taken every s pixels, over overlapping patches: (B, h'·w', d)."""
+        grid = token_grid((img.shape[-2], img.shape[-1]), self.patch_size, stride)
+        x = F.conv2d(img, self.proj.weight, self.proj.bias, stride=stride or self.patch_size)  # (B, d, h, w)
         return x.flatten(2).transpose(1, 2), grid  # (B, N, d)
 
 
@@ -86,10 +110,16 @@ class PatchifyEmbed(nn.Module):
         h, w = grid_size((img_size, img_size), self.patch_size)
         return h * w
 
-    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """img (B, 3, H, W) → tokens (B, N, d) in row-major patch order, and the grid (h, w)."""
-        grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
-        x = patchify(img, self.patch_size)  # (B, N, P)
+    def forward(self, img: torch.Tensor, stride: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """img (B, 3, H, W) → tokens (B, N, d) in row-major patch order, and their grid (h, w); with `stride`
+        the patches overlap (`patchify`'s pixel order kept): (B, h'·w', d)."""
+        grid = token_grid((img.shape[-2], img.shape[-1]), self.patch_size, stride)
+        if stride is None or stride == self.patch_size:
+            x = patchify(img, self.patch_size)  # (B, N, P)
+        else:
+            b, c, p = img.shape[0], img.shape[1], self.patch_size
+            cols = F.unfold(img, kernel_size=p, stride=stride)  # (B, C·p·p, N), pixels in (channel, row, col) order
+            x = cols.view(b, c, p, p, -1).permute(0, 4, 2, 3, 1).reshape(b, -1, p * p * c)  # (B, N, P), (row, col, C)
         return self.post_norm(self.proj(self.pre_norm(x))), grid
 
 
@@ -112,11 +142,28 @@ def resample_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat([table[:, :1], patches], dim=1)
 
 
+def resample_fine(table: torch.Tensor, grid: tuple[int, int], fine: tuple[int, int]) -> torch.Tensor:
+    """A CLS-first table for the plain grid (1, 1 + h·w, d) → the strided grid's (1, 1 + h'·w', d).
+
+    Token j of the strided grid sits at coordinate j·(h − 1)/(h' − 1) = j·s/p of the plain one: bicubic sampling
+    with align_corners True puts its points exactly there, so every token that coincides with a plain patch
+    gets that patch's row unchanged (all of them at s = p).
+    """
+    if tuple(fine) == tuple(grid):
+        return table
+    dim = table.shape[2]
+    patches = table[:, 1:].reshape(1, grid[0], grid[1], dim).permute(0, 3, 1, 2)  # (1, d, h, w)
+    patches = F.interpolate(patches.float(), size=tuple(fine), mode="bicubic", align_corners=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, fine[0] * fine[1], dim).to(table.dtype)
+    return torch.cat([table[:, :1], patches], dim=1)
+
+
 class LearnedPosition(nn.Module):
     """The supervised CRATE's learned table (1, 1 + N, d), CLS row first, added once after CLS is prepended.
 
     `table` is stored for the grid the model was built for; another grid gets it resampled on the fly
-    (`resample_table`). Initialised standard normal, as released.
+    (`resample_table`), a strided one then sampled at its tokens' places (`resample_fine`). Initialised
+    standard normal, as released.
     """
 
     def __init__(self, *, dim: int, grid: tuple[int, int]) -> None:
@@ -124,9 +171,12 @@ class LearnedPosition(nn.Module):
         self.dim, self.grid = dim, tuple(grid)
         self.table = nn.Parameter(torch.randn(1, 1 + grid[0] * grid[1], dim))
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """x (B, 1 + h·w, d) → x + table (B, 1 + h·w, d)."""
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], fine: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, 1 + h·w, d) → x + table (B, 1 + h·w, d); with the strided token grid `fine` (h', w') of the image
+        whose plain grid is `grid`, x (B, 1 + h'·w', d)."""
         table = self.table if tuple(grid) == self.grid else resample_table(self.table, grid)
+        if fine is not None:
+            table = resample_fine(table, grid, fine)
         return x + table.to(x.dtype)
 
 
@@ -137,17 +187,23 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_pos_table(dim: int, grid: tuple[int, int], *, cls_token: bool = True) -> torch.Tensor:
+def sincos_pos_table(dim: int, grid: tuple[int, int], *, cls_token: bool = True,
+                     fine: tuple[int, int] | None = None) -> torch.Tensor:
     """The fixed 2-D sin-cos position table (1 + h·w, d), with a zero row for CLS first.
 
     Channels [0, d/2) encode the patch's column and [d/2, d) its row: MAE's table (its meshgrid
     puts w first), which the released CRATE-MAE checkpoint stores, so the two agree to float
-    precision. Rows follow the row-major patch order of `PatchEmbed`.
+    precision. Rows follow the row-major patch order of `PatchEmbed`. With a strided token grid `fine`
+    (h', w'), the (1 + h'·w', d) table at the tokens' fractional places j·(h − 1)/(h' − 1): the sin-cos
+    formula evaluated there, which is its exact interpolation.
     """
     if dim % 4:
         raise ValueError(f"sin-cos position table needs a width divisible by 4, got {dim}")
     h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
+    fh, fw = fine or grid
+    row_at = torch.linspace(0, h - 1, fh, dtype=torch.float64) if fine else torch.arange(h)
+    col_at = torch.linspace(0, w - 1, fw, dtype=torch.float64) if fine else torch.arange(w)
+    rows, cols = torch.meshgrid(row_at, col_at, indexing="ij")  # (h, w) each
     table = torch.cat([_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
     if cls_token:
         table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)
@@ -167,12 +223,13 @@ class SinCosPosition(nn.Module):
         self.dim, self.grid = dim, tuple(grid)
         self.register_buffer("table", sincos_pos_table(dim, self.grid)[None], persistent=False)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """x (B, 1 + h·w, d) → x + table (B, 1 + h·w, d)."""
-        if tuple(grid) == self.grid:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], fine: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, 1 + h·w, d) → x + table (B, 1 + h·w, d); with the strided token grid `fine` (h', w') of the image
+        whose plain grid is `grid`, x (B, 1 + h'·w', d)."""
+        if tuple(grid) == self.grid and (fine is None or tuple(fine) == tuple(grid)):
             table = self.table
         else:
-            table = sincos_pos_table(self.dim, grid)[None].to(x.device)
+            table = sincos_pos_table(self.dim, grid, fine=fine)[None].to(x.device)
         return x + table.to(x.dtype)
 
 
@@ -239,11 +296,19 @@ class CrateStem(nn.Module):
     def patch_size(self) -> int:
         return self.patch_embed.patch_size
 
+    def token_grid(self, img_hw: tuple[int, int], stride: int | None = None) -> tuple[int, int]:
+        """The grid (h, w) of the patch tokens `tokens` makes for an image of size img_hw (`token_grid`)."""
+        return token_grid(img_hw, self.patch_size, stride)
+
     def tokens(self, img: torch.Tensor, mask: torch.Tensor | None = None,
-               mask_token: torch.Tensor | None = None) -> torch.Tensor:
+               mask_token: torch.Tensor | None = None, *, stride: int | None = None) -> torch.Tensor:
         """img (B, 3, H, W), uint8 pixels (or normalised float), mask (B, N) 1 = replace by `mask_token` (1, 1, d)
-        → the encoder's input (B, 1 + N, d): patch tokens, CLS first, position table added."""
-        x, grid = self.patch_embed(self.normalize(img))  # (B, N, d)
+        → the encoder's input (B, 1 + N, d): patch tokens, CLS first, position table added.
+
+        `stride` s < p: overlapping patches every s pixels and the table at their places (module docstring).
+        """
+        x, fine = self.patch_embed(self.normalize(img), stride=stride)  # (B, N, d)
         if mask is not None:
             x = torch.where(mask.bool()[..., None], mask_token.to(x.dtype), x)
-        return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid)
+        grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
+        return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid, fine if fine != grid else None)
