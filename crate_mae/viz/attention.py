@@ -1,62 +1,97 @@
-"""Per-head attention maps: where each head's CLS token looks, over the patch grid.
+"""One layer's MSSA, seen from its tokens: each head's CLS attention, its thresholded masks, and the patch features.
 
-CRATE's heads are subspaces; in trained CRATE models the CLS attention of single heads follows objects,
-an emergent segmentation (arXiv 2308.16271). Legend: B images, H heads, N = h·w patches.
+CRATE's heads are subspaces; in trained CRATE models the CLS attention of single heads follows objects, an emergent
+segmentation (Yu et al., "Emergence of segmentation with minimalistic white-box transformers", arXiv 2308.16271).
+Legend: B images, H heads, N = h·w patch tokens, d width, p = d/H head width.
+
+MSSA projects its input once, W = U·LN₁(z) (B, 1 + N, d): queries, keys and values are all W, so W is also "the
+key" that the emergence notebooks take as patch features (`pca`, `ncut`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from crate_mae.model.classifier import CrateClassifier
-from crate_mae.model.layers import grid_size
+from crate_mae.viz.plot import image_rows_figure, panels, picture, show_heat, show_mask
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 
-@torch.no_grad()
-def cls_attention(model: CrateClassifier, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """CLS-to-patch attention of every head of encoder `layer` (negative: from the end): (B, H, h, w).
+class MSSAView(NamedTuple):
+    """What one encoder layer's MSSA sees of a batch of images."""
 
-    From MSSA's explicit softmax (`attention`), row CLS without its own entry, renormalised so that each
-    head's map sums to one over the patch grid.
+    features: torch.Tensor  # (B, N, d): the patch rows of W = U·LN₁(z), CLS left out
+    cls_attention: torch.Tensor  # (B, H, h, w): row CLS of each head's A_h over the patches, summing to one
+    grid: tuple[int, int]  # (h, w), the token grid
+
+
+@torch.no_grad()
+def mssa_view(model: CrateClassifier, images: torch.Tensor, layer: int = -1, stride: int | None = None) -> MSSAView:
+    """Encoder layer `layer` (negative: from the end) of `model` on images (B, 3, H, W), at `stride` (None: the
+    patch), from one pass up to that layer.
+
+    The CLS attention is row 0 of MSSA's explicit softmax A_h = softmax(W_h W_hᵀ/√p), without CLS's own entry and
+    renormalised, so that each head's map is a distribution over the patch grid.
     """
     model.eval()
     block = model.encoder.layers[layer]
-    z = model.layer_input(images, layer)  # (B, 1 + N, d)
-    attn = block.attn.attention(block.norm1(z))  # (B, H, 1 + N, 1 + N)
-    cls_to_patches = attn[:, :, 0, 1:]
-    cls_to_patches = cls_to_patches / cls_to_patches.sum(-1, keepdim=True)
-    h, w = grid_size((images.shape[-2], images.shape[-1]), model.patch_embed.patch_size)
-    return cls_to_patches.reshape(images.shape[0], -1, h, w)
+    z = block.norm1(model.layer_input(images, layer, stride=stride))  # MSSA's input LN₁(z), (B, 1 + N, d)
+    cls_row = block.attn.attention(z, queries=1)[:, :, 0, 1:]  # (B, H, N)
+    cls_row = cls_row / cls_row.sum(-1, keepdim=True)
+    grid = model.token_grid((images.shape[-2], images.shape[-1]), stride)
+    return MSSAView(block.attn.U(z)[:, 1:], cls_row.reshape(images.shape[0], -1, *grid), grid)
 
 
-def overlay_figure(image: torch.Tensor, maps: torch.Tensor, *, title: str = "") -> Figure:
-    """One image (3, H, W) in [0, 1] and its heads' maps (H, h, w): the image, then one panel per head with
-    the map upsampled (bilinear) to the image and laid over it."""
-    import matplotlib
+def cls_attention(model: CrateClassifier, images: torch.Tensor, layer: int = -1,
+                  stride: int | None = None) -> torch.Tensor:
+    """CLS-to-patch attention of every head of encoder `layer`: (B, H, h, w), each map summing to one."""
+    return mssa_view(model, images, layer, stride).cls_attention
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    heads = maps.shape[0]
-    cols = min(heads + 1, 7)
-    rows = -(-(heads + 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows + 0.4), squeeze=False)
-    up = F.interpolate(maps[None].float(), size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
-    picture = image.permute(1, 2, 0).cpu().numpy()
-    for ax in axes.flat:
-        ax.axis("off")
-    axes.flat[0].imshow(picture)
-    axes.flat[0].set_title("image", fontsize=8)
+def mass_masks(maps: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
+    """DINO's thresholded attention: of each non-negative map (..., h, w), the fewest highest patches whose values
+    hold at least `mass` of the map's total. Returns bool (..., h, w).
+
+    A patch is kept when the patches ranked above it hold less than `mass` (so the last one kept is the one that
+    reaches it); ties are ranked by position. mass 1 keeps every patch with a value above zero.
+    """
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    flat = maps.flatten(-2).double()  # (..., N)
+    values, order = flat.sort(dim=-1, descending=True, stable=True)
+    total = flat.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    above = (values.cumsum(-1) - values) / total  # the share held by the patches ranked above each one
+    keep = (above < mass) & (values > 0)
+    return torch.zeros_like(keep).scatter(-1, order, keep).view(maps.shape)
+
+
+def most_attended(cls_maps: torch.Tensor) -> torch.Tensor:
+    """The patch index (B,) with the largest CLS attention averaged over heads, in row-major order; from (B, H, h, w)."""
+    return cls_maps.mean(1).flatten(1).argmax(-1)
+
+
+def heads_figure(image: torch.Tensor, heat: torch.Tensor, masks: torch.Tensor, *, mass: float, title: str) -> Figure:
+    """One image (3, H, W) with its heads at image resolution: the maps (H, H, W) laid over it (top row) and the
+    thresholded masks (H, H, W) (bottom row), one panel per head."""
+    heads = heat.shape[0]
+    fig, axes = panels(2, heads + 1, title=title)
+    axes[0, 0].imshow(picture(image))
+    axes[0, 0].set_title("image", fontsize=7)
+    axes[1, 0].text(0.5, 0.5, f"masks:\nthe fewest\npatches holding\n{mass:.0%} of a\nhead's attention", ha="center",
+                    va="center", fontsize=7, transform=axes[1, 0].transAxes)
     for k in range(heads):
-        ax = axes.flat[k + 1]
-        ax.imshow(picture)
-        ax.imshow(up[k].cpu().numpy(), cmap="inferno", alpha=0.6)
-        ax.set_title(f"head {k}", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        show_heat(axes[0, k + 1], image, heat[k], title=f"head {k}")
+        show_mask(axes[1, k + 1], image, masks[k], title=f"head {k}: mask")
     return fig
+
+
+def masks_grid_figure(images: torch.Tensor, masks: torch.Tensor, names: list[str], *, title: str) -> Figure:
+    """Several images (B, 3, H, W), one row each: the image, then each head's mask (B, H, H, W) over it."""
+    def head(k: int) -> Callable[[Axes, int], None]:
+        return lambda ax, i: show_mask(ax, images[i], masks[i, k], title=f"head {k}" if i == 0 else "")
+
+    return image_rows_figure(images, names, [head(k) for k in range(masks.shape[1])], title=title, size=1.8)

@@ -14,9 +14,15 @@ Sparsity of ISTA's output (the non-negative sparse code): the fraction of exact 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from crate_mae.model.classifier import CrateClassifier
+from crate_mae.viz.plot import pyplot
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def coding_rate(z: torch.Tensor, u: torch.Tensor, *, heads: int, eps2: float = 0.5) -> torch.Tensor:
@@ -62,3 +68,23 @@ def layer_measures(model: CrateClassifier, images: torch.Tensor, *, eps2: float 
                      "rate_after_mssa": coding_rate(trace.ista_in, weight, heads=heads, eps2=eps2).mean().item(),
                      **sparsity(trace.out)})
     return rows
+
+
+def layers_figure(rows: list[dict[str, float]]) -> Figure:
+    """The seed's per-layer figure from `layer_measures` rows: R^c before / after MSSA (left), ISTA's sparsity (right)."""
+    plt = pyplot()
+    layers = [r["layer"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(layers, [r["rate_before_mssa"] for r in rows], "o-", label="before MSSA")
+    left.plot(layers, [r["rate_after_mssa"] for r in rows], "s-", label="after MSSA")
+    left.set(xlabel="layer", ylabel="R^c (nats)", title="compression: coding rate against the heads' subspaces")
+    left.legend(fontsize=8)
+    zeros = right.plot(layers, [r["zero_fraction"] for r in rows], "o-", color="C2", label="fraction of zeros")
+    right.set(xlabel="layer", ylabel="fraction of zeros", title="sparsity of ISTA's output")
+    twin = right.twinx()
+    ratio = twin.plot(layers, [r["l1_over_l2"] for r in rows], "s--", color="C3", label="ℓ1/ℓ2 per token")
+    twin.set_ylabel("ℓ1/ℓ2 per token (lower: sparser)")
+    right.legend(handles=zeros + ratio, fontsize=8, loc="best")
+    for ax in (left, right):
+        ax.set_xticks(layers)
+    return fig

@@ -12,6 +12,7 @@ from torchvision.utils import make_grid
 from crate_mae.config.variants import IMAGE_MEAN as MEAN, IMAGE_STD as STD
 from crate_mae.model.layers import patchify, unpatchify
 from crate_mae.model.mae import CrateMAE
+from crate_mae.viz.plot import pyplot
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,11 +65,7 @@ def reconstruction_grid(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float
 def reconstruction_figure(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float | None = None,
                           noise: torch.Tensor | None = None) -> Figure:
     """The same four columns as `reconstruction_grid`, one row per image, each row labelled with its masked loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     parts = reconstruct(model, img, mask_ratio=mask_ratio, noise=noise)
     titles = ("original", "masked", "reconstruction", "+ visible")
     n = img.shape[0]
@@ -81,5 +78,4 @@ def reconstruction_figure(model: CrateMAE, img: torch.Tensor, *, mask_ratio: flo
             if i == 0:
                 ax.set_title(titles[j], fontsize=9)
         axes[i, 0].set_ylabel(f"loss {parts['loss'][i].item():.3f}", fontsize=8)
-    fig.tight_layout()
     return fig

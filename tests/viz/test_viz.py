@@ -130,3 +130,100 @@ def test_attention_and_layers_take_the_supervised_family(tmp_path: Path) -> None
         assert (tmp_path / f"{command}.png").stat().st_size > 0
     with pytest.raises(SystemExit):  # a supervised CRATE has no decoder: recon says so on one line
         viz_main(["recon", "--checkpoint", str(tmp_path / "crate.pth"), "--images", str(tmp_path / "img.png")])
+
+
+def _photos(folder: Path, count: int = 3) -> Path:
+    """Generated images of other sizes and modes than the model's: the commands resize and centre-crop them."""
+    from tests.helpers import image_bytes
+
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"img{i}.png").write_bytes(image_bytes(i, size=(40 + 8 * i, 36), fmt="PNG"))
+    return folder
+
+
+def test_segmentation_commands_write_their_figures(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    photos = _photos(tmp_path / "photos")
+    common = ["--model", "crate_nano", "--images", str(photos / "*.png"), "--size", "48", "--stride", "2"]
+    assert viz_main(["attention", *common, "--out", str(tmp_path / "att")]) == 0
+    written = sorted(p.name for p in (tmp_path / "att").iterdir())
+    assert written == ["attention-img0.png", "attention-img1.png", "attention-img2.png", "attention.png"]
+    assert viz_main(["pca", *common, "--layer", "0", "--out", str(tmp_path / "pca.png")]) == 0
+    assert (tmp_path / "pca.png").stat().st_size > 0
+    assert viz_main(["ncut", *common, "--save-masks", "--out", str(tmp_path / "cut" / "ncut.png")]) == 0
+    masks = sorted((tmp_path / "cut").glob("ncut-*-mask.png"))
+    assert len(masks) == 3
+    for path in masks:  # at image resolution, 0 or 255
+        mask = Image.open(path)
+        assert mask.mode == "L" and mask.size == (48, 48) and set(np.unique(np.asarray(mask))) <= {0, 255}
+
+
+def test_the_figures_also_go_to_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    photos = _photos(tmp_path / "photos", count=2)
+    for command in ("attention", "pca", "ncut", "layers"):
+        assert viz_main([command, "--model", "crate_mae_encoder_nano", "--images", str(photos), "--out", str(tmp_path),
+                         "--tensorboard", str(tmp_path / "tb")]) == 0
+    tags = set()
+    for events in (tmp_path / "tb").iterdir():
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["images"])
+    assert tags == {"attention/img0", "attention/img1", "attention/grid", "pca", "ncut", "layers"}
+
+
+def test_a_checkpoint_of_the_supervised_family_at_a_finer_stride(tmp_path: Path) -> None:
+    from tests.model.test_hub import released_supervised
+
+    torch.save({"state_dict": {"module." + k: v for k, v in released_supervised().items()}}, tmp_path / "crate.pth")
+    photos = _photos(tmp_path / "photos", count=2)
+    for command in ("attention", "pca", "ncut"):
+        assert viz_main([command, "--checkpoint", str(tmp_path / "crate.pth"), "--images", str(photos / "img0.png"),
+                         str(photos / "img1.png"), "--stride", "2", "--size", "32", "--out", str(tmp_path / "out")]) == 0
+        assert (tmp_path / "out" / f"{command}.png").stat().st_size > 0
+    assert viz_main(["attention", "--model", "crate_nano", "--pretrained-file", str(tmp_path / "crate.pth"),
+                     "--images", str(photos / "img0.png"), "--out", str(tmp_path / "one.png")]) == 0
+    assert (tmp_path / "one.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--stride", "3"], "stride 3"), (["--layer", "2"], "--layer 2"), (["--mass", "1.5"], "mass"),
+    (["--images", "nowhere/*.png"], "nowhere"), (["--model", "crate_nope"], "crate_nope"),
+    (["--model", "crate_mae_nano"], "needs a classifier"), (["--n", "0"], "--n 0"), (["--size", "50"], "50")])
+def test_bad_arguments_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], words: str) -> None:
+    photos = _photos(tmp_path / "photos", count=1)
+    args = ["--model", "crate_nano", "--images", str(photos), "--out", str(tmp_path)]
+    for i, flag in enumerate(extra[::2]):  # a flag given twice: the test's value wins
+        if flag in args:
+            args[args.index(flag) + 1] = extra[2 * i + 1]
+        else:
+            args += [flag, extra[2 * i + 1]]
+    with pytest.raises(SystemExit) as stop:
+        viz_main(["attention", *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.gpu
+def test_segmentation_commands_on_the_gpu_match_the_cpu(tmp_path: Path) -> None:
+    """The same masks from the same weights on either device (ncut's cut, the attention masks' 60 % rule)."""
+    import numpy as np
+    from PIL import Image
+
+    photos = _photos(tmp_path / "photos", count=2)
+    cfg = load_config(None, ["model.variant=nano"])
+    encoder = {k: v for k, v in build_mae(cfg.model).state_dict().items() if not k.startswith(("mask_token", "decoder"))}
+    torch.save({"model": encoder, "config": config_to_dict(cfg)}, tmp_path / "encoder.pth")
+    for device in ("cpu", "cuda"):
+        for command in ("attention", "pca", "ncut", "layers"):
+            extra = ["--stride", "2"] if command != "layers" else []
+            assert viz_main([command, "--checkpoint", str(tmp_path / "encoder.pth"), "--images", str(photos), "--device", device,
+                             "--out", str(tmp_path / device), *extra] + (["--save-masks"] if command == "ncut" else [])) == 0
+    for name in ("ncut-img0-mask.png", "ncut-img1-mask.png"):
+        cpu, cuda = (np.asarray(Image.open(tmp_path / d / name)) for d in ("cpu", "cuda"))
+        assert (cpu == cuda).mean() > 0.99
