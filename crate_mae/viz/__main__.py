@@ -93,9 +93,9 @@ def ncut(run: Run) -> None:
     seeds = most_attended(view.cls_attention)
     cuts = [normalized_cut(f, int(s), tau=run.args.tau) for f, s in zip(view.features, seeds)]
     masks = torch.stack([m for m, _ in cuts]).view(-1, 1, *view.grid)
-    fine = torch.stack([x for _, x in cuts]).view(-1, 1, *view.grid)
+    values = torch.stack([x for _, x in cuts]).view(-1, 1, *view.grid)  # the cut x, object side positive
     masks = run.pixels(masks, "nearest")[:, 0] > 0.5  # (B, H, W)
-    fig = ncut_figure(run.images.cpu(), run.pixels(fine, "bilinear")[:, 0], masks, run.names,
+    fig = ncut_figure(run.images.cpu(), run.pixels(values, "bilinear")[:, 0], masks, run.names,
                       title=run.title(f"normalised cut, τ {run.args.tau}"))
     run.sink.save(fig, run.out, "ncut")
     if run.args.save_masks:
@@ -103,7 +103,7 @@ def ncut(run: Run) -> None:
 
         for name, mask in zip(run.names, masks):
             path = inputs.beside(run.out, f"{name}-mask")
-            Image.fromarray(mask.numpy().astype("uint8") * 255, mode="L").save(path)
+            Image.fromarray(mask.numpy().astype("uint8") * 255).save(path)  # 2-D uint8: mode L
             print(path)
 
 

@@ -50,16 +50,17 @@ def image_files(specs: list[str]) -> list[Path] | None:
         path = Path(spec)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{spec}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
         elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             found = [path]
-        elif glob.has_magic(spec):
-            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
-        elif len(specs) == 1 and not path.suffix.lower() in IMAGE_SUFFIXES:
-            return None  # a manifest, a shard pattern or URL
         else:
-            raise FileNotFoundError(f"{spec}: no such image")
-        if not found:
-            raise FileNotFoundError(f"{spec}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
+            magic = glob.has_magic(spec)
+            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES) if magic else []
+            if not found:
+                if len(specs) == 1 and path.suffix.lower() not in IMAGE_SUFFIXES:
+                    return None  # a manifest, a brace pattern or glob of shards, a URL
+                raise FileNotFoundError(f"{spec}: matches no images" if magic else f"{spec}: no such image")
         files += found
     return files
 

@@ -227,3 +227,16 @@ def test_segmentation_commands_on_the_gpu_match_the_cpu(tmp_path: Path) -> None:
     for name in ("ncut-img0-mask.png", "ncut-img1-mask.png"):
         cpu, cuda = (np.asarray(Image.open(tmp_path / d / name)) for d in ("cpu", "cuda"))
         assert (cpu == cuda).mean() > 0.99
+
+
+def test_images_from_shards_by_manifest_or_glob_and_from_several_specs(tmp_path: Path, digits: tuple[str, str]) -> None:
+    from crate_mae.viz.inputs import load_images
+
+    _, val = digits
+    by_manifest, names = load_images(val, img_size=32, n=3)
+    by_glob, _ = load_images(str(Path(val).parent / "val-*.tar"), img_size=32, n=3)
+    assert by_manifest.shape == (3, 3, 32, 32) and by_manifest.dtype == torch.uint8 and names[0] == "sample-0"
+    assert torch.equal(by_manifest, by_glob)
+    photos = _photos(tmp_path / "photos", count=2)
+    images, names = load_images([str(photos / "img1.png"), str(photos)], img_size=32, n=8)
+    assert images.shape[0] == 3 and names == ["img1", "img0", "img1"]  # in the order given, folders sorted
