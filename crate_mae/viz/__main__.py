@@ -34,6 +34,9 @@ COMMANDS = {
 }
 
 
+MAX_NCUT_BYTES = 8 * 2**30  # ncut's dense N × N matrices: about 18,900 tokens per image at most
+
+
 class Run:
     """One command's inputs, loaded: the model and images on the device, where the figures go."""
 
@@ -182,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         model = inputs.load_model(checkpoint=args.checkpoint, model_name=args.model, pretrained_file=args.pretrained_file,
                                   variant=args.variant, img_size=args.size, whole_mae=args.command == "recon")
         size = args.size or model.pos.grid[0] * model.patch_size
-        model.token_grid((size, size), args.stride)  # a stride that does not fit the size: one line, before any work
+        h, w = model.token_grid((size, size), args.stride)  # a stride that does not fit the size: one line, now
+        if args.command == "ncut" and 3 * 8 * (h * w) ** 2 > MAX_NCUT_BYTES:  # A, the Laplacian, eigh's work
+            raise ValueError(f"ncut: {h * w} tokens per image (size {size}, stride {args.stride or model.patch_size}) make a "
+                             f"{h * w} × {h * w} affinity of {8 * (h * w) ** 2 / 2**30:.1f} GiB in float64; "
+                             f"take a larger --stride or a smaller --size")
         if not -len(model.encoder.layers) <= args.layer < len(model.encoder.layers):
             raise ValueError(f"--layer {args.layer}: the model has {len(model.encoder.layers)} encoder layers")
         images, names = inputs.load_images(args.images, img_size=size, n=args.n, crop_pct=args.crop_pct)

@@ -240,3 +240,10 @@ def test_images_from_shards_by_manifest_or_glob_and_from_several_specs(tmp_path:
     photos = _photos(tmp_path / "photos", count=2)
     images, names = load_images([str(photos / "img1.png"), str(photos)], img_size=32, n=8)
     assert images.shape[0] == 3 and names == ["img1", "img0", "img1"]  # in the order given, folders sorted
+
+
+def test_ncut_refuses_an_affinity_too_large_to_hold(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    photos = _photos(tmp_path / "photos", count=1)
+    with pytest.raises(SystemExit):  # 637 × 637 = 405,769 tokens at stride 1: a 1.2 TiB affinity, refused at once
+        viz_main(["ncut", "--model", "crate_nano", "--images", str(photos), "--size", "640", "--stride", "1"])
+    assert "405769 tokens per image" in capsys.readouterr().err
