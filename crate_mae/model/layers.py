@@ -87,7 +87,10 @@ class PatchEmbed(nn.Module):
         """img (B, 3, H, W) → tokens (B, N, d) in row-major patch order, and their grid (h, w); with `stride`
         the same convolution taken every s pixels, over overlapping patches: (B, h'·w', d)."""
         grid = token_grid((img.shape[-2], img.shape[-1]), self.patch_size, stride)
-        x = F.conv2d(img, self.proj.weight, self.proj.bias, stride=stride or self.patch_size)  # (B, d, h, w)
+        if stride is None or stride == self.patch_size:
+            x = self.proj(img)  # (B, d, h, w)
+        else:  # the same weights, every s pixels
+            x = F.conv2d(img, self.proj.weight, self.proj.bias, stride=stride)  # (B, d, h', w')
         return x.flatten(2).transpose(1, 2), grid  # (B, N, d)
 
 
