@@ -203,10 +203,12 @@ def sincos_pos_table(dim: int, grid: tuple[int, int], *, cls_token: bool = True,
     if dim % 4:
         raise ValueError(f"sin-cos position table needs a width divisible by 4, got {dim}")
     h, w = grid
-    fh, fw = fine or grid
-    row_at = torch.linspace(0, h - 1, fh, dtype=torch.float64) if fine else torch.arange(h)
-    col_at = torch.linspace(0, w - 1, fw, dtype=torch.float64) if fine else torch.arange(w)
-    rows, cols = torch.meshgrid(row_at, col_at, indexing="ij")  # (h, w) each
+    if fine is None or tuple(fine) == tuple(grid):
+        row_at, col_at = torch.arange(h), torch.arange(w)
+    else:
+        row_at = torch.linspace(0, h - 1, fine[0], dtype=torch.float64)
+        col_at = torch.linspace(0, w - 1, fine[1], dtype=torch.float64)
+    rows, cols = torch.meshgrid(row_at, col_at, indexing="ij")  # (h', w') each
     table = torch.cat([_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
     if cls_token:
         table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)
@@ -314,4 +316,4 @@ class CrateStem(nn.Module):
         if mask is not None:
             x = torch.where(mask.bool()[..., None], mask_token.to(x.dtype), x)
         grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
-        return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid, fine if fine != grid else None)
+        return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid, fine)  # fine == grid: the plain table

@@ -31,6 +31,7 @@ class PCA(NamedTuple):
     mean: torch.Tensor  # (d,)
     components: torch.Tensor  # (k, d), orthonormal rows, by decreasing variance
     variance: torch.Tensor  # (k,), the variance of the fitted rows along each component
+    total_variance: torch.Tensor  # (), the sum over all d directions (the covariance's trace)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) → unit-variance scores (..., k), in float64."""
@@ -46,10 +47,11 @@ def fit_pca(x: torch.Tensor, k: int) -> PCA:
     mean = x64.mean(0)
     centred = x64 - mean
     values, vectors = torch.linalg.eigh(centred.T @ centred / (x.shape[0] - 1))  # ascending
+    total = values.clamp_min(0).sum()
     values, vectors = values.flip(0)[:k].clamp_min(0), vectors.flip(1)[:, :k].T  # (k,), (k, d)
     projected = centred @ vectors.T  # (M, k)
     signs = projected.gather(0, projected.abs().argmax(0, keepdim=True)).sign()[0]
-    return PCA(mean, vectors * torch.where(signs == 0, 1.0, signs)[:, None], values)
+    return PCA(mean, vectors * torch.where(signs == 0, 1.0, signs)[:, None], values, total)
 
 
 class PCASegments(NamedTuple):
@@ -78,8 +80,7 @@ def pca_segments(features: torch.Tensor, grid: tuple[int, int], seeds: torch.Ten
         chosen = scores[..., 1:4][foreground]  # (M_fg, ≤3)
         low, high = chosen.min(0).values, chosen.max(0).values
         parts[..., : chosen.shape[-1]][foreground] = (chosen - low) / (high - low).clamp_min(1e-12)
-    centred = flat.double() - pca.mean
-    ratio = pca.variance / (centred.pow(2).sum() / (b * n - 1))
+    ratio = pca.variance / pca.total_variance
     h, w = grid
     return PCASegments(first.reshape(b, h, w), foreground.reshape(b, h, w),
                        parts.permute(0, 2, 1).reshape(b, 3, h, w), ratio)
