@@ -114,7 +114,7 @@ def rate_loader(manifest: Path, transform: Callable, n: int, batch_size: int, sh
     """images/s of the training loader over n images (rounded to whole batches), after one warm-up batch."""
     batches = max(1, n // batch_size)
     loader = train_loader(str(manifest), transform, batch_size=batch_size, num_workers=0,
-                          shuffle_buffer=shuffle_buffer, samples_per_epoch=(batches + 1) * batch_size)
+                          shuffle_buffer=shuffle_buffer, train_samples=(batches + 1) * batch_size)
     it = iter(loader)
     next(it)  # warm-up: fills the shuffle buffer, opens the first shard
     t = time.perf_counter()
@@ -125,7 +125,7 @@ def rate_loader(manifest: Path, transform: Callable, n: int, batch_size: int, sh
 def rate_device_decode(manifest: Path, n: int, batch_size: int, size: int, device: torch.device) -> float:
     """images/s of `decode_batch` (batched decode + roi_align crop + flips) on `device`, batches made beforehand."""
     loader = train_loader(str(manifest), DeviceCropTransform(size), batch_size=batch_size, num_workers=0,
-                          shuffle_buffer=8, samples_per_epoch=max(1, n // batch_size) * batch_size)
+                          shuffle_buffer=8, train_samples=max(1, n // batch_size) * batch_size)
     batches = [b.images for b in loader]
     decode_batch(batches[0], size, device)  # warm-up (and nvjpeg's set-up on a GPU)
     if device.type == "cuda":

@@ -17,6 +17,7 @@ re-read from the page cache; without CUDA, a nano-width model at 224 px stands i
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import sys
@@ -31,9 +32,9 @@ from data import ensure_shards  # noqa: E402  (bench/data.py: the generated shar
 from step import sync  # noqa: E402  (bench/step.py)
 
 from crate_mae.config import load_config  # noqa: E402
-from crate_mae.data.device_decode import to_device  # noqa: E402
 from crate_mae.data.reader import Batch  # noqa: E402
 from crate_mae.engine.dist import Dist, resolve_device  # noqa: E402
+from crate_mae.model import resolve_config  # noqa: E402
 from crate_mae.stages.pretrain import build_training  # noqa: E402
 
 
@@ -53,10 +54,9 @@ def run(decode_on: str, args: argparse.Namespace, overrides: list[str], spec: st
         with_step: bool) -> list[dict]:
     cfg = load_config(None, [*overrides, f"data.decode_on={decode_on}", f"data.train_shards={spec}",
                              f"run.device={device}"])
-    cfg.model = cfg.model.resolve()
     batch = cfg.data.batch_size
-    if cfg.data.train_samples is None:  # one epoch covers the benchmark
-        cfg.data.train_samples = (2 * args.warmup + 2 * args.steps + 2) * batch
+    samples = cfg.data.train_samples or (2 * args.warmup + 2 * args.steps + 2) * batch  # one epoch covers the benchmark
+    cfg = replace(cfg, model=resolve_config(cfg.model), data=replace(cfg.data, train_samples=samples))
     trainer, loader = build_training(cfg, Dist(0, 1, device.index or 0, device), spec)
     size, rows = cfg.model.img_size, []
     base = {"decode_on": decode_on, "variant": cfg.model.variant, "batch": batch, "img_size": size,
@@ -82,8 +82,7 @@ def run(decode_on: str, args: argparse.Namespace, overrides: list[str], spec: st
 
         def one() -> float:
             t = time.perf_counter()
-            b = next(it)
-            ready = to_device(b, size, device)  # a no-op when prefetched
+            ready = next(it)  # on the device already: the loader is the stage's DeviceLoader
             wait = time.perf_counter() - t
             if what == "e2e":
                 trainer.step([ready])

@@ -30,11 +30,11 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from crate_mae.config import ModelConfig, OptimConfig
+from crate_mae.config import ClassifierConfig, MAEConfig, OptimConfig
 from crate_mae.engine.dist import Dist
 from crate_mae.engine.trainer import Trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
-from crate_mae.model import build_classifier, build_mae
+from crate_mae.model import create_model
 from crate_mae.model.crate import set_fused
 from crate_mae.model.flops import train_flops
 
@@ -113,8 +113,9 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
               top: int = 15, trace: str | None = None) -> dict:
     if compile:
         torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape graph carried over from another batch
-    cfg = ModelConfig(variant=variant, num_classes=1000).resolve()
-    model = (build_mae(cfg) if kind == "mae" else build_classifier(cfg)).to(device)
+    config = MAEConfig(variant=variant) if kind == "mae" else ClassifierConfig(variant=variant, num_classes=1000)
+    model, cfg = create_model(config)
+    model = model.to(device)
     optim_cfg = OptimConfig(epochs=1, warmup_epochs=0)
     optimizer = build_optimizer(optim_cfg, model, 1e-4, device)
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
@@ -148,7 +149,7 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
         seconds = time.perf_counter() - t0
     profiled = profile_steps(lambda: trainer.step([images]), device, profile, top, trace) if profile else None
     trainer.check_finite()
-    shape = dict(dim=cfg.dim, encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth,
+    shape = dict(dim=cfg.dim, encoder_depth=cfg.encoder_depth, decoder_depth=getattr(cfg, "decoder_depth", 0),
                  img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=None if kind == "mae" else 1000)
     rate = batch * steps / seconds
     return {"kind": kind, "variant": variant, "batch": batch, "precision": trainer.precision,

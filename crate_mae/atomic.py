@@ -46,3 +46,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         target.abort()
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temp files (`.<name>.<random>.tmp`) that a kill during a write left in `folder`: a whole
+    checkpoint's size each at scale. Called by rank 0 when a run starts in its folder; returns what it removed."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

@@ -1,8 +1,10 @@
 """The command line shared by pretrain.py, linprobe.py and finetune.py: parse → config → run the stage.
 
 Each stage takes `--config FILE` and `--set KEY=VALUE ...` (every key listed in `--help`), plus a few
-shortcut flags for the keys users set most. Expected failures (bad data, a missing checkpoint, a
-non-finite loss) end with one line `error: ...` and exit status 1; a bad config exits with status 2.
+shortcut flags for the keys users set most. Expected failures, the project's own error types
+(`crate_mae.errors.CrateError`: bad data, a missing or mismatched checkpoint, a non-finite loss, a run folder in use)
+end with one line `error: ...` and exit status 1; a bad config exits with status 2. Anything else (an error raised
+inside torch, timm or scikit-learn, or a bug of ours) keeps its traceback, so that it shows where it came from.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import sys
 
 from crate_mae.config import ConfigError, add_config_args, config_from_args
+from crate_mae.errors import CrateError
 
 
 def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: str, config: str,
@@ -36,13 +39,10 @@ def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timm").setLevel(logging.WARNING)  # timm's "Loading pretrained weights from state dict" notes
 
-    from crate_mae.data import DataError, ShardError
-    from crate_mae.engine.trainer import NonFiniteLoss
-
     module, function = stage.split(":")
     try:
         getattr(importlib.import_module(module), function)(cfg)
-    except (ShardError, DataError, NonFiniteLoss, FileExistsError, FileNotFoundError, ValueError) as err:
+    except CrateError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -132,7 +132,7 @@ def _parse_override(item: str, schema: type) -> tuple[list[str], Any]:
 
 def _schema(stage: str) -> type:
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     return STAGES[stage]
 
 

@@ -4,13 +4,14 @@ A field's checks live in its section's `__post_init__`; a failure is a `ConfigEr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional
 
-from crate_mae.config.variants import FAMILIES, VARIANTS, match_variant
+from crate_mae.config.variants import VARIANTS
+from crate_mae.errors import CrateError
 
 
-class ConfigError(ValueError):
+class ConfigError(CrateError, ValueError):
     """A configuration value at fault; the message names the key."""
 
 
@@ -20,16 +21,19 @@ def _doc(default: Any, doc: str) -> Any:
 
 
 # Fields that change the function a network computes (not only its training): a checkpoint and the
-# config that loads it must agree on each one that the config sets.
+# config that loads it must agree on each one that the config sets (those of the config's kind).
 FUNCTION_FIELDS = ("family", "variant", "dim", "heads", "encoder_depth", "decoder_depth", "patch_size", "eta", "lambd")
 SIZE_FIELDS = ("dim", "heads", "encoder_depth", "decoder_depth", "img_size", "patch_size")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    """The network. A field left unset (null) is filled by `resolve`: from the checkpoint being loaded, else
-    from the `variant` row and the family's defaults. A set field is what the user asked for, and a checkpoint
-    that disagrees with it is an error, never silently overridden.
+    """The network both kinds share: the encoder's family, sizes and ISTA constants.
+
+    A field left unset (null) is filled by `crate_mae.model.hub.resolve_config`, the one place that resolves a
+    model config: from the checkpoint being loaded, else from the `variant` row and the family's defaults. A set
+    field is what the user asked for, and a checkpoint that disagrees with it is an error, never silently
+    overridden. A stage's config holds the kind it builds: `MAEConfig` (pretraining) or `ClassifierConfig`.
     """
 
     family: Optional[Literal["mae", "supervised"]] = _doc(None, "mae: CRATE-MAE's conv stem, fixed sin-cos table, final "
@@ -43,26 +47,18 @@ class ModelConfig:
     heads: Optional[int] = _doc(None, "attention heads H; d must divide by H (default: the checkpoint's, else the "
                                       "variant's)")
     encoder_depth: Optional[int] = _doc(None, "encoder layers (default: the checkpoint's, else the variant's)")
-    decoder_depth: Optional[int] = _doc(None, "decoder layers (default: the checkpoint's, else the variant's)")
     img_size: Optional[int] = _doc(None, "square image side in pixels (default: the checkpoint's, else the variant's)")
     patch_size: Optional[int] = _doc(None, "patch side in pixels; must divide img_size (default: the checkpoint's, "
                                            "else the variant's)")
     eta: Optional[float] = _doc(None, "ISTA step size η (default: the checkpoint's, else 0.1)")
     lambd: Optional[float] = _doc(None, "ISTA sparsity λ (default: the checkpoint's, else 0.5 for family mae, 0.1 "
                                         "for supervised)")
-    mask_ratio: float = _doc(0.75, "fraction of patches masked in pretraining, in (0, 1)")
-    norm_pix_loss: bool = _doc(False, "regress per-patch normalised pixels (MAE's norm_pix_loss)")
-    pool: Literal["cls", "mean"] = _doc("cls", "classifier pooling: the CLS token, or the mean (of the patch tokens "
-                                               "for family mae; of all tokens, CLS included, for supervised, as released)")
-    drop_path: float = _doc(0.0, "classifier: stochastic depth on the MSSA residual branch, rising to this rate")
-    num_classes: int = _doc(1000, "classifier outputs (0: no head, the pooled features; a stage sets it from the "
-                                  "dataset)")
 
     def __post_init__(self) -> None:
         if self.variant is not None and self.variant not in VARIANTS:
             raise ConfigError(f"model.variant: unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         for name in SIZE_FIELDS:
-            value = getattr(self, name)
+            value = getattr(self, name, None)
             _require(value is None or value > 0, f"model.{name}", "must be positive, got", value)
         if self.dim is not None and self.heads is not None:
             _require(self.dim % self.heads == 0, "model.heads", f"width {self.dim} is not divisible by heads", self.heads)
@@ -71,67 +67,47 @@ class ModelConfig:
         if self.img_size is not None and self.patch_size is not None:
             _require(self.img_size % self.patch_size == 0, "model.img_size",
                      f"must be divisible by model.patch_size {self.patch_size}, got", self.img_size)
-        _require(0 < self.mask_ratio < 1, "model.mask_ratio", "must lie in (0, 1), got", self.mask_ratio)
         _require(self.eta is None or self.eta > 0, "model.eta", "must be positive, got", self.eta)
         _require(self.lambd is None or self.lambd >= 0, "model.lambd", "must be >= 0, got", self.lambd)
-        _require(self.num_classes >= 0, "model.num_classes", "must be >= 0, got", self.num_classes)
-        _require(0 <= self.drop_path < 1, "model.drop_path", "must lie in [0, 1), got", self.drop_path)
 
     @property
     def resolved(self) -> bool:
-        """Whether every field that `resolve` fills is set."""
-        return all(getattr(self, f) is not None for f in ("family", *SIZE_FIELDS, "eta", "lambd"))
-
-    def resolve(self, saved: Mapping[str, Any] | None = None, *, default_family: str = "mae",
-                check: Sequence[str] = FUNCTION_FIELDS) -> ModelConfig:
-        """The config with every unset field filled, checked against a checkpoint's model fields.
-
-        `saved` holds what the checkpoint says: our own checkpoints' saved `model` section, or for a released
-        file (which records no config) the fields its tensor shapes tell (family, width, depths, patch, image
-        size). Order, for each field: the value set here; else the checkpoint's; else the variant's row (this
-        config's `variant`, else the checkpoint's, else the row matching the checkpoint's width and depth, else
-        base); else the family's default (η 0.1; λ 0.5 for mae, 0.1 for supervised).
-
-        Each field in `check` that is set here and recorded differently in `saved` is a ConfigError naming the
-        field and both values. A set `variant` stands for its row's sizes only against a file that names no
-        variant (a released one); against our own checkpoints the variant itself is compared, and a size the
-        user did not set takes the checkpoint's value (a run pretrained with `--set model.heads=2` is loaded
-        with 2 heads by a config that leaves heads unset).
-        """
-        saved = {k: v for k, v in (saved or {}).items() if v is not None}
-        given = {f: getattr(self, f) for f in (*FUNCTION_FIELDS, "img_size") if getattr(self, f) is not None}
-        from_row: set[str] = set()
-        if self.variant is not None and "variant" not in saved:
-            for name in SIZE_FIELDS:
-                if name not in given:
-                    given[name] = getattr(VARIANTS[self.variant], name)
-                    from_row.add(name)
-        for name in check:
-            if name in given and name in saved and given[name] != saved[name]:
-                how = f" (from model.variant {self.variant!r})" if name in from_row else ""
-                raise ConfigError(f"model.{name} is {saved[name]!r} in the checkpoint but {given[name]!r} in the config{how}; "
-                                  f"leave it unset to use the checkpoint's value")
-        values = {**saved, **given}
-        variant = values.get("variant")
-        if variant is None and "dim" in saved and "encoder_depth" in saved:  # a released file: its heads from the row
-            variant = match_variant(saved["dim"], saved["encoder_depth"])
-        if variant is None and saved:
-            if "heads" not in values:
-                raise ConfigError(f"model.heads: the checkpoint does not record its number of heads, and no row of the size "
-                                  f"table has d={values.get('dim')} with {values.get('encoder_depth')} layers; set "
-                                  f"model.heads (or model.variant)")
-        row = VARIANTS[variant or "base"]
-        for name in SIZE_FIELDS:
-            values.setdefault(name, getattr(row, name))
-        family = FAMILIES[values.setdefault("family", default_family)]
-        values.setdefault("eta", family.eta)
-        values.setdefault("lambd", family.lambd)
-        values["variant"] = variant if variant is not None else (None if saved else "base")
-        kept = {f: getattr(self, f) for f in ("mask_ratio", "norm_pix_loss", "pool", "drop_path", "num_classes")}
-        return ModelConfig(**{k: values[k] for k in (*FUNCTION_FIELDS, "img_size")}, **kept)
+        """Whether every field that `resolve_config` fills is set."""
+        return all(getattr(self, f.name) is not None for f in fields(self)
+                   if f.name in ("family", *SIZE_FIELDS, "eta", "lambd", "num_classes"))
 
 
-@dataclass
+@dataclass(frozen=True)
+class MAEConfig(ModelConfig):
+    """A CRATE-MAE: the shared encoder fields, its decoder, and what pretraining asks of it."""
+
+    decoder_depth: Optional[int] = _doc(None, "decoder layers (default: the checkpoint's, else the variant's)")
+    mask_ratio: float = _doc(0.75, "fraction of patches masked in pretraining, in (0, 1)")
+    norm_pix_loss: bool = _doc(False, "regress per-patch normalised pixels (MAE's norm_pix_loss)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0 < self.mask_ratio < 1, "model.mask_ratio", "must lie in (0, 1), got", self.mask_ratio)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig(ModelConfig):
+    """A CRATE classifier (either family): the shared encoder fields, its pooling, stochastic depth and head."""
+
+    pool: Literal["cls", "mean"] = _doc("cls", "pooling: the CLS token, or the mean (of the patch tokens for family "
+                                               "mae; of all tokens, CLS included, for supervised, as released)")
+    drop_path: float = _doc(0.0, "stochastic depth on the MSSA residual branch, rising to this rate")
+    num_classes: Optional[int] = _doc(None, "outputs (0: no head, the pooled features) (default: the dataset's "
+                                            "classes in a stage, else the checkpoint's head, else 1000)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.num_classes is None or self.num_classes >= 0, "model.num_classes", "must be >= 0, got",
+                 self.num_classes)
+        _require(0 <= self.drop_path < 1, "model.drop_path", "must lie in [0, 1), got", self.drop_path)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where images come from and how they are batched."""
 
@@ -148,16 +124,11 @@ class DataConfig:
     resample: bool = _doc(True, "draw training shards at random with replacement (else: shuffle and deal them out)")
     shuffle_buffer: int = _doc(5000, "samples in each worker's shuffle buffer")
     fast_decode: bool = _doc(True, "decode JPEGs at reduced size when the crop allows it (PIL draft)")
-    decode_on: Literal["cpu", "device"] = _doc("cpu", "pretraining: decode and crop JPEGs in the workers (cpu) or "
-                                                "batched on the training device (device: nvjpeg on a GPU)")
-    prefetch: int = _doc(2, "pretraining: batches moved to the device (and decoded there) ahead of the step by a "
-                            "background thread, on a side CUDA stream; 0: inside the step")
     max_bad_fraction: float = _doc(0.001, "stop when more than this fraction of samples cannot be used")
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be positive, got", self.batch_size)
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0, got", self.num_workers)
-        _require(self.prefetch >= 0, "data.prefetch", "must be >= 0, got", self.prefetch)
         _require(self.train_samples is None or self.train_samples > 0, "data.train_samples", "must be positive, got",
                  self.train_samples)
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0, got", self.shuffle_buffer)
@@ -166,7 +137,21 @@ class DataConfig:
         _require(0 < self.eval_crop_pct <= 1, "data.eval_crop_pct", "must lie in (0, 1], got", self.eval_crop_pct)
 
 
-@dataclass
+@dataclass(frozen=True)
+class PretrainDataConfig(DataConfig):
+    """Pretraining's data section: the common keys, and where its JPEGs are decoded."""
+
+    decode_on: Literal["cpu", "device"] = _doc("cpu", "decode and crop JPEGs in the workers (cpu) or batched on the "
+                                                "training device (device: nvjpeg on a GPU)")
+    prefetch: int = _doc(2, "batches moved to the device (and decoded there) ahead of the step by a background "
+                            "thread, on a side CUDA stream; 0: in the step's thread")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.prefetch >= 0, "data.prefetch", "must be >= 0, got", self.prefetch)
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule (warm-up, then cosine, updated every iteration)."""
 
@@ -200,7 +185,7 @@ class OptimConfig:
                  self.layer_decay)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Where a run writes, how it computes, and how often it logs and saves."""
 
@@ -224,7 +209,7 @@ class RunConfig:
         _require(self.keep_last >= 0, "run.keep_last", "must be >= 0, got", self.keep_last)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
     """Linear probing of a frozen pretrained encoder (linprobe.py)."""
 
@@ -253,7 +238,7 @@ class ProbeConfig:
         _require(self.knn_temperature > 0, "probe.knn_temperature", "must be positive, got", self.knn_temperature)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning the encoder as a CRATE classifier, or training one from scratch (finetune.py)."""
 
@@ -285,7 +270,7 @@ def _like(section: type, name: str, default: Any) -> Any:
     return field(default=default, metadata=section.__dataclass_fields__[name].metadata)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeOptimConfig(OptimConfig):
     """The linear probe's optimiser (protocol linear), by default MAE's recipe: LARS, base lr 0.1, no weight decay,
     90 epochs with 10 of warm-up."""
@@ -297,7 +282,7 @@ class ProbeOptimConfig(OptimConfig):
     warmup_epochs: float = _like(OptimConfig, "warmup_epochs", 10.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneOptimConfig(OptimConfig):
     """Fine-tuning's optimiser, by default MAE's recipe: AdamW (0.9, 0.999), base lr 5e-4, weight decay 0.05, layer
     decay 0.75, 100 epochs with 5 of warm-up, cosine to 1e-6."""
@@ -310,9 +295,10 @@ class FinetuneOptimConfig(OptimConfig):
     warmup_epochs: float = _like(OptimConfig, "warmup_epochs", 5.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """What every stage's config holds: sections `model`, `data`, `optim`, `run` (pretraining's config is this)."""
+    """What every stage's config holds: sections `model`, `data`, `optim`, `run`. Each stage narrows them to the
+    kind it reads (its model's kind, its data keys, its optimiser's defaults) and adds its own section."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -320,23 +306,29 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainStage(Config):
-    """pretrain.py: masked pretraining (MAE's recipe for the optimiser: 800 epochs, 40 of warm-up, AdamW)."""
+    """pretrain.py: masked pretraining of a CRATE-MAE (MAE's recipe for the optimiser: 800 epochs, 40 of warm-up,
+    AdamW)."""
+
+    model: MAEConfig = field(default_factory=MAEConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinearProbeStage(Config):
-    """linprobe.py: the common sections with the probe's optimiser defaults, and `probe`."""
+    """linprobe.py: a classifier's encoder, frozen, with the probe's optimiser defaults, and `probe`."""
 
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
     optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneStage(Config):
-    """finetune.py: the common sections with fine-tuning's optimiser defaults, and `finetune`."""
+    """finetune.py: a classifier, with fine-tuning's optimiser defaults, and `finetune`."""
 
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 

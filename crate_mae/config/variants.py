@@ -1,4 +1,4 @@
-"""The model sizes and families, as tables (SPEC.md, "Sizes" and "The supervised CRATE"). No torch here.
+"""The model sizes and families, as tables (docs/MODEL.md, "Sizes" and "Two families around one encoder"). No torch here.
 
 A *variant* is a row of widths and depths; a *family* is what is built around the CRATE layers:
 

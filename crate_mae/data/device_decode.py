@@ -8,22 +8,21 @@ device: nvjpeg's batched decoder on CUDA), pads them into one tensor, and crops 
 once with `roi_align` (bilinear, with as many samples per output pixel as the crop is larger than the output:
 an area-like antialiasing), then flips by mask. One kernel chain per batch, not per image.
 Non-JPEG images (PNG) are decoded in the worker and travel as pixels; the same batched crop applies.
+`to_device`, at the end of this file, is the one way any loader's batch reaches the device.
 Legend: B images, S output side.
 """
 from __future__ import annotations
 
 import random
 import warnings
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
+from crate_mae.data.stream import Batch
 from crate_mae.data.transforms import PretrainTransform, check_size, decode_tensor, open_image
-
-if TYPE_CHECKING:
-    from crate_mae.data.reader import Batch
 
 
 class RawImage(NamedTuple):
@@ -42,10 +41,12 @@ class RawBatch(NamedTuple):
     encoded: list[bool]
     boxes: torch.Tensor  # (B, 4) left, top, width, height
     flips: torch.Tensor  # (B,) bool
+    size: int  # S, the side the transform crops to
 
 
 class DeviceCropTransform(PretrainTransform):
-    """The worker half of the pretraining augmentation: the same crop and flip draws, no decode or resize."""
+    """The worker half of the pretraining augmentation: the same crop and flip draws, no decode or resize; its
+    `collate` makes the batch a RawBatch (the shard stream's collate step uses it)."""
 
     def __call__(self, data: bytes, rng: random.Random) -> RawImage:  # type: ignore[override]
         img = open_image(data)
@@ -55,10 +56,14 @@ class DeviceCropTransform(PretrainTransform):
             return RawImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), True, box, flip)
         return RawImage(decode_tensor(data, img), False, box, flip)
 
+    def collate(self, items: list[RawImage]) -> RawBatch:
+        return collate_raw(items, self.img_size)
 
-def collate_raw(items: list[RawImage]) -> RawBatch:
+
+def collate_raw(items: list[RawImage], size: int) -> RawBatch:
     return RawBatch([i.payload for i in items], [i.encoded for i in items],
-                    torch.tensor([i.box for i in items], dtype=torch.float32), torch.tensor([i.flip for i in items]))
+                    torch.tensor([i.box for i in items], dtype=torch.float32), torch.tensor([i.flip for i in items]),
+                    size)
 
 
 def decode_batch(raw: RawBatch, size: int, device: torch.device) -> torch.Tensor:
@@ -83,17 +88,21 @@ def decode_batch(raw: RawBatch, size: int, device: torch.device) -> torch.Tensor
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def images_on(images: torch.Tensor | RawBatch, size: int, device: torch.device) -> torch.Tensor:
-    """A batch's images on the device: pixels are moved, a RawBatch is decoded and cropped there."""
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The one way a loader's batch reaches the device: its images there as uint8 pixels (B, 3, S, S) (a RawBatch of
+    `data.decode_on: device` decoded and cropped there first), its labels there too.
+
+    Training stages read through `data/prefetch.py: DeviceLoader`, which runs it once per batch (ahead in a thread,
+    or in the step's thread); `eval/metrics.py: evaluate` and `eval/features.py: extract` run it on each batch.
+    Every transform of ours hands over uint8 pixels, so anything else is a TypeError here, not a silent pass: what
+    the model does with the pixels is `model.layers.Normalize`'s, once.
+    """
+    images = batch.images
     if isinstance(images, RawBatch):
-        return decode_batch(images, size, device)
-    return images.to(device, non_blocking=True)
-
-
-def to_device(batch: "Batch", size: int, device: torch.device) -> "Batch":
-    """The one way a loader's batch reaches the model: its images on `device` as uint8 pixels (B, 3, S, S) (a RawBatch
-    of `decode_on: device` decoded and cropped there; timm's fine-tuning transform's normalised float moved as it is),
-    its labels there too. The prefetch thread runs it ahead of the step; without prefetching the step runs it, and
-    on a batch already there it is free. What the model then does with the pixels: `model.layers.Normalize`."""
-    return batch._replace(images=images_on(batch.images, size, device),
-                          labels=batch.labels.to(device, non_blocking=True))
+        images = decode_batch(images, images.size, device)
+    elif isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+        images = images.to(device, non_blocking=True)
+    else:
+        raise TypeError(f"a loader's images are uint8 pixels or a RawBatch, got "
+                        f"{images.dtype if isinstance(images, torch.Tensor) else type(images).__name__}")
+    return batch._replace(images=images, labels=batch.labels.to(device, non_blocking=True))

@@ -21,11 +21,12 @@ from pathlib import Path
 import braceexpand
 
 from crate_mae.atomic import atomic_path
+from crate_mae.errors import CrateError
 
 FORMAT = "crate-mae-shards/1"
 
 
-class ShardError(ValueError):
+class ShardError(CrateError, ValueError):
     """A shard set that cannot be read as asked: the message names the path at fault."""
 
 

@@ -21,7 +21,8 @@ import torch
 import webdataset as wds
 
 from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, resolve_shards, write_manifest
-from crate_mae.data.stream import DataError, merged_members
+from crate_mae.data.stream import merged_members
+from crate_mae.errors import CrateError
 from crate_mae.data.transforms import decode_rgb
 from crate_mae.data.writer import (cifar_source, digits_source, imagefolder_source, merge_parts, part_manifest_name,
                                   write_split)
@@ -159,14 +160,16 @@ def main(argv: list[str] | None = None) -> int:
             write_manifest(manifest, path)
             print(f"{path}: {manifest.total} samples in {len(manifest.shards)} shards")
         else:
-            from crate_mae.data.reader import eval_loader
+            from crate_mae.data.reader import ShardLoader, ShardStream
 
-            loader = eval_loader(args.spec, _decode_only, batch_size=256, max_bad_fraction=1.0)
+            # Not a model's evaluation loader (`eval_loader`): the same stream, with a full decode and no resize.
+            loader = ShardLoader(ShardStream(resolve_shards(args.spec), _decode_only, batch_size=256, train=False,
+                                             max_bad_fraction=1.0))
             for _ in loader:
                 pass
             print(f"{args.spec}: {loader.seen} samples, {loader.bad} bad")
             return 1 if loader.bad else 0
-    except (ShardError, DataError, OSError) as err:
+    except (CrateError, OSError) as err:  # ours (ShardError, DataError, ...), and a disk or folder at fault
         parser.exit(2, f"error: {err}\n")
     return 0
 

@@ -1,47 +1,40 @@
-"""The shard stream as small steps, each a generator tested alone (as timm's WebDataset reader composes its own):
+"""The shard stream's steps, each a plain function (or a small class) tested alone, as timm's WebDataset reader
+composes its own. `reader.ShardStream.__iter__` lists them for one slot, one line each:
 
-    shard_order → read_samples → [split_by_sample] → shuffled → decode_or_skip → batches
+    shard_order → read_samples → [split_by_sample] → [shuffled] → decode_or_skip (Decode) → batches (collate)
 
-A *slot* is one (rank, worker) pair reading its own part: slot = rank · workers + role, slots = ranks · workers.
-`reader.ShardStream` composes the steps for one slot; nothing here knows about DataLoaders or models.
+None of them calls back into the file that composes them. A *slot* is one (rank, worker) pair reading its own part:
+slot = rank · workers + role, slots = ranks · workers. Nothing here knows about DataLoaders or models.
 
 Three ideas that an older version called "skip" have three names here:
 - **replay** — after a resume, the first batches of an epoch (already trained on) are replayed: their random draws
   made again, nothing decoded, nothing yielded (`decode_or_skip(dry=...)`, `batches(drop=...)`);
 - **BadSample** — one unusable sample (no image, no label, an undecodable image), skipped and logged;
-- **SampleCount** — how many samples a slot has seen and how many of them were bad.
+- **SampleTally** (data/tally.py) — how many samples each slot has seen and how many of them were bad.
+
+The bad-sample rule is judged in one step, `decode_or_skip`, on the tally its slot shares with the loader's other
+workers: where and why there is data/tally.py's docstring.
 """
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 import webdataset as wds
 
 from crate_mae.data.manifest import ShardError
+from crate_mae.data.tally import BadSample, DataError, SampleTally
 from crate_mae.seeding import mix_seed
 
-log = logging.getLogger("crate_mae.data")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
-class DataError(RuntimeError):
-    """Too much of the data is bad to go on."""
-
-
-class BadSample(Exception):
-    """One sample that cannot be used; the message says why."""
-
-
-@dataclass
-class SampleCount:
-    """Samples a slot has seen, and how many of them were bad."""
-
-    seen: int = 0
-    bad: int = 0
-    last: str = ""  # the last bad sample, "<shard>/<key>: <reason>"
+class Batch(NamedTuple):
+    images: Any  # uint8 pixels (B, 3, S, S); or a RawBatch (data.decode_on: device), made pixels by `to_device`
+    labels: torch.Tensor  # (B,) int64; -1 when the labels are not read (pretraining)
+    keys: list[str]  # "<shard url>/<sample key>"
 
 
 def worker_role(worker: int, workers: int, replay: int) -> tuple[int, int]:
@@ -129,46 +122,94 @@ def shuffled(samples: Iterable[Any], buffer: int, rng: random.Random) -> Iterato
     return wds.shuffle(buffer, initial=min(buffer, 100), rng=rng)(iter(samples))
 
 
-def check_bad(count: SampleCount, max_fraction: float, spec: str, *, final: bool) -> None:
-    """A DataError when more than `max_fraction` of the samples seen were bad: judged once 1/max_fraction samples
-    have been seen (so that one early bad sample does not stop a run), or at the end of a stream (`final`)."""
-    judged = final or max_fraction == 0 or count.seen >= 1 / max_fraction
-    if count.bad and judged and count.bad > max_fraction * count.seen:
-        raise DataError(f"{count.bad} of {count.seen} samples were bad, more than data.max_bad_fraction="
-                        f"{max_fraction} (last: {count.last}); check the shards of {spec}")
+def image_data(sample: dict) -> bytes:
+    """The sample's encoded image. None is a BadSample; members that show samples merged by a dotted key are a
+    DataError (a naming fault of the whole set, not one bad sample: say what happened)."""
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is not None:
+        return data
+    merged = merged_members(sample)
+    if merged:
+        raise DataError(f"{sample_key(sample)}: holds the members {', '.join(merged[:4])}: samples whose keys contain "
+                        f"a dot were merged (webdataset splits member names at the first dot); rewrite the shards "
+                        f"with keys without dots (python -m crate_mae.data.shards write)")
+    raise BadSample(f"no image ({'/'.join(IMAGE_KEYS)})")
 
 
-def decode_or_skip(samples: Iterable[dict], decode: Callable[[dict, bool], tuple[Any, int]], count: SampleCount, *,
-                   dry: int = 0, max_bad_fraction: float, spec: str) -> Iterator[tuple[Any, int, str]]:
-    """(image, label, key) of each usable sample; a BadSample is counted, logged and skipped.
+def label(sample: dict, num_classes: int, spec: str) -> int:
+    """The sample's class: a missing or non-integer one is a BadSample (that sample is unusable); one outside the
+    manifest's `num_classes` (0: not known) is a DataError naming the shard, key and value (the labels or the class
+    list are wrong, as with 1-based labels: skipping them would drop a whole class silently)."""
+    if "cls" not in sample:
+        raise BadSample("no label (cls)")
+    try:
+        value = int(sample["cls"])
+    except ValueError:
+        raise BadSample(f"label {sample['cls'][:20]!r} is not an integer") from None
+    if value < 0 or (num_classes and value >= num_classes):
+        raise DataError(f"{sample_key(sample)}: label {value} does not fit the {num_classes or 'known'} classes of "
+                        f"{spec} (labels run 0 … {max(num_classes - 1, 0)})")
+    return value
+
+
+class Decode:
+    """The decode step of one slot: `(sample, dry)` → (image, label), or a BadSample.
+
+    The image bytes go through `transform(data, rng)` (data/transforms.py); `dry` (a replayed sample) makes only
+    the transform's random draws (`transform.draw`, when it has one) and gives no image. With `labels` False
+    (pretraining) the label is not read, so none can stop or skip a sample; it is -1.
+    """
+
+    def __init__(self, transform: Callable[[bytes, random.Random], Any], rng: random.Random, *, labels: bool,
+                 num_classes: int, spec: str) -> None:
+        self.transform, self.rng, self.labels, self.num_classes, self.spec = transform, rng, labels, num_classes, spec
+
+    def __call__(self, sample: dict, dry: bool) -> tuple[Any, int]:
+        data = image_data(sample)
+        y = label(sample, self.num_classes, self.spec) if self.labels else -1
+        try:
+            if dry:
+                getattr(self.transform, "draw", self.transform)(data, self.rng)
+                return None, y
+            return self.transform(data, self.rng), y
+        except Exception as err:  # PIL raises several types for corrupt or truncated images
+            raise BadSample(f"undecodable image ({type(err).__name__}: {err})".split("\n")[0]) from None
+
+
+def decode_or_skip(samples: Iterable[dict], decode: Callable[[dict, bool], tuple[Any, int]], tally: SampleTally,
+                   row: int, *, dry: int = 0, take: int | None = None) -> Iterator[tuple[Any, int, str]]:
+    """(image, label, key) of each usable sample, `take` of them at most (None: until the samples end); a BadSample
+    is counted in the tally's `row`, logged and skipped, and the rule judged (where and why: data/tally.py).
 
     `decode(sample, dry)` gives (image, label) or raises BadSample; the first `dry` usable samples (those of the
-    replayed batches) are decoded dry: the same random draws, no image (None). Past `max_bad_fraction` a DataError.
+    replayed batches) are decoded dry: the same random draws, no image (None). No sample is read past the `take`-th
+    usable one. When the stream ends, the rule is judged once more, over every row if this one is the last to end.
     """
-    good = 0
-    for sample in samples:
-        count.seen += 1
+    good, samples = 0, iter(samples)
+    tally.start_stream(row)
+    while take is None or good < take:
+        sample = next(samples, None)
+        if sample is None:
+            break
+        tally.seen(row)
         key = sample_key(sample)
         try:
-            image, label = decode(sample, good < dry)
+            image, y = decode(sample, good < dry)
         except BadSample as reason:
-            count.bad, count.last = count.bad + 1, f"{key}: {reason}"
-            if count.bad <= 100 or count.bad % 100 == 0:
-                log.warning("skipped %s (%d bad of %d so far)", count.last, count.bad, count.seen)
-            check_bad(count, max_bad_fraction, spec, final=False)
+            tally.bad(row, f"{key}: {reason}")
+            tally.judge(row, end=False)
             continue
         good += 1
-        yield image, label, key
+        yield image, y, key
+    tally.judge(row, end=True)
 
 
-def batches(items: Iterable[Any], size: int, collate: Callable[[list[Any]], Any], *, limit: int | None = None,
-            drop: int = 0, partial: bool = False) -> Iterator[Any]:
-    """Full batches of `size` items, collated; at most `limit` of them (counting the first `drop`, which are
-    replayed: formed but not collated or yielded); with `partial`, the last short batch too (evaluation)."""
+def batches(items: Iterable[Any], size: int, collate: Callable[[list[Any]], Any], *, drop: int = 0,
+            partial: bool = False) -> Iterator[Any]:
+    """Full batches of `size` items, collated, the first `drop` replayed (formed but not collated or yielded); with
+    `partial`, the last short batch too (evaluation)."""
     batch: list[Any] = []
     done = 0
-    if limit == 0:
-        return
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -176,7 +217,12 @@ def batches(items: Iterable[Any], size: int, collate: Callable[[list[Any]], Any]
             if done > drop:
                 yield collate(batch)
             batch = []
-            if limit is not None and done >= limit:
-                return  # before pulling (and decoding) one more sample
     if partial and batch:
         yield collate(batch)
+
+
+def collate(items: list[tuple[Any, int, str]], stack: Callable[[list[Any]], Any] = torch.stack) -> Batch:
+    """(image, label, key) items → a Batch; `stack` batches the images (the transform's `collate` where it has one:
+    `DeviceCropTransform`'s makes a RawBatch, decoded on the device)."""
+    images, labels, keys = zip(*items)
+    return Batch(stack(list(images)), torch.tensor(labels, dtype=torch.long), list(keys))

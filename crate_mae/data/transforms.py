@@ -1,13 +1,14 @@
-"""Image transforms for every stage, from encoded bytes to an image tensor (3, S, S).
+"""Image transforms for every stage, from encoded bytes to uint8 pixels (3, S, S).
 
-The pretraining and evaluation transforms return uint8 pixels: a batch is 4× smaller to collate, pin
-and copy to the GPU than in float32, and the model normalises it on the device as its first step
-(`model.layers.Normalize`), where it costs nothing. (timm's fine-tuning transform returns normalised float32,
-which the model passes through.)
+One contract for every transform (pretraining, evaluation, fine-tuning): uint8 RGB pixels in [0, 255]. A batch
+is 4× smaller to collate, pin and copy to the GPU than in float32, and the model normalises it on the device as
+its first step (`model.layers.Normalize`), the one place where input is normalised.
 
 Each transform is called as `transform(data: bytes, rng: random.Random) -> Tensor`: the shard reader
 hands it the stored JPEG/PNG bytes and a generator seeded by (seed, epoch, rank, worker), so the
-augmentations of a run are reproducible and never touch the training process's global RNG.
+augmentations of a run are reproducible and never touch the training process's global RNG. Two optional
+methods: `draw(data, rng)` makes only the random draws (a resumed epoch's replay), and `collate(images)` says
+how its outputs batch (default `torch.stack`; `device_decode.DeviceCropTransform`'s makes a RawBatch).
 
 Decoding and resampling use torchvision's kernels on uint8 tensors (libjpeg-turbo's decoder, the
 antialiased bicubic `resized_crop`): measured in bench/RESULTS.md, they are faster than PIL's for the
@@ -205,19 +206,32 @@ class EvalTransform:
 
 
 class FinetuneTransform:
-    """timm's training transform (RandomResizedCrop, flip, RandAugment, random erasing) on decoded RGB.
+    """timm's fine-tuning recipe → uint8 (3, S, S), like every transform here: RandomResizedCrop, flip and
+    RandAugment as `timm.data.create_transform` builds them (its PIL stages, made pixels by `PILToTensor`, as for
+    timm's own prefetching loader), then timm's RandomErasing in pixel mode.
 
-    timm draws from Python's and torch's global generators; the shard reader seeds those per
-    (seed, epoch, rank, worker) inside DataLoader workers, so `rng` is not used here.
+    timm erases after normalising: its random pixels are standard normal in normalised space. The erasing runs in
+    that same space here, (x/255 − mean)/std, and the result comes back as pixels, (z·std + mean)·255 rounded and
+    clamped to [0, 255]: unerased pixels come back exactly, the erased ones are timm's noise to the nearest grey
+    level, and the model's `Normalize` stays the one normalisation. timm draws from Python's and torch's global
+    generators; the shard reader seeds those per (seed, epoch, rank, worker) inside DataLoader workers, so `rng`
+    is not used here.
     """
 
     def __init__(self, img_size: int, *, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
                  re_prob: float = 0.25, scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5) -> None:
         from timm.data import create_transform
+        from timm.data.random_erasing import RandomErasing
 
-        self.inner: Callable[[Image.Image], torch.Tensor] = create_transform(
+        self.pixels: Callable[[Image.Image], torch.Tensor] = create_transform(  # uint8 (3, S, S): no normalising
             img_size, is_training=True, scale=scale, hflip=hflip, auto_augment=auto_augment, interpolation="bicubic",
-            re_prob=re_prob, re_mode="pixel", re_count=1, mean=MEAN, std=STD)
+            mean=MEAN, std=STD, use_prefetcher=True)
+        self.erase = RandomErasing(re_prob, mode="pixel", max_count=1, device="cpu") if re_prob > 0 else None
+        self.mean, self.std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
 
     def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
-        return self.inner(decode_rgb(data))
+        x = self.pixels(decode_rgb(data))  # (3, S, S) uint8
+        if self.erase is None:
+            return x
+        z = self.erase((x.float() / 255 - self.mean) / self.std)  # timm's erasing, in its normalised space
+        return ((z * self.std + self.mean) * 255).round_().clamp_(0, 255).to(torch.uint8)

@@ -1,46 +1,48 @@
-"""Checkpoints: the Checkpointer (when, what, pruning, atomic and collective saves, exact resume), the resume
-path, the architecture check, and the encoder export.
+"""The Checkpointer: when a run saves, what it keeps, and the collective, atomic save and exact restore of the state
+it is handed (as torchtitan's checkpointer is handed `Stateful` objects; it never calls the trainer back).
 
-A run folder holds `ckpt-<step>.pth` every run.ckpt_every steps (the last run.keep_last kept),
-`final.pth` at the end, and `encoder.pth` (the pretrained encoder alone, for probing and fine-tuning).
-A checkpoint holds the model, optimiser, schedule, scaler, the position (step, epoch, micro-batch in
-the epoch), every rank's RNG states and the resolved config; everything loads with weights_only=True.
+A run folder holds `ckpt-<step>.pth` every run.ckpt_every steps (the last run.keep_last kept) and `final.pth` at
+the end. A file holds the run's state (`Trainer.state_dict()`: model, optimiser, schedule, scaler, position), every
+rank's RNG states, the resolved config and a stage's own entries (an EMA, the best accuracy); everything loads with
+weights_only=True. Reading a file is `crate_mae.model.files.read_checkpoint`'s, the one reader; what a resume may
+change is the stage's (stages/common.py).
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, Protocol, TypedDict
 
 import torch
 
-from crate_mae.atomic import atomic_path
-from crate_mae.config import FUNCTION_FIELDS, Config, ConfigError, ModelConfig
+from crate_mae.engine.dist import Dist, all_gather_object, barrier, rng_state, set_rng_state
+from crate_mae.model.files import Checkpoint, save
 
-if TYPE_CHECKING:
-    from crate_mae.engine.dist import Dist
-    from crate_mae.engine.trainer import Trainer
-
-# Fields a resume must match: those that change the function, and the image size the data is cut to.
-RESUME_FIELDS = (*FUNCTION_FIELDS, "img_size")
 _PERIODIC = re.compile(r"ckpt-(\d+)\.pth$")
 
 
-def save(path: str | Path, payload: dict[str, Any]) -> None:
-    """torch.save through a temp file and a rename: a crash mid-write leaves the old file intact."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+class Stateful(Protocol):
+    """What the Checkpointer saves and restores: anything with a state dict (torch's and torchtitan's protocol)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """A checkpoint dict, read with weights_only=True; a clear error naming the file otherwise."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint") from None
-    except Exception as err:
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})".split("\n")[0]) from None
+class CheckpointPayload(TypedDict, total=False):
+    """What a run checkpoint holds (every value loads with weights_only=True)."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    state: dict[str, int]  # TrainState: step, epoch, batch_in_epoch
+    rng: list[dict[str, Any]]  # every rank's generators, by rank
+    config: dict[str, Any]  # the run's resolved config
+    best: dict[str, float]  # fine-tuning: the best accuracy so far
+    ema: dict[str, torch.Tensor]  # fine-tuning: the weight EMA
 
 
 def periodic(run_dir: str | Path) -> list[Path]:
@@ -59,190 +61,65 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
-    for path in periodic(run_dir)[: max(0, len(periodic(run_dir)) - keep_last)]:
+    """Remove all but the newest `keep_last` periodic checkpoints."""
+    found = periodic(run_dir)
+    for path in found[: max(0, len(found) - keep_last)]:
         path.unlink(missing_ok=True)
-
-
-def saved_model_config(path: str | Path) -> dict[str, Any]:
-    """The `model` section saved in one of our run checkpoints; read memory-mapped, so the tensors stay on disk."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file (mmap needs one): read it whole, with the usual errors
-        state = load(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint") from None
-    saved = (state.get("config") or {}).get("model") if isinstance(state, dict) else None
-    if saved is None:
-        raise ValueError(f"{path}: holds no config, so the run it belongs to cannot be checked")
-    return {"family": "mae", **saved}  # files from before the supervised family are CRATE-MAEs
-
-
-def resolve_for_resume(cfg: ModelConfig, path: str | Path | None) -> ModelConfig:
-    """The model config of a run: resolved against the checkpoint it resumes from (unset fields take the run's
-    values; a set one that differs is an error naming it), or from the defaults for a fresh run."""
-    if path is None:
-        return cfg.resolve()
-    saved = saved_model_config(path)
-    try:
-        return cfg.resolve(saved, check=RESUME_FIELDS)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def check_arch(ckpt: dict[str, Any], cfg: ModelConfig, path: str | Path) -> None:
-    """A checkpoint must be of the configured (resolved) architecture; the first field that differs is named."""
-    saved = (ckpt.get("config") or {}).get("model")
-    if saved is None:
-        raise ValueError(f"{path}: holds no config, so its architecture cannot be checked")
-    try:
-        cfg.resolve({"family": "mae", **saved}, check=RESUME_FIELDS)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder side of a CrateMAE state dict: what a CrateClassifier loads."""
-    from crate_mae.model.convert import MAE_ONLY_PREFIXES
-
-    return {k: v for k, v in model_state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
-
-
-def export_encoder(ckpt: dict[str, Any], path: str | Path, *, whole: bool = False) -> None:
-    """Write `{"model": encoder tensors, "config": the run's config}` (loadable with weights_only=True), or with
-    `whole` every model tensor; a `.safetensors` path writes that format, the config in its metadata."""
-    state = ckpt["model"] if whole else encoder_state(ckpt["model"])
-    if str(path).endswith(".safetensors"):
-        from crate_mae.model.hub import save_safetensors
-
-        save_safetensors(state, ckpt.get("config"), path)
-    else:
-        save(path, {"model": state, "config": ckpt.get("config")})
-
-
-def resume_path(run_dir: Path, resume: str | None) -> Path | None:
-    """What to continue from: None for a fresh run. A fresh run never overwrites one that has checkpoints."""
-    if resume == "auto":
-        return latest(run_dir)
-    if resume:
-        return Path(resume)
-    if latest(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} holds checkpoints already: --resume auto continues that run, "
-                              f"--set run.name=NAME starts another")
-    if (Path(run_dir) / "results.json").exists():  # a finished probe: its figures are never overwritten silently
-        raise FileExistsError(f"{run_dir}/results.json exists already: --set run.name=NAME writes another run")
-    return None
-
-
-def remove_stale_temp_files(run_dir: Path) -> list[Path]:
-    """The hidden temp files (`.<name>.<random>.tmp`, crate_mae/atomic.py) that a kill during a write left behind:
-    a whole checkpoint's size each at scale. Called by rank 0 when a run starts in its folder."""
-    stale = sorted(Path(run_dir).glob(".*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def schedule_changes(saved_optim: Mapping[str, Any], cfg: Config) -> list[str]:
-    """'optim.lr 0.0001 → 0.0002' for every optimiser or schedule key of `cfg` that differs from a checkpoint's."""
-    from crate_mae.config import config_to_dict
-
-    now = config_to_dict(cfg)["optim"]
-    return [f"optim.{k} {saved_optim[k]!r} → {v!r}" for k, v in now.items() if k in saved_optim and saved_optim[k] != v]
-
-
-class CheckpointPayload(TypedDict, total=False):
-    """What a run checkpoint holds (every value loads with weights_only=True)."""
-
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    scaler: dict[str, Any]
-    state: dict[str, int]  # TrainState: step, epoch, batch_in_epoch
-    rng: list[dict[str, Any]]  # every rank's generators, by rank
-    config: dict[str, Any]  # the run's resolved config
-    best: dict[str, float]  # fine-tuning: the best accuracy so far
-    ema: dict[str, torch.Tensor]  # fine-tuning: the weight EMA
 
 
 class Checkpointer:
-    """When a run saves, what it saves, and what it keeps (as torchtitan's checkpointer owns them).
+    """Saves the state it is given, with every rank's RNG states, the config and the `extra` entries it keeps (an EMA,
+    the best accuracy: each a `Stateful` under its own key); restores them. It never calls the trainer.
 
-    After every optimiser step `after_step` writes `ckpt-<step>.pth` every `every` steps (not at the last step:
-    `final.pth` follows it) and prunes all but the newest `keep_last` of them. Every save is collective (every
-    rank's RNG state is gathered, rank 0 writes atomically) and never holds weights whose loss is not finite
-    (`trainer.check_state_finite()` raises first). `extra()` adds a stage's own entries (an EMA, the best accuracy).
+    `due(step, last=...)`: a periodic `ckpt-<step>.pth` every `every` steps (not at the last step: `final.pth`
+    follows it). `save(name, state)` is collective: every rank passes its state (`Trainer.state_dict()`, which
+    refuses weights whose loss is not finite on every rank together), every rank's RNG state is gathered, rank 0
+    writes atomically and prunes all but the newest `keep_last` periodic files.
     """
 
     def __init__(self, run_dir: str | Path, *, every: int, keep_last: int, config: Mapping[str, Any], dist: Dist,
-                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
+                 extra: Mapping[str, Stateful] | None = None) -> None:
         self.run_dir, self.every, self.keep_last = Path(run_dir), every, keep_last
-        self.config, self.dist, self.extra = dict(config), dist, extra
-        self.changes: list[str] = []  # schedule keys a resume changed (see restore)
+        self.config, self.dist, self.extra = dict(config), dist, dict(extra or {})
 
-    def after_step(self, trainer: Trainer) -> None:
-        step = trainer.state.step
-        if step % self.every == 0 and step < trainer.total_steps:
-            self.save(trainer, f"ckpt-{step:08d}.pth")
+    def due(self, step: int, *, last: bool) -> bool:
+        """Whether a periodic checkpoint is written after `step`."""
+        return step % self.every == 0 and not last
 
-    def save(self, trainer: Trainer, name: str) -> Path:
-        """Write `run_dir/name` from every rank's state (collective); periodic files beyond keep_last are pruned."""
-        from crate_mae.engine.dist import all_gather_object, barrier, rng_state
-
-        trainer.check_state_finite()  # never a checkpoint of weights whose loss is not finite
+    def save(self, name: str, state: Mapping[str, Any]) -> Path:
+        """Write `run_dir/name` holding `state` (collective); periodic files beyond keep_last are pruned."""
         rngs = all_gather_object(self.dist, rng_state())
         path = self.run_dir / name
         if self.dist.is_main:
-            payload: CheckpointPayload = {**trainer.state_dict(), "rng": rngs, "config": self.config,
-                                          **(self.extra() if self.extra else {})}
-            save(path, dict(payload))
+            payload: CheckpointPayload = {**state, "rng": rngs, "config": self.config,  # type: ignore[typeddict-item]
+                                          **{key: s.state_dict() for key, s in self.extra.items()}}
+            save(path, payload)
             prune(self.run_dir, self.keep_last)
         barrier(self.dist)
         return path
 
-    def restore(self, trainer: Trainer, path: Path, cfg: Config) -> CheckpointPayload:
-        """Load a run checkpoint into `trainer` (model, optimiser state, scaler, position) and this rank's RNG;
-        returns the payload, for what a stage keeps besides (an EMA, the best accuracy).
-
-        The schedule and the optimiser's hyperparameters are the current config's (`Trainer.load_state_dict`);
-        changed ones are named in the log (`schedule_changes`). A changed optimiser or layer decay (other
-        parameter groups, other moments) cannot continue and is an error naming the key."""
-        from crate_mae.engine.dist import set_rng_state
-
-        state: CheckpointPayload = load(path)  # type: ignore[assignment]
-        check_arch(state, cfg.model, path)
-        saved = (state.get("config") or {}).get("optim") or {}
-        for key in ("optimizer", "layer_decay"):
-            if key in saved and saved[key] != getattr(cfg.optim, key):
-                raise ConfigError(f"{path}: optim.{key} is {saved[key]!r} in the checkpoint but "
-                                  f"{getattr(cfg.optim, key)!r} in the config; its optimiser state cannot continue")
-        self.changes = schedule_changes(saved, cfg)
-        trainer.load_state_dict(state)
-        if len(state.get("rng", [])) == self.dist.world_size:  # the same ranks: every generator continues exactly
-            set_rng_state(state["rng"][self.dist.rank])
-        if trainer.state.batch_in_epoch >= trainer.updates_per_epoch * trainer.accum_steps:  # saved at an epoch's end
-            trainer.state.epoch, trainer.state.batch_in_epoch = trainer.state.epoch + 1, 0
-        return state
+    def restore(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """This rank's RNG states and the extras from a run checkpoint (read once, by the stage); returns the run's
+        state (model, optimiser, schedule, scaler, position) for `Trainer.load_state_dict`."""
+        payload = {"model": ckpt.state, **ckpt.payload}
+        for key, stateful in self.extra.items():
+            if key in payload:
+                stateful.load_state_dict(payload[key])
+        rngs = payload.get("rng", [])
+        if len(rngs) == self.dist.world_size:  # the same ranks: every generator continues exactly
+            set_rng_state(rngs[self.dist.rank])
+        return payload
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m crate_mae.engine.checkpoint export CKPT OUT [--whole]`: the encoder (or, with --whole, every
-    tensor) of any run checkpoint, as .pth or, for an OUT ending in .safetensors, as safetensors."""
-    import argparse
+@dataclass
+class Best:
+    """The best validation accuracy so far: a `Stateful` kept by the Checkpointer under "best"."""
 
-    parser = argparse.ArgumentParser(prog="python -m crate_mae.engine.checkpoint", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write the encoder alone (loads with weights_only=True)")
-    export.add_argument("checkpoint")
-    export.add_argument("out", help="OUT.pth, or OUT.safetensors (the config goes into its metadata)")
-    export.add_argument("--whole", action="store_true", help="every tensor (a CRATE-MAE's decoder too), not the encoder")
-    args = parser.parse_args(argv)
-    try:
-        export_encoder(load(args.checkpoint), args.out, whole=args.whole)
-    except (OSError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
-    print(f"{args.out}: {'all tensors' if args.whole else 'encoder'} of {args.checkpoint}")
-    return 0
+    top1: float = -1.0
+    top5: float = 0.0
 
+    def state_dict(self) -> dict[str, float]:
+        return {"top1": self.top1, "top5": self.top5}
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.top1, self.top5 = float(state["top1"]), float(state["top5"])

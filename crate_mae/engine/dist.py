@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from crate_mae.config import ConfigError
+
 
 T = TypeVar("T")
 
@@ -44,9 +46,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's own message lists every device type: say which key is at fault
+        raise ConfigError(f"run.device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name!r} but CUDA is not available on this machine")
+        raise ConfigError(f"run.device={name!r} but CUDA is not available on this machine")
     return device
 
 

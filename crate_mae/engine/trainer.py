@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from crate_mae.engine.dist import Dist, all_reduce_max, all_reduce_sum
+from crate_mae.errors import CrateError
 
 if TYPE_CHECKING:
     from crate_mae.config import Config
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from crate_mae.engine.log import RunLogger
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(CrateError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -170,8 +171,8 @@ class Trainer:
                     log.info(f"step {state.step}/{self.total_steps} epoch {state.epoch} loss {loss:.4f} "
                              f"lr {self.lr:.3g} {rate:.0f} img/s")
                     window, window_steps, tick = torch.zeros_like(window), 0, now
-                if checkpointer is not None:
-                    checkpointer.after_step(self)
+                if checkpointer is not None and checkpointer.due(state.step, last=state.step == self.total_steps):
+                    checkpointer.save(f"ckpt-{state.step:08d}.pth", self.state_dict())
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if on_epoch_end is not None:
                 on_epoch_end(state.epoch)
@@ -217,11 +218,15 @@ class Trainer:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
+        """The run's state as it may be saved: model, optimiser, schedule, scaler and position. Collective under DDP:
+        it first checks (`check_state_finite`, on every rank together) that the weights give a finite loss, so that
+        no checkpoint ever holds weights whose loss is not finite."""
+        self.check_state_finite()
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "state": vars(self.state).copy()}
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+    def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
         """The checkpoint's weights, optimiser state (moments), scaler and position, under this Trainer's schedule.
 
         The optimiser's hyperparameters (lr, weight decay, betas, layer-decay scales) and the schedule are this
@@ -235,6 +240,8 @@ class Trainer:
             group.update(values)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
+        if self.state.batch_in_epoch >= self.updates_per_epoch * self.accum_steps:  # saved at an epoch's end
+            self.state = TrainState(self.state.step, self.state.epoch + 1, 0)
         self.scheduler.step_update(num_updates=self.state.step)  # the schedule is a function of the config and step
 
 

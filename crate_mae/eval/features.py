@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from crate_mae.atomic import atomic_path
+from crate_mae.data.device_decode import to_device
 from crate_mae.engine.dist import Dist
 from crate_mae.engine.trainer import autocast
 from crate_mae.model import CrateClassifier
@@ -31,13 +32,14 @@ def pooled(model: CrateClassifier, images: torch.Tensor, feature: str) -> torch.
 
 @torch.no_grad()
 def extract(model: CrateClassifier, loader: Any, d: Dist, feature: str, precision: str) -> dict[str, torch.Tensor]:
-    """This rank's share of a set's features (n, d) in float32 and labels (n,), on the CPU."""
+    """This rank's share of a set's features (n, d) in float32 and labels (n,), on the CPU. Each batch reaches the
+    device by `to_device`, the one way."""
     model.eval()
     feats, labels = [], []
     for batch in loader:
         with autocast(d.device, precision):
-            feats.append(pooled(model, batch.images.to(d.device, non_blocking=True), feature).float().cpu())
-        labels.append(batch.labels)
+            feats.append(pooled(model, to_device(batch, d.device).images, feature).float().cpu())
+        labels.append(batch.labels)  # the loader's, already on the CPU
     return {"x": torch.cat(feats) if feats else torch.zeros(0, model.num_features),
             "y": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)}
 

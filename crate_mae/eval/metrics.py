@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from crate_mae.data.device_decode import to_device
 from crate_mae.data.manifest import ShardError
 from crate_mae.engine.dist import Dist, all_reduce_sum
 from crate_mae.engine.trainer import autocast
@@ -33,16 +34,17 @@ def evaluate(model: nn.Module, loader: Any, dist: Dist, precision: str = "fp32")
     """Top-1 / top-5 accuracy (%) of `model` over an evaluation loader, exact over all ranks.
 
     Each rank counts (top-1 correct, top-5 correct, samples) over its share of the data; one
-    all_reduce(SUM) adds the counts, so every sample counts exactly once. The model receives the batch's
-    images as the loader gives them, on the device (it normalises uint8 pixels itself).
+    all_reduce(SUM) adds the counts, so every sample counts exactly once. Each batch reaches the device by
+    `to_device`, the one way; the model receives its uint8 pixels (and normalises them itself).
     """
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=dist.device)
     for batch in loader:
+        batch = to_device(batch, dist.device)
         with autocast(dist.device, precision):
-            logits = model(batch.images.to(dist.device, non_blocking=True))
-        correct = topk_correct(logits.float(), batch.labels.to(dist.device), ks=(1, 5))
+            logits = model(batch.images)
+        correct = topk_correct(logits.float(), batch.labels, ks=(1, 5))
         counts += torch.tensor([correct[1], correct[5], len(batch.labels)], dtype=torch.float64, device=dist.device)
     model.train(was_training)
     top1, top5, n = all_reduce_sum(dist, counts).tolist()

@@ -1,35 +1,39 @@
-"""The CRATE-MAE model family and the seed's supervised CRATE: builders from a `ModelConfig`, the one loader, timm names.
+"""The CRATE-MAE model family and the seed's supervised CRATE: one way to make a model (`hub`), and the timm names.
 
-    from crate_mae.config import ModelConfig
-    mae = build_mae(ModelConfig(variant="base"))                                   # CrateMAE
-    clf = build_classifier(ModelConfig(family="supervised", variant="small"))      # the seed's CRATE-S
-    model, cfg = hub.create_model(ModelConfig(), kind="classifier", checkpoint="encoder.pth", num_classes=10)
+    from crate_mae.config import ClassifierConfig, MAEConfig
+    mae = build_mae(MAEConfig(variant="base"))                                     # a fresh CrateMAE
+    clf = build_classifier(ClassifierConfig(family="supervised", variant="small")) # the seed's CRATE-S
+    model, cfg = hub.create_model(ClassifierConfig(num_classes=10), "encoder.pth")   # read, resolve, build, load
     timm.create_model("crate_mae_base"); timm.create_model("crate_small", num_classes=10)
 """
 from __future__ import annotations
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig, MAEConfig
 from crate_mae.model.classifier import CrateClassifier
 from crate_mae.model.convert import to_ours, to_released
 from crate_mae.model.layers import patchify, unpatchify
 from crate_mae.model.mae import CrateMAE, MAEOutput, random_masking
 from crate_mae.model.variants import FAMILIES, VARIANTS, Variant
-from crate_mae.model import hub  # noqa: E402  (the one way from a file to a model)
+from crate_mae.model import files, hub  # noqa: E402  (the one reader; the one resolver and builder)
+from crate_mae.model.files import Checkpoint, read_checkpoint
+from crate_mae.model.hub import build_model, create_model, resolve_config
 
 
-def build_mae(cfg: ModelConfig) -> CrateMAE:
-    """A freshly initialised CrateMAE of `cfg` (unset fields resolved: λ 0.5, the released model's)."""
-    return hub.create_model(cfg, kind="mae")[0]
+def build_mae(cfg: MAEConfig) -> CrateMAE:
+    """A freshly initialised CrateMAE of `cfg` (unset fields resolved by `hub.resolve_config`: λ 0.5, the released
+    model's): `hub.create_model(cfg)` without a file."""
+    return hub.create_model(cfg)[0]
 
 
-def build_classifier(cfg: ModelConfig) -> CrateClassifier:
+def build_classifier(cfg: ClassifierConfig) -> CrateClassifier:
     """A freshly initialised CrateClassifier of `cfg` (family mae unless set; λ by family: 0.5 mae, 0.1 supervised)."""
-    return hub.create_model(cfg, kind="classifier")[0]
+    return hub.create_model(cfg)[0]
 
 
 from crate_mae.model import timm_models  # noqa: E402  (registers the crate_* names with timm)
 
 __all__ = [
     "VARIANTS", "FAMILIES", "Variant", "CrateMAE", "MAEOutput", "CrateClassifier", "build_mae", "build_classifier",
-    "hub", "random_masking", "patchify", "unpatchify", "to_ours", "to_released", "timm_models",
+    "build_model", "create_model", "resolve_config", "Checkpoint", "read_checkpoint", "files", "hub",
+    "random_masking", "patchify", "unpatchify", "to_ours", "to_released", "timm_models",
 ]

@@ -184,7 +184,3 @@ class CrateClassifier(CrateStem):
             self.pool = {"token": "cls", "avg": "mean"}.get(pool, pool)
         device = self.cls_token.device
         self.head = xavier_linear(self.num_features, num_classes, bias=True).to(device) if num_classes > 0 else nn.Identity()
-
-    def head_keys(self) -> set[str]:
-        """State-dict keys of the classifier head (LayerNorm + Linear): what an encoder-only checkpoint lacks."""
-        return {k for k in self.state_dict() if k.startswith(("fc_norm.", "head."))}

@@ -1,5 +1,5 @@
-"""The released checkpoints' key names ↔ ours (SPEC.md, "The released checkpoint's key names" and "The supervised
-CRATE"). Only names and tables here; building and loading a model is `crate_mae.model.hub`'s.
+"""The released checkpoints' key names ↔ ours (docs/MODEL.md, "Key layouts"). Only names and tables here; reading a
+file is `crate_mae.model.files`', building and loading a model `crate_mae.model.hub`'s.
 
     ours = to_ours(torch.load(path, weights_only=True))      # released (either family) or ours → our key names
     released = to_released(model.state_dict())               # ours → the authors' layout of that family

@@ -1,4 +1,4 @@
-"""The two CRATE operators and the layers built from them (SPEC.md, "The two CRATE layers").
+"""The two CRATE operators and the layers built from them (docs/MODEL.md, "The CRATE operators").
 
 Each layer is one step of sparse rate reduction on the token matrix Z (rows are tokens):
 MSSA compresses the tokens against H learned subspaces, ISTA sparsifies them in a dictionary D.

@@ -15,16 +15,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crate_mae.config.variants import FAMILIES, IMAGE_MEAN, IMAGE_STD
+from crate_mae.errors import InputError
 
 
 class Normalize(nn.Module):
-    """The one place where input is normalised, the first step of every model: what a model receives.
+    """The first step of every CRATE model, and its input contract, told by the dtype alone:
 
-    uint8 pixels (B, 3, H, W) in [0, 255] → float (x/255 − mean) / std, with ImageNet's mean and std
-    (`config.variants.IMAGE_MEAN/STD`). Float input is taken as normalised already and passed through: timm's
-    fine-tuning transform (RandAugment, random erasing) hands over normalised float32, and the tests feed
-    random normal images. The statistics are non-persistent buffers: they follow `.to(device)` and stay out of
-    state dicts.
+    - uint8 pixels (B, 3, H, W) in [0, 255], RGB: what every loader and transform of ours hands over, and what the
+      viz commands read. They are normalised here, once: float (x/255 − mean) / std with ImageNet's statistics
+      (`config.variants.IMAGE_MEAN/STD`, the `mean`/`std` of every timm `pretrained_cfg` of ours).
+    - floating-point images (B, 3, H, W) already normalised with those statistics: timm's contract, for timm's own
+      tools and transforms (`timm.data.create_transform`), taken as they are.
+
+    Anything else is an `InputError`: another integer dtype (int64 pixels from numpy), or another channel count.
+    A float image in [0, 1] (torchvision's `ToTensor`) is not normalised: pass its uint8 pixels
+    (`torchvision.transforms.v2.PILToTensor`), or normalise it first (`Normalize(IMAGE_MEAN, IMAGE_STD)`).
+    The statistics are non-persistent buffers: they follow `.to(device)` and stay out of state dicts.
     """
 
     def __init__(self) -> None:
@@ -33,16 +39,20 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if img.dtype != torch.uint8:
-            return img
-        return (img.float() - self.mean) / self.std
+        if img.dim() != 4 or img.shape[1] != 3:
+            raise InputError(f"a CRATE model takes RGB images (B, 3, H, W), got shape {tuple(img.shape)}")
+        if img.dtype == torch.uint8:
+            return (img.float() - self.mean) / self.std
+        if not img.is_floating_point():
+            raise InputError(f"a CRATE model takes uint8 pixels or normalised float images, got {img.dtype}")
+        return img
 
 
 def grid_size(img_hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
     """Patch grid (h, w) of an image of size (H, W); an error if the patch does not divide it."""
     height, width = img_hw
     if height % patch_size or width % patch_size:
-        raise ValueError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
+        raise InputError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
     return height // patch_size, width // patch_size
 
 
@@ -56,10 +66,10 @@ def token_grid(img_hw: tuple[int, int], patch_size: int, stride: int | None = No
     if stride is None or stride == patch_size:
         return plain
     if not 1 <= stride <= patch_size:
-        raise ValueError(f"stride {stride} must be between 1 and the patch size {patch_size}")
+        raise InputError(f"stride {stride} must be between 1 and the patch size {patch_size}")
     height, width = img_hw
     if (height - patch_size) % stride or (width - patch_size) % stride:
-        raise ValueError(f"stride {stride} does not step from the first {patch_size}-pixel patch to the last of a "
+        raise InputError(f"stride {stride} does not step from the first {patch_size}-pixel patch to the last of a "
                          f"{height}x{width} image: H − p = {height - patch_size} and W − p = {width - patch_size} must be multiples of it")
     return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
 

@@ -1,4 +1,4 @@
-"""CRATE-MAE: random masking, the masked autoencoder's forward pass and its loss (SPEC.md).
+"""CRATE-MAE: random masking, the masked autoencoder's forward pass and its loss (docs/MODEL.md).
 
 Legend: B batch, N = h·w patches, d width, P = 3·p·p pixels per patch.
 """

@@ -13,24 +13,26 @@ fields (num_classes, img_size, heads, lambd, ...), plus timm's `global_pool` ("t
 
     timm.create_model("crate_small_21k_patch8", pretrained=True, pretrained_cfg_overlay=dict(file="small_21k.pth"))
 
-which is read once (its saved config checked against the keywords: unset ones take the checkpoint's), then
-loaded through timm's own path with `hub.checkpoint_filter`. `timm.models.save_for_hf(model, DIR)` and
+which is read once by the one reader (its saved config checked by the one resolver against the keywords: unset
+ones take the checkpoint's), then loaded through timm's own path with the pure `hub.checkpoint_filter`. `timm.models.save_for_hf(model, DIR)` and
 `timm.create_model("local-dir:DIR")` round-trip every model offline.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig, MAEConfig, ModelConfig
 from crate_mae.config.variants import IMAGE_MEAN, IMAGE_STD, VARIANTS
-from crate_mae.model import hub
+from crate_mae.model.hub import build_model, checkpoint_filter, resolve_config
+from crate_mae.model.files import read_checkpoint
 
 _TIMM_POOL = {"token": "cls", "avg": "mean"}
-_CONFIG_FIELDS = {f.name for f in fields(ModelConfig)}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class TimmRow:
     variant: str
     overrides: dict[str, Any] = field(default_factory=dict)
     num_classes: int = 1000
+
+    @property
+    def config_class(self) -> type[ModelConfig]:
+        return MAEConfig if self.kind == "mae" else ClassifierConfig
 
 
 def _rows() -> dict[str, TimmRow]:
@@ -70,95 +76,68 @@ def _pretrained_cfg(row: TimmRow) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({name: _pretrained_cfg(row) for name, row in MODELS.items()})
 
 
-def name_for(cfg: ModelConfig, kind: str) -> str:
-    """The registered name for a resolved config: the row of its family and variant (21k rows by patch and classes)."""
-    for name, row in MODELS.items():
-        if (row.kind, row.family, row.variant) == (kind, cfg.family, cfg.variant) and row.overrides and all(
-                getattr(cfg, k) == v for k, v in row.overrides.items()) and (kind == "mae" or cfg.num_classes == row.num_classes):
-            return name
-    prefix = {("mae", "mae"): "crate_mae_", ("classifier", "mae"): "crate_mae_encoder_",
-              ("classifier", "supervised"): "crate_"}[(kind, cfg.family)]
-    return prefix + (cfg.variant or "base")  # every size is passed as a keyword too, so the row only names it
+def _config(row: TimmRow, kwargs: dict[str, Any], head: int | None) -> ModelConfig:
+    """The (unresolved) config a row and timm's keywords ask for: timm's names translated to ours. A classifier's
+    class count is the keyword's, else the head of the file loaded (`head`), else the row's."""
+    kwargs = dict(kwargs)
+    if row.kind == "classifier" and "num_classes" not in kwargs:
+        kwargs["num_classes"] = head if head is not None else row.num_classes
+    if row.kind == "mae" and kwargs.get("num_classes") == 0:
+        del kwargs["num_classes"]  # what timm records for a headless model (and passes back from a local-dir)
+    kwargs.pop("pretrained_model_args", None)  # timm's record of a local-dir file's keywords: passed already
+    if "global_pool" in kwargs:
+        pool = kwargs.pop("global_pool")
+        kwargs["pool"] = _TIMM_POOL.get(pool, pool)
+    if "drop_path_rate" in kwargs:
+        kwargs["drop_path"] = kwargs.pop("drop_path_rate")
+    if isinstance(kwargs.get("img_size"), (tuple, list)):  # timm passes (H, W) when it rebuilds a model
+        size = tuple(kwargs["img_size"])
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"img_size: CRATE models are built for square images, got {size}")
+        kwargs["img_size"] = int(size[0])
+    if kwargs.pop("in_chans", 3) != 3:
+        raise ValueError("in_chans: CRATE models take RGB images (3 channels)")
+    known = {f.name for f in fields(row.config_class)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"unexpected keyword {unknown[0]!r}; the keywords are {row.config_class.__name__}'s fields")
+    return row.config_class(**{"family": row.family, "variant": row.variant, **row.overrides, **kwargs})
 
 
-def model_args(cfg: ModelConfig, kind: str) -> dict[str, Any]:
-    """Every keyword that builds exactly `cfg` (resolved), so that timm records them for `save_for_hf`."""
-    names = ["dim", "heads", "encoder_depth", "img_size", "patch_size", "eta", "lambd"]
-    names += ["decoder_depth", "mask_ratio", "norm_pix_loss"] if kind == "mae" else ["pool", "drop_path", "num_classes"]
-    return {n: getattr(cfg, n) for n in names}
+def _build(kind: str) -> Callable[..., nn.Module]:
+    """The constructor timm's `build_model_with_cfg` calls: a resolved config's fields in, the model out."""
+    config_class = MAEConfig if kind == "mae" else ClassifierConfig
 
-
-def _construct(kind: str, family: str) -> Callable[..., nn.Module]:
-    """The model class timm instantiates, from a resolved config's keywords."""
-    def build(*, in_chans: int = 3, num_classes: int | None = None, global_pool: str | None = None,
-              **cfg_args: Any) -> nn.Module:
-        from crate_mae.model import CrateClassifier, CrateMAE
-
-        if in_chans != 3:
-            raise ValueError(f"in_chans: CRATE models take RGB images (3 channels), got {in_chans}")
-        cfg = ModelConfig(**cfg_args)
-        if kind == "mae":
-            return CrateMAE(img_size=cfg.img_size, patch_size=cfg.patch_size, dim=cfg.dim, heads=cfg.heads,
-                            encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth, eta=cfg.eta,
-                            lambd=cfg.lambd, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
-        pool = _TIMM_POOL.get(global_pool, global_pool) if global_pool else cfg.pool
-        return CrateClassifier(family=family, num_classes=num_classes if num_classes is not None else cfg.num_classes,
-                               img_size=cfg.img_size, patch_size=cfg.patch_size, dim=cfg.dim, heads=cfg.heads,
-                               depth=cfg.encoder_depth, eta=cfg.eta, lambd=cfg.lambd, pool=pool,
-                               drop_path=cfg.drop_path)
+    def build(*, in_chans: int = 3, size_variant: str | None = None, **config_fields: Any) -> nn.Module:
+        return build_model(config_class(variant=size_variant, **config_fields))
     return build
 
 
-def _square(size: Any) -> int:
-    """timm passes img_size as (H, W) when it rebuilds a model; ours are square."""
-    if isinstance(size, (tuple, list)):
-        if len(size) != 2 or size[0] != size[1]:
-            raise ValueError(f"img_size: CRATE models are built for square images, got {tuple(size)}")
-        return int(size[0])
-    return int(size)
-
-
 def _entrypoint(name: str, row: TimmRow) -> Callable[..., nn.Module]:
+    """`timm.create_model(name, pretrained, **kwargs)`: the one resolver and builder, under timm's own loading path."""
     def create(pretrained: bool = False, *, pretrained_cfg: Any = None, pretrained_cfg_overlay: dict | None = None,
                cache_dir: Any = None, device: Any = None, dtype: Any = None, **kwargs: Any) -> nn.Module:
-        if "global_pool" in kwargs:
-            pool = kwargs.pop("global_pool")
-            kwargs["pool"] = _TIMM_POOL.get(pool, pool)
-        if "drop_path_rate" in kwargs:
-            kwargs["drop_path"] = kwargs.pop("drop_path_rate")
-        if "img_size" in kwargs:
-            kwargs["img_size"] = _square(kwargs["img_size"])
-        kwargs.pop("pretrained_model_args", None)  # timm's record of a local-dir file's keywords: passed already
-        unknown = sorted(set(kwargs) - _CONFIG_FIELDS - {"in_chans"})
-        if unknown:
-            raise TypeError(f"{name}: unexpected keyword {unknown[0]!r}; the keywords are ModelConfig's fields")
-        in_chans = kwargs.pop("in_chans", 3)
-        raw = ModelConfig(**{"family": row.family, "variant": row.variant, **row.overrides, **kwargs})
         overlay = dict(pretrained_cfg_overlay or {})
-        file = overlay.get("file")
-        if pretrained and file and overlay.get("state_dict") is None:
-            ckpt = hub.read_checkpoint(file)  # read once: its saved config is checked here, its tensors by the filter
-            cfg = hub.model_config(raw, ckpt, kind=row.kind)
-            classes = kwargs["num_classes"] if "num_classes" in kwargs else (ckpt.num_classes or row.num_classes)
-            cfg.num_classes = classes
-            overlay.update(state_dict=ckpt.state, num_classes=ckpt.num_classes or classes)
-        else:
-            source = {**(pretrained_cfg if isinstance(pretrained_cfg, dict) else {}), **overlay}
-            if pretrained and not (source.get("state_dict") is not None or source.get("file") or source.get("url")
-                                   or source.get("hf_hub_id")):
-                raise ValueError(f"{name}: no hosted weights; pass pretrained_cfg_overlay=dict(file='path/to/checkpoint')")
-            cfg = raw.resolve()
-            if "num_classes" not in kwargs and row.kind == "classifier":
-                cfg.num_classes = row.num_classes if not pretrained else source.get("num_classes", row.num_classes)
+        ckpt = read_checkpoint(overlay.pop("file")) if pretrained and overlay.get("file") else None
         try:
-            model = build_model_with_cfg(
-                _construct(row.kind, row.family), name, pretrained, pretrained_cfg=pretrained_cfg,
-                pretrained_cfg_overlay=overlay, pretrained_filter_fn=hub.checkpoint_filter, pretrained_strict=False,
-                kwargs_filter=("num_classes", "global_pool") if row.kind == "mae" else None,
-                in_chans=in_chans, **model_args(cfg, row.kind))
-        except ValueError as err:  # the filter's one-line errors, with the file they are about
-            where = file or (pretrained_cfg.get("file") if isinstance(pretrained_cfg, dict) else None)
-            raise ValueError(f"{where}: {err}" if where and not str(err).startswith(str(where)) else str(err)) from None
+            cfg = resolve_config(_config(row, kwargs, ckpt.num_classes if ckpt else None), ckpt)
+        except TypeError as err:
+            raise TypeError(f"{name}: {err}") from None
+        source = {**(pretrained_cfg if isinstance(pretrained_cfg, dict) else {}), **overlay}
+        if pretrained and ckpt is None and not any(source.get(k) is not None for k in ("state_dict", "file", "url",
+                                                                                         "hf_hub_id")):
+            raise ValueError(f"{name}: no hosted weights; pass pretrained_cfg_overlay=dict(file='path/to/checkpoint')")
+        new_head = False
+        if ckpt is not None:  # timm loads the tensors read here; the head follows the keywords' class count
+            new_head = row.kind == "classifier" and ckpt.num_classes not in (None, cfg.num_classes)
+            overlay.update(state_dict=ckpt.state, num_classes=getattr(cfg, "num_classes", 0))
+        args = dataclasses.asdict(cfg)
+        args["size_variant"] = args.pop("variant")  # timm's own second argument is called `variant` (the name)
+        model = build_model_with_cfg(_build(row.kind), name, pretrained, pretrained_cfg=pretrained_cfg,
+                                     pretrained_cfg_overlay=overlay,
+                                     pretrained_filter_fn=functools.partial(checkpoint_filter, new_head=new_head),
+                                     pretrained_strict=False,
+                                     kwargs_filter=("num_classes", "global_pool") if row.kind == "mae" else None, **args)
         model.pretrained_cfg.pop("state_dict", None)  # the tensors are in the model now; keep no second copy
         return model.to(device=device, dtype=dtype)
 

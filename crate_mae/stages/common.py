@@ -1,78 +1,142 @@
-"""What every stage shares: the run (folder, resume point, logger closed however the run ends), the data a stage
-reads, the classifier two stages build from a checkpoint, results.json from a dataclass, and the closing banner.
+"""What every stage shares: the resolve-once phase (`prepare`), the run (folder, logger closed however the run ends,
+the Checkpointer), results.json from a dataclass, and the closing banner.
 
-No stage imports another; they all import this.
+    run_stage(cfg, body, weights=cfg.finetune.checkpoint)   # per process: prepare → body(StageRun)
+
+`prepare` is the only place a stage's files are read and its config settled, in this order: the resume file
+(`--resume`) and the weight file, each read once by the one reader; the model config resolved once by the one
+resolver (against the resume file when resuming, else the weights); the data the stage reads (written once at the
+model's image size when it is the bundled demo); a classifier's head set to the data's classes; the config frozen.
+Everything after it reads `StageRun`, which never changes. No stage imports another; they all import this.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from crate_mae.config import Config, ConfigError, config_to_dict, save_config
+from crate_mae.atomic import remove_stale_temp_files
+from crate_mae.config import ClassifierConfig, Config, ConfigError, config_to_dict, save_config
 from crate_mae.data import resolve_shards
 from crate_mae.data.shards import DIGITS_DIR, ensure_digits, ensure_torchvision
-from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine import dist
-from crate_mae.engine.checkpoint import Checkpointer
+from crate_mae.engine.checkpoint import Checkpointer, Stateful, latest
 from crate_mae.engine.log import RunLogger
-from crate_mae.engine.trainer import Trainer
-from crate_mae.model import CrateClassifier, hub
+from crate_mae.errors import MissingFileError, RunFolderError
+from crate_mae.model import Checkpoint, read_checkpoint, resolve_config
 
 R = TypeVar("R")
 REPO = Path(__file__).resolve().parents[2]  # where the entry points live
+FROZEN_OPTIM_KEYS = ("optimizer", "layer_decay")  # a resume cannot change them: other groups, other moments
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageRun:
-    """One run of a stage on this process: its config, ranks, folder and the checkpoint it resumes from."""
+    """One run of a stage on this process, settled by `prepare`: nothing here changes afterwards."""
 
-    cfg: Config
+    cfg: Config  # resolved (every model field set) and frozen
     d: dist.Dist
     run_dir: Path
-    resume: Path | None
+    resume: Checkpoint | None  # the run checkpoint it continues from, read once
+    weights: Checkpoint | None  # the pretrained weights it starts from (None when resuming: the resume holds them)
+    train_spec: str
+    val_spec: str | None
+    changes: tuple[str, ...] = ()  # 'optim.lr 0.0001 → 0.0002' for each schedule key a resume changes
 
-    def checkpointer(self, extra: Callable[[], dict[str, Any]] | None = None) -> Checkpointer:
-        """The run's Checkpointer: cfg.run's interval and pruning, the (resolved) config in every file."""
+    def checkpointer(self, extra: Mapping[str, Stateful] | None = None) -> Checkpointer:
+        """The run's Checkpointer (keeping `extra`): cfg.run's interval and pruning, the config in every file."""
         return Checkpointer(self.run_dir, every=self.cfg.run.ckpt_every, keep_last=self.cfg.run.keep_last,
                             config=config_to_dict(self.cfg), dist=self.d, extra=extra)
 
     @contextmanager
-    def logger(self, trainer: Trainer | None = None, checkpointer: Checkpointer | None = None) -> Iterator[RunLogger]:
+    def logger(self, total_steps: int = 0, step: int = 0) -> Iterator[RunLogger]:
         """The run's logger (rank 0 writes), closed however the run ends; rank 0 saves the resolved config first,
         removes the temp files a killed write left behind, and marks a resume in log.jsonl (the steps between the
         checkpoint and the kill are logged again after it)."""
         stale: list[Path] = []
         if self.d.is_main:
-            stale = ckpt.remove_stale_temp_files(self.run_dir)
+            stale = remove_stale_temp_files(self.run_dir)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        log = RunLogger(self.run_dir, enabled=self.d.is_main, total_steps=trainer.total_steps if trainer else 0,
-                        initial_step=trainer.state.step if trainer else 0)
+        log = RunLogger(self.run_dir, enabled=self.d.is_main, total_steps=total_steps, initial_step=step)
         if stale:
             log.info(f"removed {len(stale)} temp file(s) left by an interrupted write: {', '.join(p.name for p in stale)}")
-        if self.resume is not None and trainer is not None:
-            changes = checkpointer.changes if checkpointer is not None else []
-            log.event("resume", trainer.state.step, checkpoint=str(self.resume), changed=changes)
-            if changes:
-                log.info(f"resumed at step {trainer.state.step} with a changed schedule, applied from this step on: "
-                         + ", ".join(changes))
+        if self.resume is not None:
+            log.event("resume", step, checkpoint=self.resume.path, changed=list(self.changes))
+            if self.changes:
+                log.info(f"resumed at step {step} with a changed schedule, applied from this step on: "
+                         + ", ".join(self.changes))
         try:
             yield log
         finally:
             log.close()
 
 
-def run_stage(cfg: Config, body: Callable[[StageRun], R]) -> R:
-    """Run `body` once per process (one CPU, one GPU, or every rank under torchrun) on its StageRun."""
+def run_stage(cfg: Config, body: Callable[[StageRun], R], *, weights: str | None = None,
+              default_family: str = "mae") -> R:
+    """Run `body` once per process (one CPU, one GPU, or every rank under torchrun) on its prepared StageRun."""
+    return dist.run_with(cfg.run.device, lambda d: body(prepare(cfg, d, weights=weights, default_family=default_family)))
+
+
+def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_family: str = "mae") -> StageRun:
+    """The resolve-once phase (module docstring): files read once, the config resolved once and frozen."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    return dist.run_with(cfg.run.device, lambda d: body(StageRun(cfg, d, run_dir, ckpt.resume_path(run_dir, cfg.run.resume))))
+    resume_file = resume_path(run_dir, cfg.run.resume)
+    resume = read_checkpoint(resume_file) if resume_file is not None else None
+    changes: tuple[str, ...] = ()
+    if resume is not None:
+        changes = resume_changes(resume, cfg)
+    pretrained = None
+    if weights is not None and resume is None:
+        try:
+            pretrained = read_checkpoint(weights)
+        except MissingFileError as err:
+            hint = " (the demo's encoder comes from `python pretrain.py`)" if "runs/demo" in str(weights) else ""
+            raise MissingFileError(f"{err}{hint}") from None
+    model = resolve_config(cfg.model, resume or pretrained, default_family=default_family, resume=resume is not None)
+    train_spec, val_spec = stage_data(cfg, d, img_size=model.img_size)
+    if isinstance(model, ClassifierConfig):  # the head follows the data's classes where its manifest lists them
+        if val_spec is None:
+            raise ConfigError("data.val_shards: accuracy is measured on a validation set; set one")
+        manifest = resolve_shards(train_spec).manifest
+        if manifest is not None and manifest.num_classes:
+            model = dataclasses.replace(model, num_classes=manifest.num_classes)
+    return StageRun(dataclasses.replace(cfg, model=model), d, run_dir, resume, pretrained, train_spec, val_spec, changes)
 
 
-def stage_data(cfg: Config, d: dist.Dist) -> tuple[str, str | None]:
+def resume_path(run_dir: Path, resume: str | None) -> Path | None:
+    """What to continue from: None for a fresh run. A fresh run never overwrites one that has checkpoints."""
+    if resume == "auto":
+        return latest(run_dir)
+    if resume:
+        return Path(resume)
+    if latest(run_dir) is not None:
+        raise RunFolderError(f"{run_dir} holds checkpoints already: --resume auto continues that run, "
+                             f"--set run.name=NAME starts another")
+    if (Path(run_dir) / "results.json").exists():  # a finished probe: its figures are never overwritten silently
+        raise RunFolderError(f"{run_dir}/results.json exists already: --set run.name=NAME writes another run")
+    return None
+
+
+def resume_changes(resume: Checkpoint, cfg: Config) -> tuple[str, ...]:
+    """What a resume changes of the optimiser and schedule: 'optim.lr 0.0001 → 0.0002' for each key of `cfg` that
+    differs from the checkpoint's (applied from the resumed step on). Another optimiser or layer decay cannot
+    continue (other parameter groups, other moments): a ConfigError naming the key."""
+    if resume.config is None:
+        raise ConfigError(f"{resume.path}: holds no config, so the run it belongs to cannot be checked")
+    saved = resume.config.get("optim") or {}
+    now = config_to_dict(cfg)["optim"]
+    for key in FROZEN_OPTIM_KEYS:
+        if key in saved and saved[key] != now[key]:
+            raise ConfigError(f"{resume.path}: optim.{key} is {saved[key]!r} in the checkpoint but {now[key]!r} in the "
+                              f"config; its optimiser state cannot continue")
+    return tuple(f"optim.{k} {saved[k]!r} → {v!r}" for k, v in now.items() if k in saved and saved[k] != v)
+
+
+def stage_data(cfg: Config, d: dist.Dist, *, img_size: int) -> tuple[str, str | None]:
     """The (train, val) shard specs a stage reads: the configured shards, a torchvision set written to shards
     once, or the bundled digits demo (at the model's image size). Rank 0 writes what is missing; the others wait."""
     data = cfg.data
@@ -82,42 +146,10 @@ def stage_data(cfg: Config, d: dist.Dist) -> tuple[str, str | None]:
         if data.dataset:
             ensure_torchvision(data.dataset, data.root, download=data.download)
         else:
-            ensure_digits(DIGITS_DIR, size=cfg.model.img_size)
+            ensure_digits(DIGITS_DIR, size=img_size)
     dist.barrier(d)
     folder = f"shards/{data.dataset}" if data.dataset else DIGITS_DIR
     return f"{folder}/train.json", data.val_shards or f"{folder}/val.json"
-
-
-def labelled_data(cfg: Config, d: dist.Dist) -> tuple[Config, str, str, int]:
-    """(config, train spec, val spec, classes) of a classification stage; model.num_classes follows the training
-    manifest's class list (the configured value when it has none)."""
-    train_spec, val_spec = stage_data(cfg, d)
-    if val_spec is None:
-        raise ConfigError("data.val_shards: accuracy is measured on a validation set; set one")
-    manifest = resolve_shards(train_spec).manifest
-    classes = manifest.num_classes if manifest is not None and manifest.num_classes else cfg.model.num_classes
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=classes)), train_spec, val_spec, classes
-
-
-def classifier_config(cfg: Config, checkpoint: str | None, *, default_family: str = "mae"
-                      ) -> tuple[Config, hub.Checkpoint | None]:
-    """The stage's config with its model section resolved against `checkpoint` (read once, here), before any data
-    is prepared at the model's image size: unset fields take the checkpoint's values, a set one that differs is an
-    error naming it (`hub.model_config`)."""
-    try:
-        weights = hub.read_checkpoint(checkpoint) if checkpoint is not None else None
-    except FileNotFoundError as err:
-        hint = " (the demo's encoder comes from `python pretrain.py`)" if "runs/demo" in str(checkpoint) else ""
-        raise FileNotFoundError(f"{err}{hint}") from None
-    model_cfg = hub.model_config(cfg.model, weights, kind="classifier", default_family=default_family)
-    return dataclasses.replace(cfg, model=model_cfg), weights
-
-
-def classifier_for(cfg: Config, weights: hub.Checkpoint | None, num_classes: int) -> tuple[CrateClassifier, Config]:
-    """A classifier of the (resolved) `cfg.model` for `num_classes`, filled strictly from `weights` (None: fresh; a
-    head of another class count is replaced), and the config with what was really built."""
-    model, model_cfg = hub.create_model(cfg.model, kind="classifier", checkpoint=weights, num_classes=num_classes)
-    return model, dataclasses.replace(cfg, model=model_cfg)
 
 
 def write_results(run_dir: Path, result: Any) -> Path:

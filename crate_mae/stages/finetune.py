@@ -8,7 +8,6 @@ evaluated after every epoch, exactly over all ranks; `best.pth` keeps the best e
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,16 @@ import torch
 import torch.nn as nn
 
 from crate_mae.config import Config, ConfigError, FinetuneConfig
-from crate_mae.data import FinetuneTransform
-from crate_mae.data.device_decode import to_device
-from crate_mae.data.reader import config_eval_loader, config_train_loader
-from crate_mae.seeding import seed_everything
+from crate_mae.data import FinetuneTransform, eval_loader, train_loader
+from crate_mae.data.prefetch import DeviceLoader
 from crate_mae.engine.optim import peak_lr
 from crate_mae.engine.trainer import Trainer
 from crate_mae.eval.metrics import evaluate
-from crate_mae.stages.common import (StageRun, banner, classifier_config, classifier_for, labelled_data, run_stage,
-                                     write_results)
+from crate_mae.model import create_model
+from crate_mae.model.layers import Normalize
+from crate_mae.seeding import seed_everything
+from crate_mae.engine.checkpoint import Best
+from crate_mae.stages.common import StageRun, banner, run_stage, write_results
 
 
 @dataclass
@@ -60,42 +60,44 @@ def _loss(ft: FinetuneConfig, classes: int, batch_size: int) -> tuple[Callable[[
 
 
 def run_finetune(cfg: Config) -> FinetuneResult:
-    return run_stage(cfg, _run)
+    ft = cfg.finetune
+    return run_stage(cfg, _run, weights=ft.checkpoint, default_family="mae" if ft.checkpoint else "supervised")
 
 
 def _run(run: StageRun) -> FinetuneResult:
     from timm.utils import ModelEmaV2
 
-    ft, d = run.cfg.finetune, run.d
-    cfg, weights = classifier_config(run.cfg, ft.checkpoint, default_family="mae" if ft.checkpoint else "supervised")
-    cfg, train_spec, val_spec, classes = labelled_data(cfg, d)
+    cfg, d, ft = run.cfg, run.d, run.cfg.finetune
+    classes = cfg.model.num_classes
     mixup, criterion = _loss(ft, classes, cfg.data.batch_size)
     seed_everything(cfg.run.seed)  # the same initial head on every rank
-    model, cfg = classifier_for(cfg, weights, classes)
-    run.cfg, model = cfg, model.to(d.device)
-    cuda, ready = d.device.type == "cuda", functools.partial(to_device, size=cfg.model.img_size, device=d.device)
-    loader = config_train_loader(cfg.data, train_spec, FinetuneTransform(
+    model = create_model(cfg.model, run.weights)[0].to(d.device)
+    cuda = d.device.type == "cuda"
+    loader = train_loader(run.train_spec, FinetuneTransform(
         cfg.model.img_size, auto_augment=ft.auto_augment, re_prob=ft.reprob, scale=ft.crop_scale, hflip=ft.hflip),
-        rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps, pin_memory=cuda)
-    val = config_eval_loader(cfg.data, val_spec, cfg.model.img_size, rank=d.rank, world_size=d.world_size,
-                             pin_memory=cuda)
+        data=cfg.data, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps,
+        pin_memory=cuda)
+    loader = DeviceLoader(loader, device=d.device, depth=0)  # to the device once, in the step's thread
+    normalize = Normalize().to(d.device)
+    val = eval_loader(run.val_spec, cfg.model.img_size, data=cfg.data, rank=d.rank, world_size=d.world_size,
+                      pin_memory=cuda)
 
     def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
-        b = ready(b)
-        x, y = mixup(b.images, b.labels) if mixup is not None else (b.images, b.labels)
+        if mixup is None:
+            return criterion(m(b.images), b.labels)
+        # Mixup / CutMix mix normalised images, as in timm's own pipeline: the model takes them as such (float input
+        # is normalised by contract, model/layers.py: Normalize); uint8 pixels cannot hold a mixture.
+        x, y = mixup(normalize(b.images), b.labels)
         return criterion(m(x), y)
 
     trainer = Trainer.from_config(cfg, model, d, loss_fn, len(loader))
     ema = ModelEmaV2(model, decay=ft.ema_decay) if ft.ema_decay else None
-    best, last = {"top1": -1.0, "top5": 0.0}, {"top1": 0.0, "top5": 0.0, "samples": 0}
-    checkpointer = run.checkpointer(lambda: {"best": best, **({"ema": ema.module.state_dict()} if ema else {})})
+    best, last = Best(), {"top1": 0.0, "top5": 0.0, "samples": 0}
+    checkpointer = run.checkpointer({"best": best, **({"ema": ema.module} if ema else {})})
     seed_everything(cfg.run.seed + 1 + d.rank)
     if run.resume is not None:
-        state = checkpointer.restore(trainer, run.resume, cfg)
-        best.update(state.get("best", best))
-        if ema is not None and "ema" in state:
-            ema.module.load_state_dict(state["ema"])
-    with run.logger(trainer, checkpointer) as log:
+        trainer.load_state_dict(checkpointer.restore(run.resume))
+    with run.logger(trainer.total_steps, trainer.state.step) as log:
         log.info(f"{run.run_dir}: CRATE {cfg.model.family} '{cfg.model.variant}' {classes} classes, "
                  + (f"weights from {ft.checkpoint}" if ft.checkpoint else "from scratch")
                  + f"; {trainer.updates_per_epoch} steps/epoch × {trainer.epochs} epochs, global batch "
@@ -110,19 +112,19 @@ def _run(run: StageRun) -> FinetuneResult:
             log.scalars(trainer.state.step, scalars, prefix="val")
             log.info(f"epoch {epoch}: val top-1 {last['top1']:.2f} top-5 {last['top5']:.2f} ({last['samples']} images)"
                      + (f", EMA top-1 {scalars['ema_top1']:.2f}" if ema is not None else ""))
-            if last["top1"] > best["top1"]:
-                best.update(top1=last["top1"], top5=last["top5"])
-                checkpointer.save(trainer, "best.pth")
+            if last["top1"] > best.top1:
+                best.top1, best.top5 = last["top1"], last["top5"]
+                checkpointer.save("best.pth", trainer.state_dict())
 
         summary = trainer.fit(loader, log=log, log_every=cfg.run.log_every, checkpointer=checkpointer,
                               on_epoch_end=end_of_epoch, after_step=(lambda: ema.update(model)) if ema else None)
-        checkpointer.save(trainer, "final.pth")
-        result = FinetuneResult(run.run_dir, train_spec, ft.checkpoint, classes, trainer.state.step, summary.first,
-                                summary.last, last["top1"], last["top5"], best["top1"], best["top5"],
+        checkpointer.save("final.pth", trainer.state_dict())
+        result = FinetuneResult(run.run_dir, run.train_spec, ft.checkpoint, classes, trainer.state.step, summary.first,
+                                summary.last, last["top1"], last["top5"], best.top1, best.top5,
                                 int(last["samples"]), model)
         if d.is_main:
             write_results(run.run_dir, result)
-            banner(log, f"val top-1 {last['top1']:.2f} (best {best['top1']:.2f}), top-5 {last['top5']:.2f}",
+            banner(log, f"val top-1 {last['top1']:.2f} (best {best.top1:.2f}), top-5 {last['top5']:.2f}",
                    [(f"{run.run_dir}/best.pth, final.pth", "the best and the last checkpoint"),
                     (f"{run.run_dir}/results.json", "the figures")], [f"tensorboard --logdir {run.run_dir}/tb"])
     return result

@@ -12,7 +12,6 @@ weak augmentation, LARS, warm-up and cosine, on any number of GPUs. Both write r
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,9 @@ import torch
 import torch.nn as nn
 
 from crate_mae.config import Config
-from crate_mae.data import EvalTransform, PretrainTransform, ShardError, eval_loader, resolve_shards
-from crate_mae.data.device_decode import to_device
-from crate_mae.data.reader import config_eval_loader, config_train_loader
+from crate_mae.data import PretrainTransform, ShardError, eval_loader, resolve_shards, train_loader
+from crate_mae.data.prefetch import DeviceLoader
 from crate_mae.engine import dist
-from crate_mae.seeding import seed_everything
 from crate_mae.engine.log import RunLogger
 from crate_mae.engine.trainer import Trainer, resolve_precision
 from crate_mae.eval.features import extract, feature_cache_key, load_cached, save_cached
@@ -34,8 +31,9 @@ from crate_mae.eval.knn import knn_accuracy
 from crate_mae.eval.linear import LinearProbe
 from crate_mae.eval.logreg import fit_logistic_regression
 from crate_mae.eval.metrics import evaluate
-from crate_mae.model import CrateClassifier
-from crate_mae.stages.common import StageRun, classifier_config, classifier_for, labelled_data, run_stage, write_results
+from crate_mae.model import CrateClassifier, create_model
+from crate_mae.seeding import seed_everything
+from crate_mae.stages.common import StageRun, run_stage, write_results
 
 
 @dataclass
@@ -65,44 +63,40 @@ def _checkpoint_identity(path: str | None) -> Any:
 
 
 def run_linprobe(cfg: Config) -> ProbeResult:
-    return run_stage(cfg, _run)
+    return run_stage(cfg, _run, weights=cfg.probe.checkpoint)
 
 
 def _run(run: StageRun) -> ProbeResult:
-    cfg, weights = classifier_config(run.cfg, run.cfg.probe.checkpoint)
-    cfg, train_spec, val_spec, classes = labelled_data(cfg, run.d)
+    cfg, classes = run.cfg, run.cfg.model.num_classes
     seed_everything(cfg.run.seed)
-    encoder, run.cfg = classifier_for(cfg, weights, classes)
-    encoder = encoder.to(run.d.device).requires_grad_(False)
+    encoder = create_model(cfg.model, run.weights)[0].to(run.d.device).requires_grad_(False)
     with run.logger() as log:
-        if run.cfg.probe.protocol == "logreg":
-            result = _logreg(run.cfg, run.d, encoder, train_spec, val_spec, classes, log)
+        if cfg.probe.protocol == "logreg":
+            result = _logreg(run, encoder, classes, log)
         else:
-            result = _linear(run, encoder, train_spec, val_spec, classes, log)
+            result = _linear(run, encoder, classes, log)
         if run.d.is_main:
             write_results(run.run_dir, result)
             log.scalars(0, {"top1": result.top1, "top5": result.top5}, prefix=f"probe_{result.protocol}")
             knn = result.details.get("knn")
             log.info(f"\n{result.protocol} probe of {result.feature} features from "
-                     f"{result.checkpoint or 'a random encoder'} on {train_spec}: top-1 {result.top1:.2f}, top-5 "
+                     f"{result.checkpoint or 'a random encoder'} on {run.train_spec}: top-1 {result.top1:.2f}, top-5 "
                      f"{result.top5:.2f} ({result.val_samples} val images)"
-                     + (f"; kNN (k={run.cfg.probe.knn_k}) top-1 {knn['top1']:.2f}" if knn else "")
+                     + (f"; kNN (k={cfg.probe.knn_k}) top-1 {knn['top1']:.2f}" if knn else "")
                      + f"\n  {run.run_dir}/results.json")
     return result
 
 
-def _logreg(cfg: Config, d: dist.Dist, encoder: CrateClassifier, train_spec: str, val_spec: str, classes: int,
-            log: RunLogger) -> ProbeResult:
+def _logreg(run: StageRun, encoder: CrateClassifier, classes: int, log: RunLogger) -> ProbeResult:
+    cfg, d, train_spec, val_spec = run.cfg, run.d, run.train_spec, run.val_spec
     p, precision = cfg.probe, resolve_precision(cfg.run.precision, d.device)
     key = feature_cache_key(_checkpoint_identity(p.checkpoint), _identity(train_spec), _identity(val_spec),
-                                  dataclasses.asdict(cfg.model), p.feature, cfg.data.eval_crop_pct)
+                            dataclasses.asdict(cfg.model), p.feature, cfg.data.eval_crop_pct)
     folder = Path(p.cache_dir) / key
-    transform = EvalTransform(cfg.model.img_size, crop_pct=cfg.data.eval_crop_pct)
     for split, spec in (("train", train_spec), ("val", val_spec)):  # every rank extracts its share, once
         path = folder / f"{split}-{d.rank}-of-{d.world_size}.pt"
         if load_cached(path) is None:
-            loader = eval_loader(spec, transform, batch_size=cfg.data.batch_size, rank=d.rank, world_size=d.world_size,
-                                 num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction)
+            loader = eval_loader(spec, cfg.model.img_size, data=cfg.data, rank=d.rank, world_size=d.world_size)
             save_cached(path, extract(encoder, loader, d, p.feature, precision))
         elif d.is_main:
             log.info(f"{split} features from the cache: {path}")
@@ -117,37 +111,37 @@ def _logreg(cfg: Config, d: dist.Dist, encoder: CrateClassifier, train_spec: str
             if len(y[split]) == 0:
                 raise ShardError(f"{spec}: the {split} features hold no samples")
         fit_ = fit_logistic_regression(x["train"], y["train"], x["val"], y["val"], Cs=p.Cs, heldout=p.heldout,
-                                             solver=p.solver, max_iter=p.max_iter, seed=cfg.run.seed, device=d.device)
+                                       solver=p.solver, max_iter=p.max_iter, seed=cfg.run.seed, device=d.device)
         details: dict[str, Any] = {"C": fit_.C, "heldout_top1": fit_.heldout_top1, "searched": fit_.searched,
                                    "solver": fit_.solver, "cache": str(folder)}
         if p.knn_k:
             details["knn"] = knn_accuracy(x["train"].to(d.device), y["train"].to(d.device), x["val"].to(d.device),
-                                                y["val"].to(d.device), num_classes=classes, k=p.knn_k,
-                                                temperature=p.knn_temperature)
+                                          y["val"].to(d.device), num_classes=classes, k=p.knn_k,
+                                          temperature=p.knn_temperature)
         result = ProbeResult(train_spec, "logreg", p.feature, p.checkpoint, fit_.val_top1, fit_.val_top5,
                              len(y["train"]), len(y["val"]), details)
     return dist.broadcast_object(d, result)
 
 
-def _linear(run: StageRun, encoder: CrateClassifier, train_spec: str, val_spec: str, classes: int,
-            log: RunLogger) -> ProbeResult:
+def _linear(run: StageRun, encoder: CrateClassifier, classes: int, log: RunLogger) -> ProbeResult:
     cfg, d, accum, batch = run.cfg, run.d, run.cfg.optim.accum_steps, run.cfg.data.batch_size
     model = LinearProbe(encoder, feature=cfg.probe.feature, num_classes=classes).to(d.device)
     cuda = d.device.type == "cuda"
-    loader = config_train_loader(cfg.data, train_spec, PretrainTransform(cfg.model.img_size, scale=cfg.probe.crop_scale),
-                                 rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, accum_steps=accum,
-                                 pin_memory=cuda)
-    val = config_eval_loader(cfg.data, val_spec, cfg.model.img_size, rank=d.rank, world_size=d.world_size,
-                             pin_memory=cuda)
-    criterion, ready = nn.CrossEntropyLoss(), functools.partial(to_device, size=cfg.model.img_size, device=d.device)
+    loader = train_loader(run.train_spec, PretrainTransform(cfg.model.img_size, scale=cfg.probe.crop_scale),
+                          data=cfg.data, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, accum_steps=accum,
+                          pin_memory=cuda)
+    loader = DeviceLoader(loader, device=d.device, depth=0)  # to the device once, in the step's thread
+    val = eval_loader(run.val_spec, cfg.model.img_size, data=cfg.data, rank=d.rank, world_size=d.world_size,
+                      pin_memory=cuda)
+    criterion = nn.CrossEntropyLoss()
+
     def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
-        b = ready(b)
         return criterion(m(b.images), b.labels)
 
     trainer = Trainer.from_config(cfg, model, d, loss_fn, len(loader))
     checkpointer = run.checkpointer()
     if run.resume is not None:
-        checkpointer.restore(trainer, run.resume, cfg)
+        trainer.load_state_dict(checkpointer.restore(run.resume))
     scores = {"top1": 0.0, "top5": 0.0, "samples": 0}
 
     def end_of_epoch(epoch: int) -> None:
@@ -156,6 +150,6 @@ def _linear(run: StageRun, encoder: CrateClassifier, train_spec: str, val_spec: 
         log.info(f"epoch {epoch}: val top-1 {scores['top1']:.2f} top-5 {scores['top5']:.2f}")
 
     trainer.fit(loader, log=log, log_every=cfg.run.log_every, checkpointer=checkpointer, on_epoch_end=end_of_epoch)
-    checkpointer.save(trainer, "final.pth")
-    return ProbeResult(train_spec, "linear", cfg.probe.feature, cfg.probe.checkpoint, scores["top1"], scores["top5"],
+    checkpointer.save("final.pth", trainer.state_dict())
+    return ProbeResult(run.train_spec, "linear", cfg.probe.feature, cfg.probe.checkpoint, scores["top1"], scores["top5"],
                        len(loader) * batch * d.world_size, int(scores["samples"]), {"epochs": cfg.optim.epochs})

@@ -6,24 +6,22 @@ Works the same on one CPU, one GPU, or many GPUs and nodes under torchrun (see e
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from crate_mae.config import Config, ConfigError
-from crate_mae.data import EvalTransform, PretrainTransform, ShardError, eval_loader
-from crate_mae.data.device_decode import DeviceCropTransform, to_device
-from crate_mae.data.prefetch import Prefetcher
-from crate_mae.data.reader import ShardLoader, config_train_loader
-from crate_mae.engine import checkpoint as ckpt
+from crate_mae.config import Config, config_to_dict
+from crate_mae.data import PretrainTransform, ShardError, eval_loader, train_loader
+from crate_mae.data.device_decode import DeviceCropTransform
+from crate_mae.data.prefetch import DeviceLoader
 from crate_mae.engine import dist
-from crate_mae.seeding import seed_everything
 from crate_mae.engine.optim import peak_lr
 from crate_mae.engine.trainer import Trainer
-from crate_mae.model import build_mae
-from crate_mae.stages.common import REPO, StageRun, banner, run_stage, stage_data
+from crate_mae.model import build_model
+from crate_mae.model.files import export_encoder
+from crate_mae.seeding import seed_everything
+from crate_mae.stages.common import REPO, StageRun, banner, run_stage
 from crate_mae.viz import reconstruction_grid
 
 
@@ -37,34 +35,29 @@ class PretrainResult:
     model: torch.nn.Module | None = None  # the trained CrateMAE of this rank
 
 
-def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[Trainer, ShardLoader | Prefetcher]:
-    """The Trainer (with the model and the run's batch arithmetic) and the training loader (prefetching per
-    data.prefetch) of a pretraining run. `cfg.model` must be resolved.
+def build_training(cfg: Config, d: dist.Dist, train_spec: str) -> tuple[Trainer, DeviceLoader]:
+    """The Trainer (with the model and the run's batch arithmetic) and the training loader, whose batches arrive on
+    the device (prefetched per data.prefetch), of a pretraining run. `cfg.model` must be resolved.
 
     Shared by the stage and by bench/e2e.py, so that the benchmark times exactly what a run does.
     Seeds the initial weights with run.seed (the same on every rank).
     """
-    if not cfg.model.resolved:
-        raise ValueError("build_training: resolve cfg.model first (checkpoint.resolve_for_resume)")
     seed_everything(cfg.run.seed)
-    model = build_mae(cfg.model).to(d.device)
+    model = build_model(cfg.model).to(d.device)
     size = cfg.model.img_size
     transform = DeviceCropTransform(size) if cfg.data.decode_on == "device" else \
         PretrainTransform(size, fast_decode=cfg.data.fast_decode)
-    loader: ShardLoader | Prefetcher = config_train_loader(
-        cfg.data, train_spec, transform, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed,
-        accum_steps=cfg.optim.accum_steps, pin_memory=d.device.type == "cuda", labels=False)  # no labels needed
-    ready = functools.partial(to_device, size=size, device=d.device)
-    if cfg.data.prefetch:  # the copy to the device (and a device decode) off the step's critical path
-        loader = Prefetcher(loader, ready, device=d.device, depth=cfg.data.prefetch)
-    return Trainer.from_config(cfg, model, d, lambda m, b: m(ready(b).images).loss, len(loader)), loader
+    loader = train_loader(train_spec, transform, data=cfg.data, rank=d.rank, world_size=d.world_size,
+                          seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps, pin_memory=d.device.type == "cuda",
+                          labels=False)  # pretraining reads no labels
+    loader = DeviceLoader(loader, device=d.device, depth=cfg.data.prefetch)  # to the device once, off the step's path
+    return Trainer.from_config(cfg, model, d, lambda m, b: m(b.images).loss, len(loader)), loader
 
 
-def _preview(cfg: Config, train_spec: str, val_spec: str | None, n: int = 8) -> torch.Tensor:
+def _preview(cfg: Config, spec: str, n: int = 8) -> torch.Tensor:
     """A fixed set of uint8 images for reconstruction pictures: the first of the val set (else of train)."""
-    spec = val_spec or train_spec
-    loader = eval_loader(spec, EvalTransform(cfg.model.img_size, crop_pct=cfg.data.eval_crop_pct), batch_size=n,
-                         max_bad_fraction=1.0, labels=False)
+    loader = eval_loader(spec, cfg.model.img_size, data=cfg.data, batch_size=n, max_bad_fraction=1.0, labels=False,
+                         num_workers=0)
     batch = next(iter(loader), None)
     if batch is None:
         raise ShardError(f"{spec}: no usable image for the reconstruction previews")
@@ -76,26 +69,22 @@ def run_pretrain(cfg: Config) -> PretrainResult:
 
 
 def _run(run: StageRun) -> PretrainResult:
-    if run.cfg.model.family not in (None, "mae"):
-        raise ConfigError(f"model.family: pretraining trains a CRATE-MAE (family mae), got {run.cfg.model.family!r}")
-    cfg = run.cfg = replace(run.cfg, model=ckpt.resolve_for_resume(run.cfg.model, run.resume))  # what is built
-    d, run_dir = run.d, run.run_dir
-    train_spec, val_spec = stage_data(cfg, d)
-    trainer, loader = build_training(cfg, d, train_spec)
+    cfg, d, run_dir = run.cfg, run.d, run.run_dir
+    trainer, loader = build_training(cfg, d, run.train_spec)
     model, checkpointer = trainer.module, run.checkpointer()
     seed_everything(cfg.run.seed + 1 + d.rank)  # each rank its own masks
     if run.resume is not None:
-        checkpointer.restore(trainer, run.resume, cfg)
-    with run.logger(trainer, checkpointer) as log:
+        trainer.load_state_dict(checkpointer.restore(run.resume))
+    with run.logger(trainer.total_steps, trainer.state.step) as log:
         if d.is_main:
-            preview = _preview(cfg, train_spec, val_spec).to(d.device)
+            preview = _preview(cfg, run.val_spec or run.train_spec).to(d.device)
             noise = torch.rand(preview.shape[0], model.patch_embed.num_patches(cfg.model.img_size),
                                generator=torch.Generator().manual_seed(cfg.run.seed)).to(d.device)
             params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             log.info(f"{run_dir}: CRATE-MAE '{cfg.model.variant}' ({params:,} parameters) on {d.world_size} × "
                      f"{d.device.type}, {trainer.precision}; {trainer.updates_per_epoch} steps/epoch × {trainer.epochs} "
                      f"epochs, global batch {trainer.global_batch}, peak lr {peak_lr(cfg.optim, trainer.global_batch):.3g}"
-                     + (f"; resumed from {run.resume} at step {trainer.state.step}" if run.resume else ""))
+                     + (f"; resumed from {run.resume.path} at step {trainer.state.step}" if run.resume else ""))
 
         def pictures(epoch: int) -> None:
             if d.is_main:
@@ -105,9 +94,9 @@ def _run(run: StageRun) -> PretrainResult:
                               on_epoch_end=pictures)
         if loader.bad:
             log.info(f"data: {loader.bad} of {loader.seen} samples skipped as unusable (see the warnings above)")
-        final = checkpointer.save(trainer, "final.pth")
+        final = checkpointer.save("final.pth", trainer.state_dict())
         if d.is_main:
-            ckpt.export_encoder(ckpt.load(final), run_dir / "encoder.pth")
+            export_encoder(model.state_dict(), config_to_dict(cfg), run_dir / "encoder.pth")
             _save_reconstructions(model, preview, noise, cfg.model.img_size, run_dir / "reconstructions.png")
             losses = f", loss {summary.first:.4f} → {summary.last:.4f}" if summary.first is not None else ""
             banner(log, f"{trainer.state.step} steps{losses}", [

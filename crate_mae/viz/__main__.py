@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from crate_mae.errors import CrateError, InputError
 from crate_mae.viz import inputs
 from crate_mae.viz.attention import MSSAView, heads_figure, masks_grid_figure, mass_masks, most_attended, mssa_view
 from crate_mae.viz.measures import layer_measures, layers_figure
@@ -177,23 +178,23 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     try:
         if args.n < 1:
-            raise ValueError(f"--n {args.n}: at least one image")
+            raise InputError(f"--n {args.n}: at least one image")
         if args.command == "attention" and not 0 < args.mass <= 1:
-            raise ValueError(f"--mass {args.mass}: the share of attention a mask keeps must be in (0, 1]")
+            raise InputError(f"--mass {args.mass}: the share of attention a mask keeps must be in (0, 1]")
         if args.command == "ncut" and not -1 <= args.tau < 1:
-            raise ValueError(f"--tau {args.tau}: a threshold on the cosine must be in [-1, 1)")
+            raise InputError(f"--tau {args.tau}: a threshold on the cosine must be in [-1, 1)")
         model = inputs.load_model(checkpoint=args.checkpoint, model_name=args.model, pretrained_file=args.pretrained_file,
                                   variant=args.variant, img_size=args.size, whole_mae=args.command == "recon")
         size = args.size or model.pos.grid[0] * model.patch_size
         h, w = model.token_grid((size, size), args.stride)  # a stride that does not fit the size: one line, now
         if args.command == "ncut" and 3 * 8 * (h * w) ** 2 > MAX_NCUT_BYTES:  # A, the Laplacian, eigh's work
-            raise ValueError(f"ncut: {h * w} tokens per image (size {size}, stride {args.stride or model.patch_size}) make a "
+            raise InputError(f"ncut: {h * w} tokens per image (size {size}, stride {args.stride or model.patch_size}) make a "
                              f"{h * w} × {h * w} affinity of {8 * (h * w) ** 2 / 2**30:.1f} GiB in float64; "
                              f"take a larger --stride or a smaller --size")
         if not -len(model.encoder.layers) <= args.layer < len(model.encoder.layers):
-            raise ValueError(f"--layer {args.layer}: the model has {len(model.encoder.layers)} encoder layers")
+            raise InputError(f"--layer {args.layer}: the model has {len(model.encoder.layers)} encoder layers")
         images, names = inputs.load_images(args.images, img_size=size, n=args.n, crop_pct=args.crop_pct)
-    except (OSError, ValueError) as err:
+    except CrateError as err:
         parser.exit(2, f"error: {err}\n")
     run = Run(args, model.to(device), images.to(device), _unique(names))
     try:

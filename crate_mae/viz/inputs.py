@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig, MAEConfig
 from crate_mae.data.transforms import EvalTransform
-from crate_mae.model import hub
+from crate_mae.errors import InputError, MissingFileError
+from crate_mae.model import create_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -24,18 +25,18 @@ def load_model(*, checkpoint: str | None = None, model_name: str | None = None, 
     (any layout the hub reads), else freshly initialised. `img_size` builds the position table for that side.
     """
     if checkpoint is not None:
-        model, _ = hub.create_model(ModelConfig(variant=variant, img_size=img_size),
-                                    kind="mae" if whole_mae else "classifier", checkpoint=checkpoint)
+        config = MAEConfig if whole_mae else ClassifierConfig
+        model, _ = create_model(config(variant=variant, img_size=img_size), checkpoint)
         return model.eval()
     import timm
 
     from crate_mae.model.timm_models import MODELS  # importing it registers the names with timm
 
     if model_name not in MODELS:
-        raise ValueError(f"--model {model_name}: not a registered name; the names are {', '.join(MODELS)}")
+        raise InputError(f"--model {model_name}: not a registered name; the names are {', '.join(MODELS)}")
     if (MODELS[model_name].kind == "mae") != whole_mae:
         want = "a CRATE-MAE (crate_mae_<size>)" if whole_mae else "a classifier (crate_<size>, crate_mae_encoder_<size>)"
-        raise ValueError(f"--model {model_name}: this command needs {want}")
+        raise InputError(f"--model {model_name}: this command needs {want}")
     overlay = {"file": pretrained_file} if pretrained_file else None
     model = timm.create_model(model_name, pretrained=bool(pretrained_file), pretrained_cfg_overlay=overlay,
                               **({"img_size": img_size} if img_size else {}))
@@ -51,7 +52,7 @@ def image_files(specs: list[str]) -> list[Path] | None:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"{spec}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
+                raise MissingFileError(f"{spec}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) there")
         elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             found = [path]
         else:
@@ -60,7 +61,7 @@ def image_files(specs: list[str]) -> list[Path] | None:
             if not found:
                 if len(specs) == 1 and path.suffix.lower() not in IMAGE_SUFFIXES:
                     return None  # a manifest, a brace pattern or glob of shards, a URL
-                raise FileNotFoundError(f"{spec}: matches no images" if magic else f"{spec}: no such image")
+                raise MissingFileError(f"{spec}: matches no images" if magic else f"{spec}: no such image")
         files += found
     return files
 
@@ -78,11 +79,12 @@ def load_images(specs: list[str] | str, *, img_size: int, n: int, crop_pct: floa
             try:
                 images.append(transform(f.read_bytes()))
             except (OSError, ValueError) as err:
-                raise ValueError(f"{f}: {err}") from None
+                raise InputError(f"{f}: {err}") from None
         return torch.stack(images), [f.stem for f in files]
     from crate_mae.data import eval_loader
 
-    images = next(iter(eval_loader(specs[0], transform, batch_size=n, max_bad_fraction=1.0))).images
+    images = next(iter(eval_loader(specs[0], img_size, batch_size=n, num_workers=0, eval_crop_pct=crop_pct,
+                                   max_bad_fraction=1.0))).images
     return images, [f"sample-{i}" for i in range(images.shape[0])]
 
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from crate_mae.config import (ConfigError, ModelConfig, PretrainStage, add_config_args, config_from_args, load_config,
-                              save_config)
+from crate_mae.config import (ClassifierConfig, ConfigError, MAEConfig, ModelConfig, PretrainStage, add_config_args,
+                              config_from_args, load_config, save_config)
+from crate_mae.model import resolve_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 
@@ -21,23 +24,23 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_resolve_the_variant() -> None:
     cfg = load_config()
     assert cfg == PretrainStage() and cfg.model.dim is None  # unset until resolved (against a checkpoint, if any)
-    m = cfg.model.resolve()
+    m = resolve_config(cfg.model)
     assert (m.variant, m.family, m.dim, m.heads, m.encoder_depth, m.img_size, m.eta, m.lambd) == (
         "base", "mae", 768, 12, 12, 224, 0.1, 0.5)
-    assert ModelConfig().resolve(default_family="supervised").lambd == 0.1
+    assert resolve_config(ClassifierConfig(), default_family="supervised").lambd == 0.1
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "model:\n  variant: small\noptim:\n  lr: 1e-3\n  betas: [0.9, 0.99]\n")
     cfg = load_config(path, ["optim.lr=1e-4", "model.heads=8", "run.resume=auto", "optim.clip_grad=null"])
-    assert cfg.model.resolve().dim == 576 and cfg.model.heads == 8
+    assert resolve_config(cfg.model).dim == 576 and cfg.model.heads == 8
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.betas == (0.9, 0.99)
     assert cfg.run.resume == "auto" and cfg.optim.clip_grad is None
 
 
 def test_an_explicit_size_overrides_the_variant() -> None:
-    cfg = load_config(None, ["model.variant=tiny", "model.encoder_depth=3"]).model.resolve()
+    cfg = resolve_config(load_config(None, ["model.variant=tiny", "model.encoder_depth=3"]).model)
     assert (cfg.dim, cfg.encoder_depth, cfg.decoder_depth) == (384, 3, 12)
 
 
@@ -90,7 +93,7 @@ def test_wrong_type_is_named(tmp_path: Path, text: str, key: str) -> None:
 ])
 def test_impossible_values_are_named(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"{key}:"):
-        load_config(None, [override]).model.resolve()  # sizes that clash only with the row: when resolved
+        resolve_config(load_config(None, [override]).model)  # sizes that clash only with the row: when resolved
 
 
 def test_malformed_overrides_and_files(tmp_path: Path) -> None:
@@ -112,12 +115,12 @@ def test_direct_construction_is_checked_too() -> None:
     with pytest.raises(ConfigError, match="model.heads"):
         ModelConfig(dim=64, heads=5)
     with pytest.raises(ConfigError, match="model.heads"):
-        ModelConfig(variant="nano", heads=5).resolve()
+        resolve_config(MAEConfig(variant="nano", heads=5))
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     cfg = load_config(None, ["model.variant=small", "optim.betas=[0.8, 0.9]", "optim.lr=2e-4", "run.name=x"])
-    cfg.model = cfg.model.resolve()
+    cfg = replace(cfg, model=resolve_config(cfg.model))
     save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(tmp_path / "run" / "config.yaml")
     assert again == cfg
@@ -156,36 +159,13 @@ def test_entry_points_list_every_key_in_help(script: str, capsys: pytest.Capture
     assert own in text and "optim.epochs" in text and "--set KEY=VALUE" in text
     others = {"probe.knn_k", "finetune.mixup"} - {own}
     assert not any(key in text for key in others)  # each stage lists only its own sections
+    mae_only, classifier_only = ("model.mask_ratio", "model.decoder_depth", "data.decode_on", "data.prefetch"), (
+        "model.pool", "model.num_classes", "model.drop_path")  # and only the keys it reads
+    assert all((key in text) == (script == "pretrain.py") for key in mae_only), script
+    assert all((key in text) == (script != "pretrain.py") for key in classifier_only), script
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--set", "optim.lrr=1"])
     assert exit_info.value.code == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err
-
-
-def test_unset_fields_take_the_checkpoints_values() -> None:
-    saved = ModelConfig(variant="nano", heads=2, lambd=0.3).resolve().__dict__
-    for cfg in (ModelConfig(), ModelConfig(variant="nano"), ModelConfig(family="mae", img_size=64)):
-        got = cfg.resolve(saved)
-        assert (got.variant, got.heads, got.lambd, got.eta, got.dim) == ("nano", 2, 0.3, 0.1, 64)
-    assert ModelConfig(img_size=64).resolve(saved).img_size == 64  # not checked unless asked (a resume does)
-
-
-@pytest.mark.parametrize("field, value", [("heads", 4), ("lambd", 0.5), ("eta", 0.2), ("variant", "demo"),
-                                          ("encoder_depth", 3), ("family", "supervised"), ("patch_size", 8)])
-def test_a_set_field_that_differs_from_the_checkpoint_is_named(field: str, value: object) -> None:
-    saved = ModelConfig(variant="nano", heads=2, lambd=0.3).resolve().__dict__
-    with pytest.raises(ConfigError, match=rf"model\.{field} is {saved[field]!r} in the checkpoint but {value!r} in the config"):
-        ModelConfig(**{field: value}).resolve(saved)
-
-
-def test_a_file_without_a_config_gives_shapes_and_the_row_gives_heads() -> None:
-    shapes = {"family": "supervised", "dim": 384, "encoder_depth": 12, "patch_size": 8, "img_size": 224}
-    got = ModelConfig().resolve(shapes, check=("family",))
-    assert (got.variant, got.heads, got.patch_size, got.lambd) == ("tiny", 6, 8, 0.1)
-    assert ModelConfig(heads=12).resolve(shapes, check=("family",)).heads == 12
-    odd = {"family": "mae", "dim": 96, "encoder_depth": 5, "patch_size": 8}
-    with pytest.raises(ConfigError, match="does not record its number of heads.*set model.heads"):
-        ModelConfig().resolve(odd, check=("family",))
-    assert ModelConfig(heads=3).resolve(odd, check=("family",)).variant is None
 
 
 def test_config_and_the_command_lines_import_neither_torch_nor_timm() -> None:
@@ -218,6 +198,14 @@ def test_each_stage_holds_only_its_sections_with_its_own_optimiser_defaults(tmp_
         load_config(None, ["finetune.mixup=0"], stage="linprobe")
     with pytest.raises(ValueError, match="stage must be one of"):
         load_config(stage="train")
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.prefetch'"):
+        load_config(None, ["data.prefetch=0"], stage="finetune")  # read by pretraining alone
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.pool'"):
+        load_config(None, ["model.pool=mean"])  # a CRATE-MAE does not pool
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.mask_ratio'"):
+        load_config(None, ["model.mask_ratio=0.5"], stage="linprobe")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pre.run.name = "other"  # type: ignore[misc]  (a stage's config is frozen once made)
 
 
 def test_a_config_file_may_name_a_base_it_overrides(tmp_path: Path) -> None:

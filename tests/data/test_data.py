@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crate_mae.config import DataConfig
 from crate_mae.data import (DataError, EvalTransform, PretrainTransform, ShardError, eval_loader, read_manifest,
                             resolve_shards, train_loader)
 from crate_mae.data.shards import ensure_digits, main as shards_main
@@ -19,6 +20,7 @@ from crate_mae.data.writer import Source, digits_source, imagefolder_source, wri
 from tests.helpers import good_sample, image_bytes, make_set, write_tar_set
 
 T32 = EvalTransform(16, crop_pct=1.0)
+LOCAL = DataConfig(num_workers=0, eval_crop_pct=1.0)  # read in this process (unless a test says); whole images
 
 
 def keys_of(loader) -> list[str]:
@@ -32,10 +34,10 @@ def test_digits_demo_writer(tmp_path: Path) -> None:
     mt, mv = read_manifest(train), read_manifest(val)
     assert (mt.total, mv.total, mt.num_classes, mt.image_size) == (1497, 300, 10, [32, 32])
     assert len(mt.shards) == 6 and all(s.samples <= 250 for s in mt.shards)
-    labels = [b.labels for b in eval_loader(val, T32, batch_size=100)]
+    labels = [b.labels for b in eval_loader(val, 16, data=LOCAL, batch_size=100)]
     counts = torch.bincount(torch.cat(labels), minlength=10)
     assert counts.sum() == 300 and (counts >= 25).all()  # stratified split: ~30 per class
-    first_shard = eval_loader(str(tmp_path / "digits" / "train-000000.tar"), T32, batch_size=250)
+    first_shard = eval_loader(str(tmp_path / "digits" / "train-000000.tar"), 16, data=LOCAL, batch_size=250)
     assert len(torch.unique(next(iter(first_shard)).labels)) == 10  # the order is shuffled: shards mix classes
     before = (tmp_path / "digits" / "train-000003.tar").read_bytes()
     ensure_digits(tmp_path / "digits")  # present: nothing rewritten
@@ -72,7 +74,7 @@ def test_imagefolder_round_trip_keeps_original_bytes(tmp_path: Path) -> None:
     originals = sorted((label, data) for label, data in files.values())
     written = sorted((int(s["cls"]), s.get("jpg", s.get("png"))) for s in stored.values())
     assert written == originals  # every sample, its label, and the source's own bytes
-    loader = eval_loader(str(tmp_path / "s" / "val.json"), T32, batch_size=4)
+    loader = eval_loader(str(tmp_path / "s" / "val.json"), 16, data=LOCAL, batch_size=4)
     assert sum(len(b.keys) for b in loader) == 15 and loader.bad == 0
 
 
@@ -142,7 +144,8 @@ def test_unreadable_source_image_is_skipped_and_counted(tmp_path: Path, caplog) 
 @pytest.mark.parametrize("n_shards", [5, 2])  # 2 < ranks × workers: the by-sample fallback
 def test_eval_split_over_2_ranks_x_2_workers_is_disjoint_and_complete(tmp_path: Path, n_shards: int) -> None:
     spec = make_set(tmp_path, "val", n_shards=n_shards, per_shard=13)
-    per_rank = [keys_of(eval_loader(spec, T32, batch_size=5, rank=r, world_size=2, num_workers=2)) for r in (0, 1)]
+    per_rank = [keys_of(eval_loader(spec, 16, data=LOCAL, batch_size=5, rank=r, world_size=2, num_workers=2))
+                for r in (0, 1)]
     everything = per_rank[0] + per_rank[1]
     assert len(everything) == len(set(everything)) == n_shards * 13
     assert all(per_rank)
@@ -153,8 +156,8 @@ def test_train_ranks_run_equal_steps(tmp_path: Path, resample: bool, n_shards: i
     spec = make_set(tmp_path, "train", n_shards=n_shards, per_shard=12)
     steps = []
     for rank in (0, 1):
-        loader = train_loader(spec, T32, batch_size=4, rank=rank, world_size=2, num_workers=2, resample=resample,
-                              shuffle_buffer=10)
+        loader = train_loader(spec, T32, data=LOCAL, batch_size=4, rank=rank, world_size=2, num_workers=2,
+                              resample=resample, shuffle_buffer=10)
         batches = list(loader)
         assert all(len(b.keys) == 4 for b in batches)
         steps.append(len(batches))
@@ -166,7 +169,8 @@ def test_train_order_is_determined_by_seed_and_epoch(tmp_path: Path) -> None:
     spec = make_set(tmp_path, "train", n_shards=4, per_shard=10)
 
     def run(seed: int, epoch: int) -> tuple[list[str], torch.Tensor]:
-        loader = train_loader(spec, PretrainTransform(16), batch_size=4, seed=seed, num_workers=2, shuffle_buffer=8)
+        loader = train_loader(spec, PretrainTransform(16), data=LOCAL, batch_size=4, seed=seed, num_workers=2,
+                              shuffle_buffer=8)
         loader.set_epoch(epoch)
         batches = list(loader)
         return [k for b in batches for k in b.keys], torch.cat([b.images for b in batches])
@@ -179,7 +183,7 @@ def test_train_order_is_determined_by_seed_and_epoch(tmp_path: Path) -> None:
 
 def test_more_epochs_are_counted(tmp_path: Path) -> None:
     spec = make_set(tmp_path, "train", n_shards=2, per_shard=8)
-    loader = train_loader(spec, T32, batch_size=4, shuffle_buffer=4)
+    loader = train_loader(spec, T32, data=LOCAL, batch_size=4, shuffle_buffer=4)
     for epoch in range(2):
         loader.set_epoch(epoch)
         assert len(list(loader)) == 4
@@ -199,7 +203,7 @@ def bad_set(tmp_path: Path) -> str:
 
 def test_bad_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog) -> None:
     spec = bad_set(tmp_path)
-    loader = eval_loader(spec, T32, batch_size=8, max_bad_fraction=0.5)
+    loader = eval_loader(spec, 16, data=LOCAL, batch_size=8, max_bad_fraction=0.5)
     with caplog.at_level(logging.WARNING, logger="crate_mae.data"):
         keys = keys_of(loader)
     assert len(keys) == 36 and loader.seen == 40 and loader.bad == 4
@@ -214,7 +218,8 @@ def test_the_bad_fraction_is_judged_over_the_whole_run_in_every_epoch(tmp_path: 
     for i in range(0, 250, 42):  # 6 of 250 bad: 2.4 %
         samples[i] = {"__key__": f"bad{i}", "jpg": b"\xff\xd8 not a jpeg", "cls": b"0"}
     spec = write_tar_set(tmp_path, "train", [samples[:125], samples[125:]])
-    loader = train_loader(spec, T32, batch_size=8, shuffle_buffer=0, max_bad_fraction=0.001)  # 31 batches/epoch
+    loader = train_loader(spec, T32, data=LOCAL, batch_size=8, shuffle_buffer=0,
+                          max_bad_fraction=0.001)  # 31 batches/epoch
     with pytest.raises(DataError, match=r"of \d+ samples were bad, more than data\.max_bad_fraction=0\.001 "
                                         r"\(last: .*bad\d+: undecodable"):
         for epoch in range(3):
@@ -223,10 +228,27 @@ def test_the_bad_fraction_is_judged_over_the_whole_run_in_every_epoch(tmp_path: 
     assert 0 < loader.seen < 3 * 250  # stopped at the end of an epoch, not after the run
 
 
+@pytest.mark.parametrize("limit, stops", [(0.04, False), (0.02, True)])
+def test_the_end_of_a_pass_is_judged_over_every_worker_together(tmp_path: Path, limit: float, stops: bool) -> None:
+    """Two workers, one shard each: 1 bad of 20 (5 %) and 0 of 20. Judged alone, the first would stop at a 4 % limit;
+    the pass is judged over both (1 of 40, 2.5 %), through the tally the workers share."""
+    samples = [good_sample(i) for i in range(40)]
+    samples[5] = {"__key__": "broken", "jpg": b"\xff\xd8 not a jpeg", "cls": b"0"}
+    spec = write_tar_set(tmp_path, "val", [samples[:20], samples[20:]])
+    loader = eval_loader(spec, 16, data=LOCAL, batch_size=8, num_workers=2, max_bad_fraction=limit)
+    if stops:
+        with pytest.raises(DataError, match=r"^1 of 40 samples were bad.*last: .*val-000000\.tar/broken: undecodable"):
+            list(loader)
+        return
+    for _ in range(2):  # two passes (as an evaluation after each epoch): counted over both
+        assert len(keys_of(loader)) == 39
+    assert (loader.seen, loader.bad) == (80, 2)
+
+
 def test_an_error_in_a_data_worker_is_one_line(tmp_path: Path) -> None:
     spec = bad_set(tmp_path)
     with pytest.raises(DataError) as caught:
-        list(eval_loader(spec, T32, batch_size=8, max_bad_fraction=0.01, num_workers=2))
+        list(eval_loader(spec, 16, data=LOCAL, batch_size=8, max_bad_fraction=0.01, num_workers=2))
     message = str(caught.value)
     assert "\n" not in message and "Traceback" not in message and "worker process" not in message
     assert message.startswith("2 of") or "samples were bad" in message
@@ -235,11 +257,11 @@ def test_an_error_in_a_data_worker_is_one_line(tmp_path: Path) -> None:
 def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path: Path) -> None:
     spec = bad_set(tmp_path)
     with pytest.raises(DataError, match=r"4 of 40 samples were bad.*max_bad_fraction=0\.05"):
-        list(eval_loader(spec, T32, batch_size=8, max_bad_fraction=0.05))
+        list(eval_loader(spec, 16, data=LOCAL, batch_size=8, max_bad_fraction=0.05))
     samples = [{"__key__": f"{i}", "jpg": b"junk", "cls": b"0"} for i in range(30)]
     spec = write_tar_set(tmp_path / "all_bad", "train", [samples])
     with pytest.raises(DataError, match="samples were bad"):
-        list(train_loader(spec, T32, batch_size=2, max_bad_fraction=0.1, shuffle_buffer=4))
+        list(train_loader(spec, T32, data=LOCAL, batch_size=2, max_bad_fraction=0.1, shuffle_buffer=4))
 
 
 def test_truncated_tar_is_named_before_reading(tmp_path: Path) -> None:
@@ -247,7 +269,7 @@ def test_truncated_tar_is_named_before_reading(tmp_path: Path) -> None:
     shard = tmp_path / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
     with pytest.raises(ShardError, match=r"train-000001\.tar: \d+ bytes but the manifest says"):
-        train_loader(spec, T32, batch_size=4)
+        train_loader(spec, T32, data=LOCAL, batch_size=4)
 
 
 @pytest.mark.parametrize("cut", [5000, 5120, 3333])
@@ -257,7 +279,7 @@ def test_truncated_tar_without_manifest_is_named(tmp_path: Path, cut: int) -> No
     shard = tmp_path / "train-000000.tar"
     shard.write_bytes(shard.read_bytes()[:cut])
     with pytest.raises(ShardError, match=r"train-000000\.tar: not a complete tar file"):
-        eval_loader(str(tmp_path / "train-{000000..000001}.tar"), T32, batch_size=4)
+        eval_loader(str(tmp_path / "train-{000000..000001}.tar"), 16, data=LOCAL, batch_size=4)
 
 
 def test_unreadable_shard_is_named_when_read(tmp_path: Path) -> None:
@@ -266,7 +288,7 @@ def test_unreadable_shard_is_named_when_read(tmp_path: Path) -> None:
     (tmp_path / "train.json").unlink()
     (tmp_path / "train-000000.tar").write_bytes(b"\x01" * 512 + b"\x00" * 1024)
     with pytest.raises(ShardError, match=r"train-000000\.tar: cannot read the shard"):
-        list(eval_loader(str(tmp_path / "train-000000.tar"), T32, batch_size=4))
+        list(eval_loader(str(tmp_path / "train-000000.tar"), 16, data=LOCAL, batch_size=4))
 
 
 def test_spec_errors_name_the_path(tmp_path: Path) -> None:
@@ -284,16 +306,16 @@ def test_spec_errors_name_the_path(tmp_path: Path) -> None:
         resolve_shards(str(tmp_path / "train.json"))
     (tmp_path / "train.json").unlink()
     with pytest.raises(ShardError, match="no manifest gives the number of samples"):
-        train_loader(str(tmp_path / "train-*.tar"), T32, batch_size=4)
+        train_loader(str(tmp_path / "train-*.tar"), T32, data=LOCAL, batch_size=4)
     with pytest.raises(ShardError, match="no full global batch"):
-        train_loader(str(tmp_path / "train-*.tar"), T32, batch_size=16, world_size=2, samples_per_epoch=24)
+        train_loader(str(tmp_path / "train-*.tar"), T32, data=LOCAL, batch_size=16, world_size=2, train_samples=24)
 
 
 def test_pattern_uses_its_sibling_manifest(tmp_path: Path) -> None:
     make_set(tmp_path, "train", n_shards=4, per_shard=10)
     shards = resolve_shards(str(tmp_path / "train-{000001..000002}.tar"))
     assert shards.samples == [10, 10] and shards.total == 20
-    assert len(train_loader(str(tmp_path / "train-*.tar"), T32, batch_size=5)) == 8
+    assert len(train_loader(str(tmp_path / "train-*.tar"), T32, data=LOCAL, batch_size=5)) == 8
 
 
 def test_manifest_and_check_commands(tmp_path: Path, capsys) -> None:
@@ -351,11 +373,52 @@ def test_eval_transform_is_torchvisions_resize_and_centre_crop() -> None:
     assert EvalTransform(32)(gray.getvalue()).shape == (3, 32, 32)  # grayscale becomes RGB
 
 
+def test_finetune_transform_hands_over_pixels_and_erases_at_its_rate() -> None:
+    """timm's recipe, uint8 out: unerased pixels come back exactly from the erasing's normalised space, so an image
+    the erasing skipped equals the same draws without erasing, bit for bit; an erased one differs in one box only."""
+    from crate_mae.data.transforms import FinetuneTransform
+    from crate_mae.seeding import seed_everything
+
+    data = image_bytes(5, size=(60, 45))
+    erasing, plain = FinetuneTransform(16, re_prob=0.25), FinetuneTransform(16, re_prob=0.0)
+    erased = 0
+    for seed in range(160):
+        seed_everything(seed)
+        x = erasing(data)
+        seed_everything(seed)
+        y = plain(data)  # the same crop, flip and RandAugment draws
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 == y.dtype
+        if torch.equal(x, y):
+            continue
+        erased += 1
+        rows, cols = (x != y).any(0).nonzero(as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert box <= 16 * 16 / 3 + 16, seed  # timm's largest box (a third of the image, rounded): the rest is exact
+    assert 20 <= erased <= 60  # 25 % of 160 is 40; the binomial's sd is 5.5
+
+
+def test_finetune_transform_is_deterministic_under_the_readers_seeding(tmp_path: Path) -> None:
+    from crate_mae.data.transforms import FinetuneTransform
+
+    spec = make_set(tmp_path, "train", n_shards=2, per_shard=8)
+
+    def images(epoch: int) -> torch.Tensor:
+        loader = train_loader(spec, FinetuneTransform(16), data=LOCAL, batch_size=4, seed=1, num_workers=2,
+                              shuffle_buffer=4)
+        loader.set_epoch(epoch)
+        return torch.cat([b.images for b in loader])
+
+    first = images(0)
+    assert first.dtype == torch.uint8 and first.shape == (16, 3, 16, 16)
+    assert torch.equal(first, images(0)) and not torch.equal(first, images(1))
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_a_resumed_epoch_continues_with_the_same_batches(tmp_path: Path, workers: int) -> None:
     spec = make_set(tmp_path, "train", n_shards=3, per_shard=14)  # 42 samples → 10 batches of 4
-    loader = train_loader(spec, PretrainTransform(16), batch_size=4, seed=5, num_workers=workers, shuffle_buffer=8)
+    loader = train_loader(spec, PretrainTransform(16), data=LOCAL, batch_size=4, seed=5, num_workers=workers,
+                          shuffle_buffer=8)
     loader.set_epoch(3)
     full = list(loader)
     assert len(full) == 10
@@ -371,10 +434,10 @@ def test_webdataset_pipe_urls_are_read(tmp_path: Path) -> None:
     make_set(tmp_path, "train", n_shards=2, per_shard=6)
     spec = f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar"
     assert len(resolve_shards(spec).urls) == 2 and resolve_shards(spec).total is None
-    assert len(keys_of(eval_loader(spec, T32, batch_size=4))) == 12
+    assert len(keys_of(eval_loader(spec, 16, data=LOCAL, batch_size=4))) == 12
     with pytest.raises(ShardError, match="data.train_samples"):
-        train_loader(spec, T32, batch_size=4)
-    assert len(list(train_loader(spec, T32, batch_size=4, samples_per_epoch=12, shuffle_buffer=4))) == 3
+        train_loader(spec, T32, data=LOCAL, batch_size=4)
+    assert len(list(train_loader(spec, T32, data=LOCAL, batch_size=4, train_samples=12, shuffle_buffer=4))) == 3
 
 
 def test_an_empty_shard_is_named_before_anything_is_read(tmp_path: Path) -> None:
@@ -398,7 +461,7 @@ def test_an_evaluation_that_reads_nothing_is_an_error(tmp_path: Path) -> None:
             return x.float().flatten(1)[:, :3]  # three "logits" from the first pixels
 
     spec = write_tar_set(tmp_path, "val", [[good_sample(0)]])
-    loader, cpu = eval_loader(spec, T32, batch_size=4), Dist(0, 1, 0, torch.device("cpu"))
+    loader, cpu = eval_loader(spec, 16, data=LOCAL, batch_size=4), Dist(0, 1, 0, torch.device("cpu"))
     assert evaluate(Tiny(), loader, cpu)["samples"] == 1
     loader.stream.shards.urls = []  # a set that yields no sample (all of it another rank's, or filtered away)
     with pytest.raises(ShardError, match=r"val\.json: evaluation read no samples"):
@@ -410,9 +473,9 @@ def test_a_label_outside_the_classes_is_an_error_naming_shard_key_and_value(tmp_
     samples[5] = {"__key__": "onebased", "jpg": image_bytes(5), "cls": b"3"}  # 3 classes: 0, 1, 2
     spec = write_tar_set(tmp_path, "val", [samples])
     with pytest.raises(DataError, match=r"val-000000\.tar/onebased: label 3 does not fit the 3 classes of .*val\.json"):
-        list(eval_loader(spec, T32, batch_size=4, max_bad_fraction=1.0))
+        list(eval_loader(spec, 16, data=LOCAL, batch_size=4, max_bad_fraction=1.0))
     with pytest.raises(DataError, match=r"onebased: label 3") as caught:  # from a worker too, on one line
-        list(eval_loader(spec, T32, batch_size=4, max_bad_fraction=1.0, num_workers=2))
+        list(eval_loader(spec, 16, data=LOCAL, batch_size=4, max_bad_fraction=1.0, num_workers=2))
     assert "\n" not in str(caught.value)
 
 
@@ -422,7 +485,7 @@ def test_pretraining_reads_no_labels_so_none_can_stop_or_skip_it(tmp_path: Path)
     samples[3] = {"__key__": "wild", "jpg": image_bytes(3), "cls": b"99"}
     samples[4] = {"__key__": "text", "jpg": image_bytes(4), "cls": b"cat"}
     spec = write_tar_set(tmp_path, "train", [samples])
-    loader = train_loader(spec, T32, batch_size=4, shuffle_buffer=0, max_bad_fraction=0.0, labels=False)
+    loader = train_loader(spec, T32, data=LOCAL, batch_size=4, shuffle_buffer=0, max_bad_fraction=0.0, labels=False)
     loader.set_epoch(0)
     batches = list(loader)
     assert sum(len(b.keys) for b in batches) == 16 and loader.bad == 0
@@ -441,7 +504,7 @@ def test_keys_with_dots_are_never_written_and_are_named_when_read(tmp_path: Path
     shard = str(tmp_path / "d" / "val-000000.tar")
     with pytest.raises(DataError, match=r"val-000000\.tar/img: holds the members 0\.cls, 0\.jpg, 1\.cls, 1\.jpg: samples "
                                         r"whose keys contain a dot were merged"):
-        list(eval_loader(shard, T32, batch_size=4, max_bad_fraction=1.0))
+        list(eval_loader(shard, 16, data=LOCAL, batch_size=4, max_bad_fraction=1.0))
     with pytest.raises(SystemExit) as exit_info:  # the manifest tool refuses to count "1 samples" for 8
         shards_main(["manifest", shard])
     assert exit_info.value.code == 2 and not (tmp_path / "d" / "val.json").exists()
@@ -457,7 +520,7 @@ def test_a_manifest_whose_counts_are_wrong_is_caught_as_read_and_by_verify(tmp_p
     raw["shards"][1]["samples"] = 40  # ten times too many
     Path(spec).write_text(json.dumps(raw))
     with pytest.raises(ShardError, match=r"val-000001\.tar: 4 samples, but the manifest of .*val\.json says 40"):
-        list(eval_loader(spec, T32, batch_size=4))
+        list(eval_loader(spec, 16, data=LOCAL, batch_size=4))
     capsys.readouterr()
     assert shards_main(["manifest", spec, "--verify"]) == 1
     out = capsys.readouterr().out
@@ -513,7 +576,7 @@ def test_oversized_images_are_decoded_reduced_or_skipped(tmp_path: Path, monkeyp
     with pytest.raises(ValueError, match="pixel limit"):
         T32(huge)
     spec = write_tar_set(tmp_path, "val", [[good_sample(0), {"__key__": "big", "png": png, "cls": b"1"}]])
-    loader = eval_loader(spec, T32, batch_size=4, max_bad_fraction=1.0)
+    loader = eval_loader(spec, 16, data=LOCAL, batch_size=4, max_bad_fraction=1.0)
     assert keys_of(loader) == ["000000"] and loader.bad == 1  # a counted skip, with its reason
 
 
@@ -578,7 +641,7 @@ def test_machines_write_their_parts_and_the_merge_joins_them(tmp_path: Path) -> 
     merged = read_manifest(tmp_path / "two" / "train.json")
     assert merged.total == whole.total == 30 and merged.num_classes == 3
     assert [s.name for s in merged.shards][:2] == ["train-000-000000.tar", "train-000-000001.tar"]
-    keys = keys_of(eval_loader(str(tmp_path / "two" / "train.json"), T32, batch_size=8))
+    keys = keys_of(eval_loader(str(tmp_path / "two" / "train.json"), 16, data=LOCAL, batch_size=8))
     assert sorted(keys) == sorted(f"{i:09d}" for i in range(30))  # every sample exactly once over the parts
     with pytest.raises(ShardError, match=r"--node-rank 2 is not in 0 … 1"):
         write_split(source, tmp_path / "three", "train", num_nodes=2, node_rank=2)

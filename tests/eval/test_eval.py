@@ -149,3 +149,41 @@ def test_corrupt_feature_cache_is_ignored(tmp_path, caplog: pytest.LogCaptureFix
     assert "unreadable feature cache" in caplog.text
     path.write_bytes(b"not a torch file")
     assert load_cached(path) is None
+
+
+def test_evaluate_and_extract_bring_each_batch_to_the_device_by_to_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`to_device` is the one way a loader's batch reaches the device: both evaluations call it once per batch, and
+    it takes only uint8 pixels (or a RawBatch), never float passed through on its dtype."""
+    import crate_mae.eval.features as features
+    import crate_mae.eval.metrics as metrics
+    from crate_mae.data import Batch, to_device
+    from crate_mae.engine.dist import Dist
+
+    class Tiny(torch.nn.Module):
+        num_features = 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.float().flatten(1)[:, :3]
+
+        def forward_intermediates(self, x: torch.Tensor, **_: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            tokens = x.float().flatten(2).transpose(1, 2)  # (B, N, 3)
+            return [(tokens, tokens[:, :1])]
+
+    pixels = torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8)
+    loader = [Batch(pixels, torch.tensor([0, 1, 2, 0]), ["a", "b", "c", "d"]),
+              Batch(pixels[:2], torch.tensor([1, 1]), ["e", "f"])]
+    calls = []
+
+    def counted(batch: Batch, device: torch.device) -> Batch:
+        calls.append(batch.keys)
+        return to_device(batch, device)
+
+    monkeypatch.setattr(metrics, "to_device", counted)
+    monkeypatch.setattr(features, "to_device", counted)
+    cpu = Dist(0, 1, 0, torch.device("cpu"))
+    assert metrics.evaluate(Tiny(), loader, cpu)["samples"] == 6
+    got = features.extract(Tiny(), loader, cpu, "cls", "fp32")
+    assert got["x"].shape == (6, 3) and got["y"].tolist() == [0, 1, 2, 0, 1, 1]
+    assert calls == [b.keys for b in loader] * 2  # each batch once, in each evaluation
+    with pytest.raises(TypeError, match="uint8 pixels or a RawBatch, got torch.float32"):
+        metrics.evaluate(Tiny(), [Batch(pixels.float(), torch.tensor([0, 1, 2, 0]), list("abcd"))], cpu)

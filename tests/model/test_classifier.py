@@ -7,12 +7,12 @@ import torch
 from torch.testing import assert_close
 
 import crate_mae.model  # noqa: F401  (registers the timm models)
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig, MAEConfig
 from crate_mae.model import CrateClassifier, build_classifier, build_mae, hub
 
 
 def nano_classifier(**overrides) -> CrateClassifier:
-    return build_classifier(ModelConfig(variant="nano", num_classes=10, **overrides))
+    return build_classifier(ClassifierConfig(variant="nano", num_classes=10, **overrides))
 
 
 @pytest.mark.parametrize("size", [32, 224, 48])
@@ -25,7 +25,7 @@ def test_any_image_size_the_patch_divides(size: int) -> None:
 
 def test_regenerated_table_equals_a_model_built_for_that_size() -> None:
     small = nano_classifier()
-    big = build_classifier(ModelConfig(variant="nano", num_classes=10, img_size=64))
+    big = build_classifier(ClassifierConfig(variant="nano", num_classes=10, img_size=64))
     big.load_state_dict(small.state_dict())
     img = torch.randn(1, 3, 64, 64)
     assert_close(small(img), big(img))
@@ -66,8 +66,8 @@ def test_every_parameter_gets_a_gradient() -> None:
 
 
 def test_loads_every_encoder_tensor_from_a_mae() -> None:
-    mae = build_mae(ModelConfig(variant="nano"))
-    clf = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    mae = build_mae(MAEConfig(variant="nano"))
+    clf = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
     hub.load_weights(clf, {"model": {"module." + k: v for k, v in mae.state_dict().items()}})
     img = torch.randn(2, 3, 32, 32)
     assert_close(clf.forward_features(img), mae.encode(img))
@@ -75,24 +75,24 @@ def test_loads_every_encoder_tensor_from_a_mae() -> None:
 
 
 def test_missing_encoder_key_is_named() -> None:
-    state = build_mae(ModelConfig(variant="nano")).state_dict()
+    state = build_mae(MAEConfig(variant="nano")).state_dict()
     del state["encoder.layers.1.attn.proj.bias"]
     with pytest.raises(ValueError, match=r"missing key 'encoder\.layers\.1\.attn\.proj\.bias'"):
         hub.load_weights(nano_classifier(), state)
 
 
 def test_unexpected_key_is_named() -> None:
-    state = build_mae(ModelConfig(variant="nano")).state_dict()
+    state = build_mae(MAEConfig(variant="nano")).state_dict()
     state["encoder.layers.0.extra.weight"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"unexpected key 'encoder\.layers\.0\.extra\.weight'"):
         hub.load_weights(nano_classifier(), state)
 
 
 def test_wrong_size_is_named() -> None:
-    state = build_mae(ModelConfig(variant="nano", encoder_depth=3)).state_dict()
+    state = build_mae(MAEConfig(variant="nano", encoder_depth=3)).state_dict()
     with pytest.raises(ValueError, match=r"unexpected key 'encoder\.layers\.2\."):
         hub.load_weights(nano_classifier(), state)
-    state = build_mae(ModelConfig(variant="nano", dim=32)).state_dict()
+    state = build_mae(MAEConfig(variant="nano", dim=32)).state_dict()
     with pytest.raises(ValueError, match="shape mismatch for 'cls_token'"):
         hub.load_weights(nano_classifier(), state)
 
@@ -113,7 +113,7 @@ def test_timm_create_model_builds_our_models() -> None:
 
 
 def test_timm_pretrained_from_a_local_file(tmp_path) -> None:
-    mae = build_mae(ModelConfig(variant="nano"))
+    mae = build_mae(MAEConfig(variant="nano"))
     path = tmp_path / "mae.pth"
     torch.save({"model": mae.state_dict()}, path)
     clf = timm.create_model("crate_mae_encoder_nano", pretrained=True, num_classes=5,
@@ -125,7 +125,8 @@ def test_timm_pretrained_from_a_local_file(tmp_path) -> None:
 
 
 def test_the_models_take_uint8_pixels_and_normalise_them_in_one_place() -> None:
-    """The input contract: uint8 (B, 3, H, W) in, `Normalize` the first step; normalised float passes through."""
+    """The input contract, told by the dtype: uint8 pixels are normalised by `Normalize`, the first step; float is
+    normalised already (timm's contract) and passes through; anything else is a one-line InputError."""
     from crate_mae.config.variants import IMAGE_MEAN, IMAGE_STD
     from crate_mae.model.layers import Normalize
 
@@ -134,9 +135,15 @@ def test_the_models_take_uint8_pixels_and_normalise_them_in_one_place() -> None:
     assert_close(Normalize()(pixels), expected)
     assert Normalize()(expected) is expected
     for family in ("mae", "supervised"):
-        clf = build_classifier(ModelConfig(family=family, variant="nano", num_classes=10)).eval()
+        clf = build_classifier(ClassifierConfig(family=family, variant="nano", num_classes=10)).eval()
         assert_close(clf(pixels), clf(expected))
         assert not any("normalize" in k for k in clf.state_dict())  # the statistics are not weights
-    mae, noise = build_mae(ModelConfig(variant="nano")).eval(), torch.rand(2, 64)
+    mae, noise = build_mae(MAEConfig(variant="nano")).eval(), torch.rand(2, 64)
     out, ref = mae(pixels, noise=noise), mae(expected, noise=noise)
     assert_close(out.loss, ref.loss) and assert_close(out.pred, ref.pred)
+    from crate_mae.errors import InputError
+
+    with pytest.raises(InputError, match="uint8 pixels or normalised float images, got torch.int64"):
+        clf(pixels.long())  # numpy's int64 pixels would otherwise pass as "normalised"
+    with pytest.raises(InputError, match=r"RGB images \(B, 3, H, W\), got shape \(2, 1, 32, 32\)"):
+        clf(pixels[:, :1])

@@ -1,6 +1,6 @@
 """Released checkpoint layout ↔ ours: round trip, strict errors, and the same function either way.
 
-The released-layout state dict and its forward pass are written here from SPEC.md alone (numpy
+The released-layout state dict and its forward pass are written here from the model's definition (docs/MODEL.md) alone (numpy
 position table as MAE writes it, three-product ISTA, explicit softmax), independent of the package.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig, MAEConfig
 from crate_mae.model import CrateClassifier, build_classifier, build_mae, hub, to_ours, to_released
 from crate_mae.model.mae import random_masking
 
@@ -61,7 +61,7 @@ def released_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def released_forward(s: dict[str, torch.Tensor], img: torch.Tensor, mask: torch.Tensor,
                      eta: float = 0.1, lambd: float = 0.5) -> torch.Tensor:
-    """The released forward pass, written out from SPEC.md with the released key names."""
+    """The released forward pass, written out from docs/MODEL.md with the released key names."""
     def ln(x, key, eps=1e-5):
         return F.layer_norm(x, (D,), s[key + ".weight"], s[key + ".bias"], eps)
 
@@ -93,12 +93,12 @@ def released_forward(s: dict[str, torch.Tensor], img: torch.Tensor, mask: torch.
 
 
 def nano_mae():
-    return build_mae(ModelConfig(variant="nano"))
+    return build_mae(MAEConfig(variant="nano"))
 
 
-def load_released_mae(path: Path, cfg: ModelConfig | None = None):
+def load_released_mae(path: Path, cfg: MAEConfig | None = None):
     """The released file through the one loader, as a CrateMAE (a released file records no heads: the row's)."""
-    return hub.create_model(cfg or ModelConfig(), kind="mae", checkpoint=path)[0]
+    return hub.create_model(cfg or MAEConfig(), path)[0]
 
 
 def test_released_state_converts_loads_and_computes_the_same_function() -> None:
@@ -149,14 +149,14 @@ def test_missing_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "partial.pth"
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"missing key 'encoder\.layers\.1\.ista\.D'"):
-        load_released_mae(path, ModelConfig(variant="nano"))
+        load_released_mae(path, MAEConfig(variant="nano"))
 
 
 def test_shape_mismatch_is_named(tmp_path: Path) -> None:
     path = tmp_path / "ck.pth"
     torch.save(released_state(), path)
     with pytest.raises(ValueError, match=r"shape mismatch for 'cls_token'"):
-        load_released_mae(path, ModelConfig(variant="demo"))
+        load_released_mae(path, MAEConfig(variant="demo"))
 
 
 def test_a_position_table_unlike_ours_is_rejected() -> None:
@@ -170,7 +170,7 @@ def test_load_released_mae_from_file_with_weights_only(tmp_path: Path) -> None:
     state = released_state(seed=3)
     path = tmp_path / "crate_mae_nano.pth"
     torch.save({"model": state}, path)
-    model = load_released_mae(path, ModelConfig(variant="nano"))
+    model = load_released_mae(path, MAEConfig(variant="nano"))
     img, noise = torch.randn(1, 3, IMG, IMG), torch.rand(1, GRID * GRID)
     assert_close(model.eval()(img, noise=noise).pred, released_forward(state, img, random_masking(noise, 0.75)),
                  atol=1e-5, rtol=1e-4)
@@ -187,7 +187,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_classifier_loads_a_released_checkpoint_strictly() -> None:
     state = released_state()
-    clf: CrateClassifier = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    clf: CrateClassifier = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
     hub.load_weights(clf, state)
     mae = nano_mae()
     mae.load_state_dict(to_ours(state))
@@ -198,6 +198,6 @@ def test_classifier_loads_a_released_checkpoint_strictly() -> None:
 def test_a_released_file_takes_its_sizes_from_its_shapes(tmp_path: Path) -> None:
     path = tmp_path / "released.pth"
     torch.save({"model": released_state()}, path)
-    model, cfg = hub.create_model(ModelConfig(), kind="mae", checkpoint=path)  # nothing set: all from the file
+    model, cfg = hub.create_model(MAEConfig(), path)  # nothing set: all from the file
     assert (cfg.variant, cfg.dim, cfg.heads, cfg.encoder_depth, cfg.patch_size, cfg.lambd) == ("nano", D, HEADS, DEPTH,
                                                                                                PATCH, 0.5)

@@ -105,10 +105,10 @@ def test_stacks_end_in_a_final_norm() -> None:
 
 
 def test_set_fused_switches_every_operator_of_a_model_to_its_twin() -> None:
-    from crate_mae.config import ModelConfig
+    from crate_mae.config import MAEConfig
     from crate_mae.model import build_mae
 
-    model = build_mae(ModelConfig(variant="nano")).double().eval()
+    model = build_mae(MAEConfig(variant="nano")).double().eval()
     img, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 64)
     fast = model(img, noise=noise).pred
     set_fused(model, False)

@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig, MAEConfig
 from crate_mae.model import build_classifier, build_mae
 from crate_mae.model.flops import forward_flops, train_flops
 
@@ -19,7 +19,7 @@ def counted(model: torch.nn.Module, img: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("img_size", [32, 48])
 def test_mae_forward_flops_match_the_counter(img_size: int) -> None:
-    cfg = ModelConfig(variant="nano", img_size=img_size, encoder_depth=3, decoder_depth=2)
+    cfg = MAEConfig(variant="nano", img_size=img_size, encoder_depth=3, decoder_depth=2)
     img = torch.randn(2, 3, img_size, img_size)
     expected = forward_flops(dim=64, encoder_depth=3, decoder_depth=2, img_size=img_size, patch_size=4)
     assert counted(build_mae(cfg), img) == 2 * expected
@@ -28,7 +28,7 @@ def test_mae_forward_flops_match_the_counter(img_size: int) -> None:
 def test_classifier_forward_flops_match_the_counter() -> None:
     img = torch.randn(3, 3, 32, 32)
     expected = forward_flops(dim=64, encoder_depth=2, decoder_depth=0, img_size=32, patch_size=4, num_classes=10)
-    assert counted(build_classifier(ModelConfig(variant="nano", num_classes=10)), img) == 3 * expected
+    assert counted(build_classifier(ClassifierConfig(variant="nano", num_classes=10)), img) == 3 * expected
 
 
 def test_base_model_figures() -> None:

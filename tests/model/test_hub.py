@@ -1,8 +1,8 @@
-"""The one loader (model/hub.py) and timm's side of it: the seed's supervised CRATE in every released layout,
+"""The one reader (model/files.py), the one resolver and builder (model/hub.py) and timm's side of them: the seed's supervised CRATE in every released layout,
 our own files, strict errors, learned-table resampling, pretrained_cfg rows, save_for_hf, forward_intermediates.
 
-The released supervised CRATE's state dict and forward pass are written here from SPEC.md ("The supervised
-CRATE") alone, with the released key names, independent of the package.
+The released supervised CRATE's state dict and forward pass are written here from the model's definition (docs/MODEL.md,
+"Two families around one encoder" and "Key layouts") alone, with the released key names, independent of the package.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from timm.models import save_for_hf
 from torch.testing import assert_close
 
 import crate_mae.model  # noqa: F401  (registers the timm names)
-from crate_mae.config import ModelConfig, config_to_dict, Config
-from crate_mae.engine import checkpoint as ckpt
-from crate_mae.model import build_classifier, build_mae, hub, to_released
+from crate_mae.config import ClassifierConfig, Config, MAEConfig, config_to_dict
+from crate_mae.model import build_classifier, build_mae, hub, read_checkpoint, resolve_config, to_released
+from crate_mae.model.files import export_encoder, shapes_of
 from crate_mae.model.layers import resample_table
 from crate_mae.model.timm_models import MODELS
 
@@ -49,7 +49,7 @@ def released_supervised(seed: int = 0, *, dim: int = D, depth: int = DEPTH, patc
 
 def supervised_forward(s: dict[str, torch.Tensor], img: torch.Tensor, *, heads: int = HEADS, patch: int = PATCH,
                        eta: float = 0.1, lambd: float = 0.1, pool: str = "cls") -> torch.Tensor:
-    """The released supervised CRATE's forward pass, from SPEC.md: logits (B, K)."""
+    """The released supervised CRATE's forward pass, from docs/MODEL.md: logits (B, K)."""
     dim = s["cls_token"].shape[-1]
     b, c, h, w = img.shape
     x = img.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
@@ -86,7 +86,7 @@ def test_each_released_supervised_layout_gives_the_released_logits(tmp_path: Pat
     state = released_supervised()
     path = tmp_path / "crate.pth"
     torch.save(WRAPPERS[wrapper](state), path)
-    model, cfg = hub.create_model(ModelConfig(pool=pool), kind="classifier", checkpoint=path)
+    model, cfg = hub.create_model(ClassifierConfig(pool=pool), path)
     assert (cfg.family, cfg.variant, cfg.heads, cfg.num_classes, cfg.lambd) == ("supervised", "nano", HEADS, CLASSES, 0.1)
     img = torch.randn(3, 3, IMG, IMG)
     assert_close(model.eval()(img), supervised_forward(state, img, pool=pool), atol=1e-5, rtol=1e-4)
@@ -128,7 +128,7 @@ def test_timm_pretrained_cfg_of_every_row() -> None:
 
 def _ours(tmp_path: Path, **model: object) -> tuple[torch.nn.Module, Path, Config]:
     """A nano CrateMAE and its final.pth as a run writes it (model, optimiser-free, config)."""
-    cfg = Config(model=ModelConfig(variant="nano", **model).resolve())
+    cfg = Config(model=resolve_config(MAEConfig(variant="nano", **model)))
     mae = build_mae(cfg.model)
     path = tmp_path / "final.pth"
     torch.save({"model": mae.state_dict(), "step": 3, "config": config_to_dict(cfg)}, path)
@@ -138,20 +138,21 @@ def _ours(tmp_path: Path, **model: object) -> tuple[torch.nn.Module, Path, Confi
 def test_our_files_final_encoder_and_safetensors_carry_their_config(tmp_path: Path) -> None:
     mae, final, _ = _ours(tmp_path, heads=2, lambd=0.3)
     img = torch.randn(2, 3, IMG, IMG)
-    ckpt.export_encoder(ckpt.load(final), tmp_path / "encoder.pth")
-    ckpt.export_encoder(ckpt.load(final), tmp_path / "encoder.safetensors")
-    ckpt.export_encoder(ckpt.load(final), tmp_path / "whole.safetensors", whole=True)
+    saved = read_checkpoint(final)
+    export_encoder(saved.state, saved.config, tmp_path / "encoder.pth")
+    export_encoder(saved.state, saved.config, tmp_path / "encoder.safetensors")
+    export_encoder(saved.state, saved.config, tmp_path / "whole.safetensors", whole=True)
     for name in ("final.pth", "encoder.pth", "encoder.safetensors", "whole.safetensors"):
-        clf, cfg = hub.create_model(ModelConfig(), kind="classifier", checkpoint=tmp_path / name, num_classes=10)
+        clf, cfg = hub.create_model(ClassifierConfig(num_classes=10), tmp_path / name)
         assert (cfg.heads, cfg.lambd, clf.encoder.layers[0].attn.heads) == (2, 0.3, 2), name
         assert_close(clf.eval().forward_features(img), mae.eval().encode(img))
         with pytest.raises(ValueError, match=rf"{name}: model\.heads is 2 in the checkpoint but 4 in the config"):
-            hub.create_model(ModelConfig(heads=4), kind="classifier", checkpoint=tmp_path / name)
-    again, _ = hub.create_model(ModelConfig(), kind="mae", checkpoint=tmp_path / "whole.safetensors")
+            hub.create_model(ClassifierConfig(heads=4), tmp_path / name)
+    again, _ = hub.create_model(MAEConfig(), tmp_path / "whole.safetensors")
     noise = torch.rand(2, GRID * GRID)
     assert torch.equal(again.eval()(img, noise=noise).pred, mae(img, noise=noise).pred)
     with pytest.raises(ValueError, match="encoder.pth: holds no decoder"):
-        hub.create_model(ModelConfig(), kind="mae", checkpoint=tmp_path / "encoder.pth")
+        hub.create_model(MAEConfig(), tmp_path / "encoder.pth")
     timm_clf = timm.create_model("crate_mae_encoder_nano", pretrained=True, pretrained_cfg_overlay={"file": str(final)})
     assert timm_clf.encoder.layers[0].attn.heads == 2 and timm_clf.encoder.layers[0].ista.lambd == 0.3
     with pytest.raises(ValueError, match=r"final\.pth: model\.eta is 0\.1 in the checkpoint but 0\.2"):
@@ -163,31 +164,31 @@ def test_family_size_patch_and_head_mismatches_are_one_line_errors(tmp_path: Pat
     torch.save({"model": released_supervised()}, sup)
     _ours(tmp_path)
     cases = [
-        (ModelConfig(family="mae"), sup, "classifier", r"sup\.pth: holds a released supervised CRATE \(key "
+        (ClassifierConfig(family="mae"), sup, r"sup\.pth: holds a released supervised CRATE \(key "
                                                         r"'to_patch_embedding\.1\.weight'\), but model\.family is 'mae'"),
-        (ModelConfig(family="supervised"), mae_file, "classifier", r"final\.pth: holds our CRATE-MAE \(key 'patch_embed"
+        (ClassifierConfig(family="supervised"), mae_file, r"final\.pth: holds our CRATE-MAE \(key 'patch_embed"
                                                                    r"\.proj\.weight'\), but model\.family is 'supervised'"),
-        (ModelConfig(variant="demo"), sup, "classifier", r"sup\.pth: shape mismatch for 'patch_embed\.proj\.weight': "
+        (ClassifierConfig(variant="demo"), sup, r"sup\.pth: shape mismatch for 'patch_embed\.proj\.weight': "
                                                          r"checkpoint \(64, 48\), model \(192, 48\)"),
-        (ModelConfig(patch_size=8), sup, "classifier", r"shape mismatch for 'patch_embed\.pre_norm\.weight': "
+        (ClassifierConfig(patch_size=8), sup, r"shape mismatch for 'patch_embed\.pre_norm\.weight': "
                                                        r"checkpoint \(48,\), model \(192,\)"),
-        (ModelConfig(encoder_depth=3), sup, "classifier", r"missing key 'encoder\.layers\.2\.\S+' \(and 7 more\)"),
-        (ModelConfig(variant="demo"), mae_file, "mae", r"final\.pth: model\.variant is 'nano' in the checkpoint but 'demo'"),
+        (ClassifierConfig(encoder_depth=3), sup, r"missing key 'encoder\.layers\.2\.\S+' \(and 7 more\)"),
+        (MAEConfig(variant="demo"), mae_file, r"final\.pth: model\.variant is 'nano' in the checkpoint but 'demo'"),
     ]
-    for cfg, path, kind, message in cases:
+    for cfg, path, message in cases:
         with pytest.raises(ValueError, match=message):
-            hub.create_model(cfg, kind=kind, checkpoint=path)
-    model = build_classifier(ModelConfig(family="supervised", variant="nano", num_classes=3))
+            hub.create_model(cfg, path)
+    model = build_classifier(ClassifierConfig(family="supervised", variant="nano", num_classes=3))
     with pytest.raises(ValueError, match=r"shape mismatch for 'head\.weight': checkpoint \(7, 64\), model \(3, 64\)"):
         hub.load_weights(model, released_supervised())
     hub.load_weights(model, released_supervised(), new_head=True)  # asked for: the head is set aside
     assert torch.equal(model.fc_norm.weight, released_supervised()["mlp_head.0.weight"])
-    fresh, cfg = hub.create_model(ModelConfig(), kind="classifier", checkpoint=sup, num_classes=3)  # another dataset
+    fresh, cfg = hub.create_model(ClassifierConfig(num_classes=3), sup)  # another dataset
     assert fresh.num_classes == 3 and cfg.num_classes == 3
     junk = tmp_path / "junk.pth"
     torch.save({"model": {"fc.weight": torch.zeros(2)}}, junk)
     with pytest.raises(ValueError, match=r"junk\.pth: no CRATE layout: key 'fc\.weight'"):
-        hub.read_checkpoint(junk)
+        read_checkpoint(junk)
 
 
 def _bicubic_1d(n_in: int, n_out: int) -> np.ndarray:
@@ -218,13 +219,13 @@ def test_learned_table_interpolation_at_other_sizes(side: int) -> None:
     assert torch.equal(got[0, 0], table[0, 0])  # the CLS row is kept
     assert_close(got[0, 1:].double(), torch.from_numpy(expected), atol=1e-5, rtol=1e-5)
     assert torch.equal(resample_table(table, (GRID, GRID)), table)
-    model = build_classifier(ModelConfig(family="supervised", variant="nano", num_classes=CLASSES))
+    model = build_classifier(ClassifierConfig(family="supervised", variant="nano", num_classes=CLASSES))
     hub.load_weights(model, state)
     img = torch.randn(2, 3, side * PATCH, side * PATCH)
     resized_state = dict(state, pos_embedding=got)  # the released forward at that size, with the table resampled
     assert_close(model.eval()(img), supervised_forward(resized_state, img), atol=1e-5, rtol=1e-4)
     # a model built at that size: the table is resampled at load, and computes the same
-    built_there, _ = hub.create_model(ModelConfig(img_size=side * PATCH), kind="classifier", checkpoint=_saved(state))
+    built_there, _ = hub.create_model(ClassifierConfig(img_size=side * PATCH), _saved(state))
     assert built_there.pos.table.shape == (1, 1 + side * side, D)
     assert_close(built_there.eval()(img), model(img), atol=1e-5, rtol=1e-4)
 
@@ -234,7 +235,7 @@ def _saved(state: dict[str, torch.Tensor]) -> hub.Checkpoint:
     from crate_mae.model.convert import layout_of, to_ours
 
     ours = to_ours(state)
-    return hub.Checkpoint("memory", ours, layout_of(state), None, hub.shapes_of(ours, "supervised"),
+    return hub.Checkpoint("memory", ours, layout_of(state), None, shapes_of(ours, "supervised"),
                           int(ours["head.weight"].shape[0]))
 
 
@@ -260,7 +261,7 @@ def test_save_for_hf_then_local_dir_round_trips(tmp_path: Path, name: str, args:
 
 @pytest.mark.parametrize("family", ["mae", "supervised"])
 def test_forward_intermediates_against_the_layers_run_by_hand(family: str) -> None:
-    model = build_classifier(ModelConfig(family=family, variant="nano", encoder_depth=3, num_classes=5)).eval()
+    model = build_classifier(ClassifierConfig(family=family, variant="nano", encoder_depth=3, num_classes=5)).eval()
     img = torch.randn(2, 3, IMG, IMG)
     z, by_hand = model.tokens(img), []
     for layer in model.encoder.layers:
@@ -290,5 +291,5 @@ def test_forward_intermediates_against_the_layers_run_by_hand(family: str) -> No
 
 def test_stage_style_config_records_what_was_built(tmp_path: Path) -> None:
     _, final, _ = _ours(tmp_path, heads=2)
-    _, cfg = hub.create_model(ModelConfig(), kind="classifier", checkpoint=final, num_classes=10)
+    _, cfg = hub.create_model(ClassifierConfig(num_classes=10), final)
     assert cfg.resolved and (cfg.variant, cfg.heads, cfg.num_classes, cfg.family) == ("nano", 2, 10, "mae")

@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig, MAEConfig
 from crate_mae.model import CrateMAE, build_mae, patchify, random_masking, unpatchify
 from crate_mae.model.layers import sincos_pos_table
 
 
 def nano(**overrides) -> CrateMAE:
-    return build_mae(ModelConfig(variant="nano", **overrides))
+    return build_mae(MAEConfig(variant="nano", **overrides))
 
 
 @pytest.mark.parametrize("n, ratio", [(196, 0.75), (64, 0.75), (64, 0.5), (49, 0.9), (10, 0.33)])
@@ -117,7 +117,7 @@ def test_norm_pix_target_has_zero_mean_unit_variance_per_patch() -> None:
 @pytest.mark.parametrize("variant, expected", [("tiny", 11_256_192), ("small", 24_846_528), ("base", 43_745_280)])
 def test_trainable_parameter_counts(variant: str, expected: int) -> None:
     with torch.device("meta"):
-        model = build_mae(ModelConfig(variant=variant))
+        model = build_mae(MAEConfig(variant=variant))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     assert "pos.table" not in model.state_dict()  # the fixed table is a non-persistent buffer
 
@@ -162,7 +162,7 @@ def test_training_forward_is_one_graph_without_breaks() -> None:
     from crate_mae.model import build_classifier
 
     img = torch.randn(4, 3, 32, 32)
-    for model in (nano(), build_classifier(ModelConfig(variant="nano", num_classes=10, drop_path=0.1))):
+    for model in (nano(), build_classifier(ClassifierConfig(variant="nano", num_classes=10, drop_path=0.1))):
         explained = torch._dynamo.explain(model.train())(img)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig
 from crate_mae.model import build_classifier
 from crate_mae.model.layers import (LearnedPosition, PatchEmbed, PatchifyEmbed, SinCosPosition, sincos_pos_table,
                                     token_grid)
@@ -21,7 +21,7 @@ FAMILIES = ["mae", "supervised"]
 
 def _model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_classifier(ModelConfig(variant="nano", family=family, num_classes=10)).eval()
+    return build_classifier(ClassifierConfig(variant="nano", family=family, num_classes=10)).eval()
 
 
 @pytest.mark.parametrize(("hw", "patch", "stride", "grid"), [
@@ -76,7 +76,7 @@ def test_each_strided_token_is_the_stem_of_its_own_crop(stem: type, stride: int)
 
 
 def _sincos_at(dim: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """SPEC's 2-D sin-cos table at any (row, col) places: [sin, cos](col·ω) then [sin, cos](row·ω), ω_k = 10000^(−4k/d)."""
+    """The 2-D sin-cos table (docs/MODEL.md) at any (row, col) places: [sin, cos](col·ω) then [sin, cos](row·ω), ω_k = 10000^(−4k/d)."""
     quarter = dim // 4
     omega = torch.tensor([10000 ** (-k / quarter) for k in range(quarter)], dtype=torch.float64)
     c, r = cols.double()[:, None] * omega, rows.double()[:, None] * omega

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from crate_mae.config import ModelConfig, OptimConfig, load_config
+from crate_mae.config import ClassifierConfig, MAEConfig, OptimConfig, load_config
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine.dist import Dist
 from crate_mae.engine.trainer import NonFiniteLoss, Trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
-from crate_mae.model import build_classifier, build_mae, hub
+from crate_mae.model import build_classifier, build_mae, hub, read_checkpoint, resolve_config
+from crate_mae.model import files
 from crate_mae.model.mae import CrateMAE
 from crate_mae.stages.pretrain import run_pretrain
 
@@ -62,7 +63,7 @@ def test_loss_falls_on_the_demo_set(digits, tmp_path: Path) -> None:
 def test_exported_encoder_loads_into_a_classifier(digits, tmp_path: Path) -> None:
     result = run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))
     exported = torch.load(result.run_dir / "encoder.pth", weights_only=True)
-    clf = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    clf = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
     hub.load_weights(clf, exported)
     img = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(clf.forward_features(img), result.model.eval().encode(img))
@@ -89,8 +90,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits, tmp_pa
         run_pretrain(tiny(digits, tmp_path, "run.ckpt_every=10", "run.log_every=100"))
     run = tmp_path / "t"
     assert [p.name for p in ckpt.periodic(run)] == ["ckpt-00000010.pth"] and not (run / "final.pth").exists()
-    good = ckpt.load(run / "ckpt-00000010.pth")
-    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    good = read_checkpoint(run / "ckpt-00000010.pth")
+    assert all(torch.isfinite(v).all() for v in good.state.values())
 
 
 def test_no_checkpoint_holds_weights_whose_loss_is_not_finite(digits, tmp_path: Path) -> None:
@@ -103,7 +104,7 @@ def test_no_checkpoint_holds_weights_whose_loss_is_not_finite(digits, tmp_path: 
 
 
 def test_the_checkpoint_check_leaves_the_random_stream_alone() -> None:
-    model = build_mae(ModelConfig(variant="nano"))
+    model = build_mae(MAEConfig(variant="nano"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0),
                       opt, 1), dist=CPU, loss_fn=lambda m, b: m(b).loss)
@@ -114,7 +115,7 @@ def test_the_checkpoint_check_leaves_the_random_stream_alone() -> None:
 
 
 def test_trainer_names_the_first_non_finite_step() -> None:
-    model = build_mae(ModelConfig(variant="nano"))
+    model = build_mae(MAEConfig(variant="nano"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     values = iter([1.0, 1.0, float("inf"), 1.0])
     trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1),
@@ -141,7 +142,7 @@ def test_every_stage_builds_its_trainer_from_the_config(stage: str) -> None:
 
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch() -> None:
     torch.manual_seed(0)
-    base = build_mae(ModelConfig(variant="nano"))
+    base = build_mae(MAEConfig(variant="nano"))
     img, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 64)
     after = []
     for micro in ([(img, noise)], [(img[:4], noise[:4]), (img[4:], noise[4:])],
@@ -168,7 +169,7 @@ def test_compiled_step_equals_the_eager_step(device: str, mode: str) -> None:
     (AdamW's first steps are sign-like and would magnify rounding in gradients near zero)."""
     torch.manual_seed(0)
     d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    base = build_mae(ModelConfig(variant="nano", encoder_depth=1, decoder_depth=1)).to(d.device)
+    base = build_mae(MAEConfig(variant="nano", encoder_depth=1, decoder_depth=1)).to(d.device)
     batches = [(torch.randn(8, 3, 32, 32, device=d.device), torch.rand(8, 64, device=d.device)) for _ in range(3)]
     losses, weights = [], []
     for compile in (False, True):
@@ -227,25 +228,25 @@ def test_resume_after_sigkill_ends_with_the_same_weights(digits, tmp_path: Path)
 
     subprocess.run([*_pretrain_cmd(digits, tmp_path, "cut"), "--resume", "auto"], check=True, env=env,
                    capture_output=True)
-    whole, cut = (ckpt.load(tmp_path / n / "final.pth") for n in ("whole", "cut"))
-    assert whole["state"] == cut["state"]
-    for key, value in whole["model"].items():
-        assert torch.equal(value, cut["model"][key]), key
+    whole, cut = (read_checkpoint(tmp_path / n / "final.pth") for n in ("whole", "cut"))
+    assert whole.payload["state"] == cut.payload["state"]
+    for key, value in whole.state.items():
+        assert torch.equal(value, cut.state[key]), key
 
 
 def test_export_command_and_lion(digits, tmp_path: Path) -> None:
     result = run_pretrain(tiny(digits, tmp_path, "optim.optimizer=lion", "optim.blr=1e-3", "run.ckpt_every=20"))
     assert result.last_loss < result.first_loss
-    assert ckpt.main(["export", str(tmp_path / "t" / "ckpt-00000020.pth"), str(tmp_path / "enc.pth")]) == 0
+    assert files.main(["export", str(tmp_path / "t" / "ckpt-00000020.pth"), str(tmp_path / "enc.pth")]) == 0
     exported = torch.load(tmp_path / "enc.pth", weights_only=True)
-    assert set(exported["model"]) == set(ckpt.encoder_state(result.model.state_dict()))
+    assert set(exported["model"]) == set(files.encoder_state(result.model.state_dict()))
     assert exported["config"]["optim"]["optimizer"] == "lion"
 
 
 def test_param_groups_spare_norms_biases_and_tokens() -> None:
     from crate_mae.engine.optim import param_groups
 
-    model = build_mae(ModelConfig(variant="nano"))
+    model = build_mae(MAEConfig(variant="nano"))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in param_groups(model, 0.05)}
     assert {"cls_token", "mask_token", "encoder.norm.weight", "encoder.layers.0.attn.proj.bias"} <= groups[0.0]
@@ -278,7 +279,7 @@ def test_bf16_step_keeps_fp32_where_precision_needs_it(device: str) -> None:
     fp32, and the loss is within bf16 rounding of the fp32 one. (LayerNorm keeps its statistics in fp32 either
     way: autocast's policy on CUDA, the kernel's accumulation type on the CPU.)"""
     torch.manual_seed(0)
-    model = build_mae(ModelConfig(variant="nano")).to(device)
+    model = build_mae(MAEConfig(variant="nano")).to(device)
     img, noise = torch.randn(8, 3, 32, 32, device=device), torch.rand(8, 64, device=device)
     dtypes: dict[str, torch.dtype] = {}
 
@@ -305,7 +306,7 @@ def test_cuda_train_step_never_waits_on_the_host() -> None:
     """No host sync inside a bf16 step (fused AdamW, masking, loss, non-finite flag): CUDA's sync debug mode
     turns any synchronising call into an error."""
     d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
-    model = build_mae(ModelConfig(variant="nano")).to(d.device)
+    model = build_mae(MAEConfig(variant="nano")).to(d.device)
     cfg = OptimConfig(epochs=1, warmup_epochs=0.5)
     opt = build_optimizer(cfg, model, 1e-3, d.device)
     trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b).loss, precision="bf16",
@@ -344,7 +345,7 @@ def test_a_resume_trains_with_the_schedule_it_prints(digits, tmp_path: Path) -> 
         cfg = load_config(None, ["model.variant=nano", "data.batch_size=8", "optim.epochs=10", "optim.warmup_epochs=1",
                                  *overrides])
         torch.manual_seed(0)
-        model = build_mae(cfg.model.resolve())
+        model = build_mae(resolve_config(cfg.model))
         return Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).loss, batches_per_epoch=4)
 
     old = trainer_for("optim.lr=1e-3")

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from crate_mae.config import ModelConfig, load_config
-from crate_mae.data import EvalTransform, eval_loader
+from crate_mae.config import ClassifierConfig, MAEConfig, load_config
+from crate_mae.data import eval_loader
 from crate_mae.engine import dist
 from crate_mae.eval.metrics import evaluate
 from crate_mae.engine.optim import build_optimizer
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A nano CRATE-MAE's encoder file, as pretrain.py exports it (untrained: these tests test the stages)."""
     path = tmp_path_factory.mktemp("enc") / "encoder.pth"
-    mae = build_mae(ModelConfig(variant="nano"))
+    mae = build_mae(MAEConfig(variant="nano"))
     torch.save({"model": {k: v for k, v in mae.state_dict().items() if not k.startswith(("mask_token", "decoder"))}}, path)
     return str(path)
 
@@ -46,8 +47,7 @@ def test_linprobe_logreg_end_to_end_with_cached_features(digits, encoder, tmp_pa
     stamps = {p: p.stat().st_mtime_ns for p in cached}
     with pytest.raises(FileExistsError, match=r"demo-linprobe/results\.json exists already: --set run\.name=NAME"):
         run_linprobe(cfg)  # the figures of a finished probe are never overwritten silently
-    cfg.run.name = "demo-linprobe-again"
-    again = run_linprobe(cfg)
+    again = run_linprobe(replace(cfg, run=replace(cfg.run, name="demo-linprobe-again")))
     assert again.top1 == first.top1 and {p: p.stat().st_mtime_ns for p in cached} == stamps  # reused, not rewritten
     result = json.loads((tmp_path / "demo-linprobe" / "results.json").read_text())
     assert {"dataset", "protocol", "feature", "top1", "top5", "train_samples", "val_samples"} <= set(result)
@@ -69,7 +69,7 @@ def test_lars_adapts_matrices_only() -> None:
     from crate_mae.config import OptimConfig
     from crate_mae.eval.linear import LinearProbe
 
-    probe_model = LinearProbe(build_classifier(ModelConfig(variant="nano", num_classes=10)), feature="cls", num_classes=10)
+    probe_model = LinearProbe(build_classifier(ClassifierConfig(variant="nano", num_classes=10)), feature="cls", num_classes=10)
     opt = build_optimizer(OptimConfig(optimizer="lars", weight_decay=0.0, epochs=1, warmup_epochs=0), probe_model, 1.0,
                           torch.device("cpu"))
     assert type(opt).__name__ == "Lars"
@@ -84,7 +84,7 @@ def test_probe_without_the_pretraining_run_says_what_to_run(digits, tmp_path: Pa
 
 def test_wrong_checkpoint_is_named(digits, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong.pth"
-    torch.save(build_mae(ModelConfig(variant="nano", dim=32)).state_dict(), wrong)
+    torch.save(build_mae(MAEConfig(variant="nano", dim=32)).state_dict(), wrong)
     with pytest.raises(ValueError, match=r"wrong\.pth.*shape mismatch for 'cls_token'"):
         run_finetune(cfg_for("finetune", digits, tmp_path, f"finetune.checkpoint={wrong}"))
 
@@ -148,8 +148,8 @@ def test_unset_fields_take_the_checkpoints_values_in_every_stage(digits, pretrai
     # the probe's classifier computes exactly the pretrained encoder's function
     from crate_mae.model import hub
 
-    mae, _ = hub.create_model(ModelConfig(), kind="mae", checkpoint=pretrained_heads_2 / "final.pth")
-    clf, _ = hub.create_model(ModelConfig(variant="nano"), kind="classifier", checkpoint=enc, num_classes=10)
+    mae, _ = hub.create_model(MAEConfig(), pretrained_heads_2 / "final.pth")
+    clf, _ = hub.create_model(ClassifierConfig(variant="nano", num_classes=10), enc)
     img = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(clf.eval().forward_features(img), mae.eval().encode(img))
 
@@ -157,7 +157,7 @@ def test_unset_fields_take_the_checkpoints_values_in_every_stage(digits, pretrai
 def test_layer_decay_gives_each_layer_its_lr(digits) -> None:
     from crate_mae.config import OptimConfig
 
-    model = build_classifier(ModelConfig(variant="nano", num_classes=10, encoder_depth=3))
+    model = build_classifier(ClassifierConfig(variant="nano", num_classes=10, encoder_depth=3))
     opt = build_optimizer(OptimConfig(layer_decay=0.5, epochs=1, warmup_epochs=0), model, 1.0, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
@@ -173,8 +173,8 @@ def _eval_rank(rank: int, port: int, val: str, out: str) -> None:
                       LOCAL_RANK=str(rank))
     d = dist.init("cpu")
     torch.manual_seed(0)
-    model = build_classifier(ModelConfig(variant="nano", num_classes=10))
-    loader = eval_loader(val, EvalTransform(32, crop_pct=1.0), batch_size=32, rank=rank, world_size=2, num_workers=2)
+    model = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
+    loader = eval_loader(val, 32, eval_crop_pct=1.0, batch_size=32, rank=rank, world_size=2, num_workers=2)
     scores = evaluate(model, loader, d)
     torch.save(scores, Path(out) / f"eval{rank}.pt")
     dist.shutdown()
@@ -184,8 +184,8 @@ def test_evaluation_is_exact_over_2_gloo_ranks(digits, free_port: int, tmp_path:
     mp.spawn(_eval_rank, args=(free_port, digits[1], str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"eval{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
-    model = build_classifier(ModelConfig(variant="nano", num_classes=10))
-    single = evaluate(model, eval_loader(digits[1], EvalTransform(32, crop_pct=1.0), batch_size=300),
+    model = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
+    single = evaluate(model, eval_loader(digits[1], 32, eval_crop_pct=1.0, batch_size=300, num_workers=0),
                       dist.Dist(0, 1, 0, torch.device("cpu")))
     assert r0 == r1 and r0["samples"] == 300 == single["samples"]
     assert abs(r0["top1"] - single["top1"]) < 1e-9 and abs(r0["top5"] - single["top5"]) < 1e-9

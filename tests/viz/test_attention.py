@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig
 from crate_mae.model import build_classifier
 from crate_mae.viz.attention import mass_masks, most_attended, mssa_view
 from crate_mae.viz.plot import to_pixels
@@ -16,7 +16,7 @@ from crate_mae.viz.plot import to_pixels
 @pytest.mark.parametrize("stride", [None, 2])
 def test_the_view_is_row_cls_of_mssa_and_its_projection(family: str, stride: int | None) -> None:
     torch.manual_seed(0)
-    model = build_classifier(ModelConfig(variant="nano", family=family, num_classes=10, encoder_depth=3)).eval()
+    model = build_classifier(ClassifierConfig(variant="nano", family=family, num_classes=10, encoder_depth=3)).eval()
     img = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     view = mssa_view(model, img, layer=1, stride=stride)
     side = 15 if stride else 8

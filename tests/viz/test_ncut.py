@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from crate_mae.config import ModelConfig
+from crate_mae.config import ClassifierConfig
 from crate_mae.model import build_classifier
 from crate_mae.model.layers import patchify
 from crate_mae.viz.attention import mssa_view
@@ -51,7 +51,7 @@ def _two_region_image(size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("seed_patch", [(3, 3), (0, 0)])
 def test_the_cut_finds_the_two_regions_of_a_synthetic_image(seed_patch: tuple[int, int]) -> None:
     img, mask = _two_region_image()
-    model = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    model = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
     features = patchify(model.normalize(img), 4)[0]  # (64, 48): each patch's normalised pixels
     seed = seed_patch[0] * 8 + seed_patch[1]
     found, x = normalized_cut(features, seed)
@@ -64,7 +64,7 @@ def test_the_cut_of_model_features_finds_the_square() -> None:
     """Through the model: a fresh nano CRATE's first-layer MSSA features, at stride 2, still separate the square."""
     torch.manual_seed(0)
     img, mask = _two_region_image()
-    model = build_classifier(ModelConfig(variant="nano", num_classes=10)).eval()
+    model = build_classifier(ClassifierConfig(variant="nano", num_classes=10)).eval()
     view = mssa_view(model, img, layer=0, stride=2)  # 15 × 15 tokens; token j's patch starts at pixel 2j
     region = mask[1::2, 1::2][:15, :15].reshape(-1)  # token j's centre pixel 2j + 1.5 → inside the square or not
     found, _ = normalized_cut(view.features[0], seed=7 * 15 + 7)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from crate_mae.config import ModelConfig, config_to_dict, load_config
+from crate_mae.config import ClassifierConfig, MAEConfig, config_to_dict, load_config
 from crate_mae.model import build_classifier, build_mae, patchify, random_masking
 from crate_mae.viz import reconstruct, reconstruction_grid
 from crate_mae.viz.__main__ import main as viz_main
@@ -18,7 +18,7 @@ from crate_mae.viz.measures import coding_rate, layer_measures, sparsity
 
 
 def test_reconstruction_grid_and_pasted_visible_patches_equal_the_input() -> None:
-    model = build_mae(ModelConfig(variant="nano", norm_pix_loss=True))
+    model = build_mae(MAEConfig(variant="nano", norm_pix_loss=True))
     img, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
     parts = reconstruct(model, img, noise=noise)
     visible = (1 - random_masking(noise, 0.75)).bool()  # (B, N)
@@ -33,7 +33,7 @@ def test_reconstruction_grid_and_pasted_visible_patches_equal_the_input() -> Non
 
 @pytest.mark.parametrize("size", [32, 48])
 def test_attention_panels_sum_to_one_over_the_grid(size: int) -> None:
-    model = build_classifier(ModelConfig(variant="nano", num_classes=10))
+    model = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
     maps = cls_attention(model, torch.randn(2, 3, size, size), layer=-1)
     assert maps.shape == (2, 4, size // 4, size // 4)
     assert_close(maps.sum((-2, -1)), torch.ones(2, 4))
@@ -71,7 +71,7 @@ def test_sparsity_of_a_known_tensor() -> None:
 
 
 def test_layer_measures_follow_the_forward_pass() -> None:
-    model = build_classifier(ModelConfig(variant="nano", num_classes=10, encoder_depth=3))
+    model = build_classifier(ClassifierConfig(variant="nano", num_classes=10, encoder_depth=3))
     img = torch.randn(4, 3, 32, 32)
     rows = layer_measures(model, img)
     assert [r["layer"] for r in rows] == [0, 1, 2]
