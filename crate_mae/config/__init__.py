@@ -14,11 +14,12 @@ from __future__ import annotations
 from crate_mae.config.loading import (add_config_args, config_from_args, config_help, config_to_dict, load_config,
                                       save_config)
 from crate_mae.config.sections import (FUNCTION_FIELDS, SIZE_FIELDS, STAGES, ClassifierConfig, Config, ConfigError,
-                                       DataConfig, FinetuneConfig, MAEConfig, PretrainDataConfig,
+                                       DataConfig, FinetuneConfig, MAEConfig, MonitorConfig, PretrainConfig,
+                                       PretrainDataConfig,
                                        FinetuneStage, LinearProbeStage, ModelConfig, OptimConfig, PretrainStage,
                                        ProbeConfig, RunConfig)
 
 __all__ = ["FUNCTION_FIELDS", "SIZE_FIELDS", "STAGES", "Config", "PretrainStage", "LinearProbeStage", "FinetuneStage",
            "ConfigError", "DataConfig", "PretrainDataConfig", "FinetuneConfig", "ModelConfig", "MAEConfig",
-           "ClassifierConfig", "OptimConfig", "ProbeConfig", "RunConfig", "add_config_args", "config_from_args",
+           "ClassifierConfig", "MonitorConfig", "PretrainConfig", "OptimConfig", "ProbeConfig", "RunConfig", "add_config_args", "config_from_args",
            "config_help", "config_to_dict", "load_config", "save_config"]

@@ -210,6 +210,48 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """What pretraining measures while it trains (on the val set and a kNN bank of the train set), every `every`
+    epochs, after the last one, and once before the first step (the random encoder's baseline)."""
+
+    every: int = _doc(1, "epochs between evaluations (0: no monitor)")
+    val_samples: Optional[int] = _doc(10000, "held-out images for the reconstruction loss and the kNN queries: the "
+                                             "first in key order of the val set (None: all of it)")
+    bank_samples: Optional[int] = _doc(10000, "kNN bank: the first this many labelled train images in key order "
+                                              "(None: all; the bank is gathered to every rank)")
+    knn_k: int = _doc(20, "kNN: neighbours (0: no kNN)")
+    knn_temperature: float = _doc(0.07, "kNN: temperature of the exp(similarity / T) vote weights")
+    layers_batch: int = _doc(64, "images of the fixed val batch on which the white-box objective is measured per "
+                                 "layer (0: not measured)")
+    eps2: float = _doc(0.5, "ε² of the coding rate R^c")
+    probe: bool = _doc(False, "an online linear probe: a Linear head on the detached CLS feature of a clean pass, "
+                              "trained alongside with its own AdamW and evaluated with the monitor (costs one "
+                              "encoder pass per step; the training shards must then carry labels)")
+    probe_lr: float = _doc(1e-2, "the online probe's AdamW learning rate")
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "monitor.every", "must be >= 0, got", self.every)
+        _require(self.probe_lr > 0, "monitor.probe_lr", "must be positive, got", self.probe_lr)
+        for name in ("val_samples", "bank_samples"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"monitor.{name}", "must be positive, got", value)
+        _require(self.knn_k >= 0, "monitor.knn_k", "must be >= 0, got", self.knn_k)
+        _require(self.knn_temperature > 0, "monitor.knn_temperature", "must be positive, got", self.knn_temperature)
+        _require(self.layers_batch >= 0, "monitor.layers_batch", "must be >= 0, got", self.layers_batch)
+        _require(self.eps2 > 0, "monitor.eps2", "must be positive, got", self.eps2)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Where pretraining starts."""
+
+    init_from: Optional[str] = _doc(None, "start a new run from these weights (our final.pth, encoder.pth — the "
+                                          "decoder then starts fresh —, a .safetensors export, the released "
+                                          "CRATE-MAE): the optimiser, schedule and step start anew (unlike "
+                                          "--resume, which continues a run)")
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     """Linear probing of a frozen pretrained encoder (linprobe.py)."""
 
@@ -313,6 +355,8 @@ class PretrainStage(Config):
 
     model: MAEConfig = field(default_factory=MAEConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass(frozen=True)

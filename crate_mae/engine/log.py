@@ -71,3 +71,23 @@ class RunLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def read_events(run_dir: str | Path, name: str, *, until_step: int | None = None) -> list[dict[str, Any]]:
+    """The `name` events of a run's log.jsonl as they stand: a `resume` event at step s drops the events logged after
+    step s before it (the resumed run logs those steps again), and so does `until_step` (a resume about to start)."""
+    path = Path(run_dir) / "log.jsonl"
+    events: list[dict[str, Any]] = []
+    if not path.exists():
+        return events
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            continue
+        if row.get("event") == "resume":
+            events = [e for e in events if e["step"] <= row["step"]]
+        elif row.get("event") == name:
+            events.append(row)
+    return [e for e in events if until_step is None or e["step"] <= until_step]
+

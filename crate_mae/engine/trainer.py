@@ -214,6 +214,11 @@ class Trainer:
                                 "optim.lr/blr or set optim.clip_grad")
 
     @property
+    def last_batch(self) -> Any:
+        """The last micro-batch of the last step (what an online probe trains on after it), or None."""
+        return self._last_batch
+
+    @property
     def lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)
 

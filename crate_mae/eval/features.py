@@ -22,12 +22,18 @@ from crate_mae.model import CrateClassifier
 log = logging.getLogger("crate_mae.eval")
 
 
-def pooled(model: CrateClassifier, images: torch.Tensor, feature: str) -> torch.Tensor:
-    """The probed feature (B, d) of the last layer, after the encoder's final norm (family mae; the supervised
-    family has none): the CLS token, or the mean of the patch tokens."""
+def pooled_features(model: CrateClassifier, images: torch.Tensor, features: tuple[str, ...] = ("cls", "mean")
+                    ) -> dict[str, torch.Tensor]:
+    """The probed features (B, d) of the last layer from one clean pass, after the encoder's final norm (family mae;
+    the supervised family has none): "cls", the CLS token; "mean", the mean of the patch tokens."""
     [(patches, cls)] = model.forward_intermediates(images, indices=1, return_prefix_tokens=True, norm=True,
                                                    output_fmt="NLC", intermediates_only=True)  # (B, N, d), (B, 1, d)
-    return cls[:, 0] if feature == "cls" else patches.mean(dim=1)
+    return {f: cls[:, 0] if f == "cls" else patches.mean(dim=1) for f in features}
+
+
+def pooled(model: CrateClassifier, images: torch.Tensor, feature: str) -> torch.Tensor:
+    """One probed feature (B, d): `pooled_features` of that name."""
+    return pooled_features(model, images, (feature,))[feature]
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The released checkpoints' key names ↔ ours (docs/MODEL.md, "Key layouts"). Only names and tables here; reading a
 file is `crate_mae.model.files`', building and loading a model `crate_mae.model.hub`'s.
 
-    ours = to_ours(torch.load(path, weights_only=True))      # released (either family) or ours → our key names
+    ours = to_ours(state_dict)                               # released (either family) or ours → our key names
     released = to_released(model.state_dict())               # ours → the authors' layout of that family
     layout_of(state)                                         # Layout(source="released", family="supervised")
 

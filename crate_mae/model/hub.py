@@ -134,13 +134,14 @@ def _strict(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], 
         raise CheckpointError(f"missing key '{missing[0]}'{more}: the checkpoint does not fill the model")
 
 
-def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_head: bool = False
-                      ) -> dict[str, torch.Tensor]:
+def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_head: bool = False,
+                      fresh_decoder: bool = False) -> dict[str, torch.Tensor]:
     """Any supported layout → exactly `model`'s state dict, checked strictly (timm's `pretrained_filter_fn` too).
 
     Pure: it reads the model's own tensors' names and shapes and changes nothing.
     - the family must be the model's (an error naming the key that tells);
-    - a CrateClassifier sets the CRATE-MAE's decoder side aside; a CrateMAE needs it (an encoder export has none);
+    - a CrateClassifier sets the CRATE-MAE's decoder side aside; a CrateMAE needs it (an encoder export has none),
+      unless `fresh_decoder`: then a file without one fills the encoder and leaves the decoder side as initialised;
     - a learned position table of another grid is resampled to the model's (bicubic, CLS row kept);
     - the head (LayerNorm + Linear) may be absent (an encoder); with `new_head` the file's Linear head is set aside
       (a dataset of another class count), otherwise one of another shape is an error;
@@ -154,9 +155,12 @@ def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_he
         raise CheckpointError(f"a {family} checkpoint (key '{layout_of(state).telltale}') cannot fill a "
                               f"{own_family}-family model")
     if isinstance(model, CrateMAE):
-        if not any(k.startswith("decoder.") for k in state):
+        if any(k.startswith(MAE_ONLY_PREFIXES) for k in state):
+            _strict(own, state, set())
+        elif fresh_decoder:
+            _strict(own, state, {k for k in own if k.startswith(MAE_ONLY_PREFIXES)})
+        else:
             raise CheckpointError("holds no decoder (an exported encoder?); a CRATE-MAE needs final.pth or ckpt-*.pth")
-        _strict(own, state, set())
         return state
     state = {k: v for k, v in state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
     head_keys = {k for k in own if k.startswith(HEAD_PREFIXES)}
@@ -170,9 +174,11 @@ def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_he
     return state
 
 
-def load_weights(model: nn.Module, state: Mapping[str, Any], *, new_head: bool = False) -> None:
+def load_weights(model: nn.Module, state: Mapping[str, Any], *, new_head: bool = False,
+                 fresh_decoder: bool = False) -> None:
     """Fill `model` from a state dict of any supported layout: `checkpoint_filter`, then one `load_state_dict`."""
-    model.load_state_dict(checkpoint_filter(state, model, new_head=new_head), strict=False)  # strict: checked above
+    filtered = checkpoint_filter(state, model, new_head=new_head, fresh_decoder=fresh_decoder)
+    model.load_state_dict(filtered, strict=False)  # strict: checked by the filter, which names the key at fault
 
 
 def create_model(cfg: ModelConfig, checkpoint: str | os.PathLike | Checkpoint | None = None, *,

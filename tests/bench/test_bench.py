@@ -52,3 +52,16 @@ def test_write_bench_rows_and_identical_sets(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [r["workers"] for r in rows] == [1, 2] and all(r["images"] == 12 and r["images_per_s"] > 0 for r in rows)
     assert all(r["identical_to_first"] for r in rows) and rows[0]["speedup"] == 1.0
+
+
+def test_monitor_bench_rows(tmp_path: Path) -> None:
+    out = tmp_path / "monitor.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/monitor.py"), "--models", "nano", "--digits", str(tmp_path / "digits"),
+                    "--layers-batch", "4", "--device", "cpu", "--json", str(out)], check=True, env=ENV, capture_output=True,
+                   cwd=tmp_path)
+    [row] = json.loads(out.read_text())["rows"]
+    assert (row["model"], row["val_images"], row["bank_images"], row["layers_batch"]) == ("nano", 300, 1497, 4)
+    assert all(row[k] > 0 for k in ("ms_per_heldout_image", "ms_per_bank_image", "ms_per_layers_image", "knn_ns_per_pair"))
+    assert row["ms_per_heldout_image"] > row["ms_per_heldout_image_loss_only"] and not row["skipped"]
+    assert {"heldout", "features/val", "features/bank", "knn", "layers"} <= set(row["parts_s"])
+

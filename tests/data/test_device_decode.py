@@ -79,7 +79,7 @@ def test_pretraining_with_device_decode(tmp_path: Path) -> None:
     cfg = load_config(root / "configs/pretrain/demo.yaml", [
         "model.variant=nano", f"data.train_shards={train}", f"data.val_shards={val}", "data.num_workers=0",
         "data.decode_on=device", "data.batch_size=32", "optim.epochs=1", "optim.warmup_epochs=0.2", "optim.blr=2e-2",
-        f"run.out_dir={tmp_path}", "run.log_every=10"])
+        f"run.out_dir={tmp_path}", "run.log_every=10", "monitor.every=0"])
     result = run_pretrain(cfg)  # data.prefetch=2 (the default): decoded ahead in a background thread
     assert result.last_loss < result.first_loss
     cfg = replace(cfg, data=replace(cfg.data, prefetch=0), run=replace(cfg.run, name="in-step"))

@@ -33,7 +33,8 @@ def tiny(digits: tuple[str, str], out: Path, *extra: str):
     return load_config(ROOT / "configs/pretrain/demo.yaml", [
         "model.variant=nano", f"data.train_shards={digits[0]}", f"data.val_shards={digits[1]}", "data.batch_size=32",
         "data.num_workers=0", "data.shuffle_buffer=64", "optim.epochs=1", "optim.warmup_epochs=0.2",
-        "optim.blr=2e-2", f"run.out_dir={out}", "run.name=t", "run.log_every=5", "run.ckpt_every=10", *extra])
+        "optim.blr=2e-2", f"run.out_dir={out}", "run.name=t", "run.log_every=5", "run.ckpt_every=10", "monitor.every=0",
+        *extra])
 
 
 def test_default_command_writes_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +210,7 @@ def _pretrain_cmd(digits: tuple[str, str], out: Path, name: str) -> list[str]:
     return [sys.executable, str(ROOT / "pretrain.py"), "--set", "model.variant=demo", f"data.train_shards={digits[0]}",
             f"data.val_shards={digits[1]}", "data.batch_size=32", "data.num_workers=2", "data.shuffle_buffer=64",
             "optim.epochs=1", "optim.warmup_epochs=0.3", f"run.out_dir={out}", f"run.name={name}",
-            "run.ckpt_every=11", "run.log_every=10"]
+            "run.ckpt_every=11", "run.log_every=10", "monitor.every=0"]
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(digits, tmp_path: Path) -> None:
