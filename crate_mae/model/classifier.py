@@ -68,6 +68,11 @@ class CrateClassifier(CrateStem):
         super().__init__(family=family, img_size=img_size, patch_size=patch_size, dim=dim)  # normalise, embed, CLS, table
         final_norm = FAMILIES[family].final_norm
         self.pool, self.num_classes, self.num_features, self.num_prefix_tokens = pool, num_classes, dim, 1
+        self.head_hidden_size = dim  # timm: the width the head's Linear reads (LayerNorm only before it, no MLP)
+        # timm's feature contract: every encoder layer gives a (B, d, h, w) map at the patch's stride
+        # (`forward_intermediates`; `timm.create_model(..., features_only=True, out_indices=...)`)
+        self.feature_info = [{"module": f"encoder.layers.{i}", "num_chs": dim, "reduction": patch_size}
+                             for i in range(depth)]
         self.encoder = Encoder(dim=dim, heads=heads, depth=depth, eta=eta, lambd=lambd, drop_path=drop_path,
                                final_norm=final_norm)
         self.fc_norm = nn.LayerNorm(dim)

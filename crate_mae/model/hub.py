@@ -155,6 +155,10 @@ def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_he
         raise CheckpointError(f"a {family} checkpoint (key '{layout_of(state).telltale}') cannot fill a "
                               f"{own_family}-family model")
     if isinstance(model, CrateMAE):
+        head = next((k for k in state if k.startswith(HEAD_PREFIXES)), None)
+        if head is not None:
+            raise CheckpointError(f"holds a classifier head (key '{head}'): a CRATE-MAE is filled from a CRATE-MAE "
+                                  f"(final.pth, ckpt-*.pth, the released file) or an encoder (encoder.pth)")
         if any(k.startswith(MAE_ONLY_PREFIXES) for k in state):
             _strict(own, state, set())
         elif fresh_decoder:

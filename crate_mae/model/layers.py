@@ -13,11 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function, register_notrace_module
 
 from crate_mae.config.variants import FAMILIES, IMAGE_MEAN, IMAGE_STD
 from crate_mae.errors import InputError
 
 
+@register_notrace_module  # its checks of the input stay dynamic: FX keeps it whole (a leaf), as timm's own
 class Normalize(nn.Module):
     """The first step of every CRATE model, and its input contract, told by the dtype alone:
 
@@ -48,6 +50,7 @@ class Normalize(nn.Module):
         return img
 
 
+@register_notrace_function  # shape checks that stay dynamic: FX records the call, not its branches
 def grid_size(img_hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
     """Patch grid (h, w) of an image of size (H, W); an error if the patch does not divide it."""
     height, width = img_hw
@@ -56,6 +59,7 @@ def grid_size(img_hw: tuple[int, int], patch_size: int) -> tuple[int, int]:
     return height // patch_size, width // patch_size
 
 
+@register_notrace_function
 def token_grid(img_hw: tuple[int, int], patch_size: int, stride: int | None = None) -> tuple[int, int]:
     """The token grid (h', w') of p×p patches taken every `stride` pixels (None: p, the plain grid `grid_size`).
 
@@ -171,6 +175,7 @@ def resample_fine(table: torch.Tensor, grid: tuple[int, int], fine: tuple[int, i
     return torch.cat([table[:, :1], patches], dim=1)
 
 
+@register_notrace_module  # resampled for the grid at run time: a leaf for FX
 class LearnedPosition(nn.Module):
     """The supervised CRATE's learned table (1, 1 + N, d), CLS row first, added once after CLS is prepended.
 
@@ -225,6 +230,7 @@ def sincos_pos_table(dim: int, grid: tuple[int, int], *, cls_token: bool = True,
     return table.float()  # (1 + h·w, d)
 
 
+@register_notrace_module  # its table depends on the grid: built at run time, a leaf for FX
 class SinCosPosition(nn.Module):
     """Adds the fixed sin-cos table to a CLS-first token sequence, for any patch grid.
 

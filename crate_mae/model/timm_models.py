@@ -33,6 +33,9 @@ from crate_mae.model.hub import build_model, checkpoint_filter, resolve_config
 from crate_mae.model.files import read_checkpoint
 
 _TIMM_POOL = {"token": "cls", "avg": "mean"}
+# timm's feature-extraction keywords, handed to its builder: features_only wraps the model in timm's FeatureGetterNet
+# over `forward_intermediates` (NCHW maps of the chosen encoder layers)
+_FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls", "output_fmt", "norm")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,10 @@ def _entrypoint(name: str, row: TimmRow) -> Callable[..., nn.Module]:
     """`timm.create_model(name, pretrained, **kwargs)`: the one resolver and builder, under timm's own loading path."""
     def create(pretrained: bool = False, *, pretrained_cfg: Any = None, pretrained_cfg_overlay: dict | None = None,
                cache_dir: Any = None, device: Any = None, dtype: Any = None, **kwargs: Any) -> nn.Module:
+        features = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}  # timm's builder's, not the model's
+        if features.get("features_only") and row.kind == "mae":
+            raise TypeError(f"{name}: features_only takes a classifier name (crate_mae_encoder_<size>, crate_<size>), "
+                            f"whose encoder it wraps")
         overlay = dict(pretrained_cfg_overlay or {})
         ckpt = read_checkpoint(overlay.pop("file")) if pretrained and overlay.get("file") else None
         try:
@@ -137,7 +144,9 @@ def _entrypoint(name: str, row: TimmRow) -> Callable[..., nn.Module]:
                                      pretrained_cfg_overlay=overlay,
                                      pretrained_filter_fn=functools.partial(checkpoint_filter, new_head=new_head),
                                      pretrained_strict=False,
-                                     kwargs_filter=("num_classes", "global_pool") if row.kind == "mae" else None, **args)
+                                     feature_cfg={"feature_cls": "getter", "out_indices": min(3, cfg.encoder_depth)},
+                                     kwargs_filter=("num_classes", "global_pool") if row.kind == "mae" else None,
+                                     **features, **args)
         model.pretrained_cfg.pop("state_dict", None)  # the tensors are in the model now; keep no second copy
         return model.to(device=device, dtype=dtype)
 

@@ -81,6 +81,10 @@ def test_a_file_that_disagrees_is_one_line(digits, tmp_path: Path, files: dict[s
                supervised)
     with pytest.raises(CheckpointError, match=r"supervised\.pth: holds our supervised CRATE .*which has no decoder"):
         run_pretrain(tiny(digits, tmp_path, f"pretrain.init_from={supervised}"))
+    classifier = tmp_path / "finetuned.pth"
+    torch.save({"model": build_classifier(ClassifierConfig(variant="nano", num_classes=10)).state_dict()}, classifier)
+    with pytest.raises(CheckpointError, match=r"finetuned\.pth: holds a classifier head \(key 'fc_norm\.weight'\)"):
+        run_pretrain(tiny(digits, tmp_path, f"pretrain.init_from={classifier}"))
     with pytest.raises(FileNotFoundError, match=r"nowhere\.pth: no such checkpoint file"):
         run_pretrain(tiny(digits, tmp_path, f"pretrain.init_from={tmp_path / 'nowhere.pth'}"))
     assert not (tmp_path / "t").exists() or not list((tmp_path / "t").glob("*.pth"))  # nothing written
