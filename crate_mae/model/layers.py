@@ -197,6 +197,13 @@ class LearnedPosition(nn.Module):
             table = resample_fine(table, grid, fine)
         return x + table.to(x.dtype)
 
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        """Keep the table for another grid from now on: resampled once (bicubic, CLS row kept), a new Parameter."""
+        if tuple(grid) != self.grid:
+            with torch.no_grad():
+                self.table = nn.Parameter(resample_table(self.table, grid).contiguous())
+            self.grid = tuple(grid)
+
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """pos (M,) → (M, dim): [sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(−2k/dim), k < dim/2."""
@@ -252,6 +259,11 @@ class SinCosPosition(nn.Module):
         else:
             table = sincos_pos_table(self.dim, grid, fine=fine)[None].to(x.device)
         return x + table.to(x.dtype)
+
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        """Keep the table of another grid as the buffer (the same formula, computed once)."""
+        self.grid = tuple(grid)
+        self.table = sincos_pos_table(self.dim, self.grid)[None].to(self.table.device)
 
 
 def prepend_cls(x: torch.Tensor, cls_token: torch.Tensor) -> torch.Tensor:
@@ -316,6 +328,19 @@ class CrateStem(nn.Module):
     @property
     def patch_size(self) -> int:
         return self.patch_embed.patch_size
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        """timm's `set_input_size`: the position table built for another input size from now on (the learned one
+        resampled once and kept as weights; the sin-cos one computed once). Any size the patch divides works without
+        it too (the tables follow the grid at run time); the patch is the stem's weights' and cannot change."""
+        if patch_size is not None and patch_size != self.patch_size:
+            raise InputError(f"patch_size: the stem's weights are for patch {self.patch_size}, got {patch_size}")
+        if img_size is None:
+            return
+        size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+        self.pos.set_grid(grid_size(size, self.patch_size))
+        if isinstance(getattr(self, "pretrained_cfg", None), dict):
+            self.pretrained_cfg["input_size"] = (3, *size)
 
     def token_grid(self, img_hw: tuple[int, int], stride: int | None = None) -> tuple[int, int]:
         """The grid (h, w) of the patch tokens `tokens` makes for an image of size img_hw (`token_grid`)."""

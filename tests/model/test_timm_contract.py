@@ -106,3 +106,23 @@ def test_fx_traces_the_classifier_to_the_same_function(name: str) -> None:
     traced = create_feature_extractor(model.train(), return_nodes=[train_nodes[-1]])
     traced(img)[train_nodes[-1]].mean().backward()
     assert model.patch_embed.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["crate_nano", "crate_mae_encoder_nano", "crate_mae_nano"])
+def test_set_input_size_keeps_the_table_for_the_new_grid(name: str) -> None:
+    """timm's `set_input_size`: the same function at the new size as the model that followed the grid on the fly, and
+    the table (the learned one a Parameter again) stored for the new grid."""
+    model = timm.create_model(name).eval()
+    img = torch.randn(2, 3, 64, 64)
+    noise = torch.rand(2, 16 * 16)
+    before = model(img, noise=noise).pred if name.startswith("crate_mae_nano") else model(img)
+    model.set_input_size(img_size=64)
+    after = model(img, noise=noise).pred if name.startswith("crate_mae_nano") else model(img)
+    torch.testing.assert_close(after, before)
+    assert model.pos.table.shape == (1, 1 + 16 * 16, model.num_features) and model.pos.grid == (16, 16)
+    assert model.pretrained_cfg["input_size"] == (3, 64, 64)
+    if name == "crate_nano":
+        assert isinstance(model.pos.table, nn.Parameter) and "pos.table" in model.state_dict()
+    with pytest.raises(ValueError, match="patch_size: the stem's weights are for patch 4, got 8"):
+        model.set_input_size(patch_size=8)
+
