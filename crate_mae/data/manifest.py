@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,16 @@ class ShardList:
     @property
     def total(self) -> int | None:
         return sum(self.samples) if self.samples is not None else None
+
+    def first(self, n: int | None) -> "ShardList":
+        """The leading shards that hold the set's first n samples (by the manifest's counts; without counts, or for
+        None, every shard): what a reader of the first n samples needs, and nothing after."""
+        if n is None or self.samples is None:
+            return self
+        total, k = 0, 0
+        while k < len(self.urls) and total < n:
+            total, k = total + self.samples[k], k + 1
+        return dataclasses.replace(self, urls=self.urls[:k], samples=self.samples[:k])
 
 
 def _check_local(url: str, expected_bytes: int | None) -> None:

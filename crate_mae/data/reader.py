@@ -183,13 +183,14 @@ def train_loader(spec: str, transform: Transform, *, data: DataConfig | None = N
 def eval_loader(spec: str, img_size: int, *, data: DataConfig | None = None, rank: int = 0, world_size: int = 1,
                 labels: bool = True, pin_memory: bool = False, batch_size: int | None = None,
                 num_workers: int | None = None, eval_crop_pct: float | None = None,
-                max_bad_fraction: float | None = None) -> ShardLoader:
+                max_bad_fraction: float | None = None, first_samples: int | None = None) -> ShardLoader:
     """The one way to build an evaluation loader: one rank's share of every sample, exactly once over all ranks, as
     `EvalTransform(img_size, crop_pct=data.eval_crop_pct)` pixels, with the settings of the `data` section (None:
-    `DataConfig()`'s); a keyword named as one of its fields (batch_size ... max_bad_fraction) replaces it."""
+    `DataConfig()`'s); a keyword named as one of its fields (batch_size ... max_bad_fraction) replaces it.
+    `first_samples`: read only the leading shards that hold the set's first n samples (`ShardList.first`)."""
     data = _settings(data, batch_size=batch_size, num_workers=num_workers, eval_crop_pct=eval_crop_pct,
                      max_bad_fraction=max_bad_fraction)
-    stream = ShardStream(resolve_shards(spec), EvalTransform(img_size, crop_pct=data.eval_crop_pct),
+    stream = ShardStream(resolve_shards(spec).first(first_samples), EvalTransform(img_size, crop_pct=data.eval_crop_pct),
                          batch_size=data.batch_size, train=False, rank=rank, world_size=world_size,
                          max_bad_fraction=data.max_bad_fraction, labels=labels)
     return ShardLoader(stream, num_workers=data.num_workers, pin_memory=pin_memory)

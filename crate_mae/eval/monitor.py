@@ -18,7 +18,7 @@ batch):
 - **the white-box objective per layer** — viz/measures.py's `layer_measures` (R^c before and after MSSA, ISTA's
   zeros and ℓ1/ℓ2) on the first `layers_batch` val images, on rank 0, broadcast.
 
-"First n in key order" reads only the first shards that hold n samples (a manifest gives the counts), and chooses
+"First n in key order" reads only the first shards that hold n samples (`eval_loader(first_samples=)`), and chooses
 among them by the sample key "<shard url>/<key>": a fixed choice, whatever the split over ranks and workers.
 Isolation: `evaluate` runs under no_grad, puts back every global generator (Python, NumPy, torch CPU and CUDA) and
 every module's train/eval flag, and reads only its own evaluation loaders; weights and `.grad`s are not touched.
@@ -26,7 +26,6 @@ Legend: B images, N patches, d width, M bank images, Q queries, K classes.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 
 from crate_mae.config import ClassifierConfig, DataConfig, MAEConfig, MonitorConfig
 from crate_mae.data.device_decode import to_device
-from crate_mae.data.manifest import ShardError
+from crate_mae.data.manifest import ShardError, resolve_shards
 from crate_mae.data.reader import ShardLoader, eval_loader
 from crate_mae.data.stream import read_samples
 from crate_mae.engine.dist import (Dist, all_gather_object, all_reduce_max, all_reduce_sum, broadcast_object, rng_state,
@@ -65,29 +64,16 @@ def fixed_noise(keys: list[str], num_patches: int, seed: int) -> torch.Tensor:
                         for k in keys])
 
 
-def unlabelled(spec: str, loader: ShardLoader) -> str | None:
-    """Why the set `spec` cannot serve the kNN (its manifest lists no classes, or its first sample has no `cls`), or
-    None. Only the first sample is opened: a set is labelled throughout or not at all."""
-    shards = loader.stream.shards
+def unlabelled(spec: str) -> str | None:
+    """Why the set `spec` cannot serve the kNN or the probe (its manifest lists no classes, or its first sample has no
+    `cls`), or None. Only the first sample is opened: a set is labelled throughout or not at all."""
+    shards = resolve_shards(spec)
     if shards.manifest is not None and not shards.manifest.classes:
         return f"{spec} has no labels (its manifest lists no classes)"
     first = next(read_samples(shards.urls[:1], spec=spec, shards=1), None)
     if first is None or "cls" not in first:
         return f"{spec} has no labels (its first sample has no cls)"
     return None
-
-
-def keep_first_shards(loader: ShardLoader, n: int | None) -> None:
-    """Narrow the loader to the first shards that hold n samples (the manifest's counts; without them, all).
-
-    eval_loader reads a whole set; the first n in key order lie in these shards, so the rest is never decoded."""
-    shards = loader.stream.shards
-    if n is None or shards.samples is None:
-        return
-    total, k = 0, 0
-    while k < len(shards.urls) and total < n:
-        total, k = total + shards.samples[k], k + 1
-    loader.stream.shards = dataclasses.replace(shards, urls=shards.urls[:k], samples=shards.samples[:k])
 
 
 class Records(NamedTuple):
@@ -137,31 +123,21 @@ class Monitor:
         self.num_patches = self.twin.patch_embed.num_patches(self.img_size)
 
         def loader(spec: str, labels: bool, first: int | None) -> ShardLoader:
-            built = eval_loader(spec, self.img_size, data=data, rank=dist.rank, world_size=dist.world_size,
-                                labels=labels, pin_memory=dist.device.type == "cuda")
-            keep_first_shards(built, first)
-            return built
+            return eval_loader(spec, self.img_size, data=data, rank=dist.rank, world_size=dist.world_size,
+                               labels=labels, pin_memory=dist.device.type == "cuda", first_samples=first)
 
-        self.val_loader = loader(val_spec, False, cfg.val_samples)
-        self.bank_loader: ShardLoader | None = None
-        self.num_classes = 0
-        if cfg.knn_k:
-            self.bank_loader = loader(train_spec, True, cfg.bank_samples)
-            why = unlabelled(train_spec, self.bank_loader) or unlabelled(val_spec, self.val_loader)
-            if why is not None:
-                self.skipped.append(f"kNN skipped: {why}")
-                self.bank_loader = None
-            else:
-                self.val_loader = loader(val_spec, True, cfg.val_samples)  # the queries need their labels
-                self.num_classes = max(self.bank_loader.stream.num_classes, self.val_loader.stream.num_classes)
-        self.probe = probe
-        if probe is not None and self.bank_loader is None:  # no kNN: the probe's queries still need their labels
-            why = unlabelled(val_spec, self.val_loader)
-            if why is not None:
-                self.skipped.append(f"online probe not evaluated: {why}")
-                self.probe = None
-            else:
-                self.val_loader = loader(val_spec, True, cfg.val_samples)
+        # The kNN needs a labelled bank and labelled queries; the probe, labelled queries. Each loader is built once.
+        knn_why = (unlabelled(train_spec) or unlabelled(val_spec)) if cfg.knn_k else None
+        probe_why = unlabelled(val_spec) if probe is not None and not (cfg.knn_k and knn_why is None) else None
+        if cfg.knn_k and knn_why is not None:
+            self.skipped.append(f"kNN skipped: {knn_why}")
+        if probe is not None and probe_why is not None:
+            self.skipped.append(f"online probe not evaluated: {probe_why}")
+        knn = bool(cfg.knn_k) and knn_why is None
+        self.probe = probe if probe_why is None else None
+        self.bank_loader = loader(train_spec, True, cfg.bank_samples) if knn else None
+        self.val_loader = loader(val_spec, knn or self.probe is not None, cfg.val_samples)
+        self.num_classes = max(self.bank_loader.stream.num_classes, self.val_loader.stream.num_classes) if knn else 0
         self.chosen: set[str] = set()  # the keys of the held-out images of the last evaluation: the kNN's queries
         self.layer_images: torch.Tensor | None = None  # (B, 3, S, S) uint8, rank 0's: the same batch every time
         if cfg.layers_batch and dist.is_main:

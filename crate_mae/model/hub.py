@@ -54,7 +54,8 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
     elif is_mae and cfg.family not in (None, "mae"):
         raise ConfigError(f"model.family: a CRATE-MAE is of family mae, got {cfg.family!r}")
     own = [f.name for f in dataclasses.fields(cfg)]
-    saved = (source.saved_model if source.saved_model is not None else source.shapes) if source is not None else {}
+    recorded = source.saved_model if source is not None else None  # our files' config; None: released or no file
+    saved = (recorded if recorded is not None else source.shapes) if source is not None else {}
     saved = {k: v for k, v in saved.items() if v is not None and k in own and k in (*FUNCTION_FIELDS, "img_size")}
     given = {f: getattr(cfg, f) for f in (*FUNCTION_FIELDS, "img_size") if f in own and getattr(cfg, f) is not None}
     from_row: set[str] = set()
@@ -64,7 +65,7 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
                 given[name] = getattr(VARIANTS[cfg.variant], name)
                 from_row.add(name)
     check = [f for f in FUNCTION_FIELDS if f in own] + (["img_size"] if resume else [])
-    if source is not None and source.saved_model is None:
+    if source is not None and recorded is None:
         check = ["family"]  # a released file: its sizes are checked by the strict load, tensor by tensor
     for name in check:
         if name in given and name in saved and given[name] != saved[name]:

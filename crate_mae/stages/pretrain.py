@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from crate_mae.config import Config, config_to_dict
+from crate_mae.config import Config
 from crate_mae.data import PretrainTransform, ShardError, eval_loader, resolve_shards, train_loader
 from crate_mae.data.device_decode import DeviceCropTransform
 from crate_mae.data.prefetch import DeviceLoader
@@ -124,7 +124,7 @@ def _run(run: StageRun) -> PretrainResult:
             log.info(f"data: {loader.bad} of {loader.seen} samples skipped as unusable (see the warnings above)")
         final = checkpointer.save("final.pth", trainer.state_dict())
         if d.is_main:
-            export_encoder(model.state_dict(), config_to_dict(cfg), run_dir / "encoder.pth")
+            export_encoder(model.state_dict(), checkpointer.config, run_dir / "encoder.pth")  # the config it saves
             _save_reconstructions(model, preview, noise, cfg.model.img_size, run_dir / "reconstructions.png")
             watch.close()
             losses = f", loss {summary.first:.4f} → {summary.last:.4f}" if summary.first is not None else ""

@@ -645,3 +645,13 @@ def test_machines_write_their_parts_and_the_merge_joins_them(tmp_path: Path) -> 
     assert sorted(keys) == sorted(f"{i:09d}" for i in range(30))  # every sample exactly once over the parts
     with pytest.raises(ShardError, match=r"--node-rank 2 is not in 0 … 1"):
         write_split(source, tmp_path / "three", "train", num_nodes=2, node_rank=2)
+
+
+def test_a_reader_of_the_first_samples_opens_only_the_shards_that_hold_them(tmp_path: Path) -> None:
+    spec = make_set(tmp_path / "set", n_shards=5, per_shard=12)  # 60 samples, 12 a shard
+    shards = resolve_shards(spec)
+    assert [len(shards.first(n).urls) for n in (1, 12, 13, 60, 1000)] == [1, 1, 2, 5, 5]
+    assert shards.first(None) is shards and shards.first(13).samples == [12, 12]
+    loader = eval_loader(spec, 32, num_workers=0, batch_size=7, first_samples=20)
+    assert sum(len(b.keys) for b in loader) == 24  # the two shards that hold the first 20, read whole
+
