@@ -95,7 +95,7 @@ def probe_cost(model: str, *, batch: int, device: torch.device, steps: int = 3) 
     optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-4)
 
     def train_step() -> None:
-        mae(images).loss.backward()
+        mae.forward_masked(images).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

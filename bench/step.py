@@ -36,6 +36,7 @@ from crate_mae.engine.trainer import Trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
 from crate_mae.model import create_model
 from crate_mae.model.crate import set_fused
+from crate_mae.model.mae import MaskedObjective
 from crate_mae.model.flops import train_flops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -126,6 +127,7 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
         return m(b).loss if kind == "mae" else criterion(m(b), labels)
 
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(optim_cfg, optimizer, 10**6),
+                      objective=MaskedObjective(model) if kind == "mae" else None,
                       dist=Dist(0, 1, 0, device), loss_fn=loss_fn, precision=precision, compile=compile,
                       compile_mode=compile_mode)
     if device.type == "cuda":

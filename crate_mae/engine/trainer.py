@@ -60,26 +60,31 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 class Trainer:
     """Owns the wrapped model, optimiser, schedule and scaler, the run's position, and its batch arithmetic.
 
-    `step(micro_batches)` is one update; `fit(loader, ...)` runs the epochs. `loss_fn(model, batch) -> scalar
-    loss` gives the loss of one micro-batch (the stage decides what a batch is). The raw (unwrapped) model stays
-    in `self.module`, for checkpoints. `updates_per_epoch` (optimiser steps per epoch), `global_batch` (images
+    `step(micro_batches)` is one update; `fit(loader, ...)` runs the epochs. `loss_fn(net, batch) -> scalar
+    loss` gives the loss of one micro-batch (the stage decides what a batch is), calling `net`, which is
+    `objective` (default: the model) wrapped in DDP and torch.compile: a stage whose loss is not the model's
+    `forward` passes a module around it (the MAE's `MaskedObjective`), since those wrappers hook `forward` alone. The
+    raw (unwrapped) model stays in `self.module`, for checkpoints. `updates_per_epoch` (optimiser steps per epoch), `global_batch` (images
     per optimiser step) and `total_steps` are computed once, in `from_config`.
     """
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, dist: Dist,
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor], precision: str = "auto",
                  clip_grad: float | None = None, compile: bool = False, compile_mode: str = "default",
-                 epochs: int = 1, accum_steps: int = 1, updates_per_epoch: int = 0, global_batch: int = 0) -> None:
+                 epochs: int = 1, accum_steps: int = 1, updates_per_epoch: int = 0, global_batch: int = 0,
+                 objective: nn.Module | None = None) -> None:
         self.module, self.optimizer, self.scheduler, self.dist = model, optimizer, scheduler, dist
+        self.objective = model if objective is None else objective  # what loss_fn calls; its tensors are the model's
         self.loss_fn, self.clip_grad = loss_fn, clip_grad
         self.epochs, self.accum_steps, self.updates_per_epoch, self.global_batch = (epochs, accum_steps,
                                                                                    updates_per_epoch, global_batch)
         self.total_steps = epochs * updates_per_epoch
         self.precision = resolve_precision(precision, dist.device)
         # Every parameter receives a gradient in every step (tested), so DDP needs no unused-parameter search.
-        self.ddp = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
+        self.ddp = DistributedDataParallel(self.objective,
+                                           device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
             if dist.enabled else None
-        wrapped = self.ddp or model
+        wrapped = self.ddp or self.objective
         self.model = torch.compile(wrapped, mode=None if compile_mode == "default" else compile_mode) \
             if compile else wrapped
         # CUDA graphs (cudagraph trees) reuse their output memory from one generation to the next. One optimiser
@@ -93,7 +98,7 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: Config, model: nn.Module, d: Dist, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                    batches_per_epoch: int) -> Trainer:
+                    batches_per_epoch: int, objective: nn.Module | None = None) -> Trainer:
         """The Trainer every stage builds from its config: cfg.optim's optimiser (at the peak lr of the global
         batch), schedule, epochs, accumulation and clipping; cfg.run's precision and compile."""
         from crate_mae.engine.optim import build_optimizer, build_scheduler, peak_lr
@@ -105,7 +110,8 @@ class Trainer:
         return cls(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg.optim, optimizer, updates_per_epoch),
                    dist=d, loss_fn=loss_fn, precision=cfg.run.precision, clip_grad=cfg.optim.clip_grad,
                    compile=cfg.run.compile, compile_mode=cfg.run.compile_mode, epochs=cfg.optim.epochs,
-                   accum_steps=accum, updates_per_epoch=updates_per_epoch, global_batch=global_batch)
+                   accum_steps=accum, updates_per_epoch=updates_per_epoch, global_batch=global_batch,
+                   objective=objective)
 
     def step(self, micro_batches: Sequence[Any]) -> torch.Tensor:
         """One optimiser step over the micro-batches; returns their mean loss (detached, on the device)."""
@@ -204,7 +210,7 @@ class Trainer:
             saved = rng_state()
             try:
                 with torch.no_grad(), autocast(self.dist.device, self.precision):
-                    bad = not torch.isfinite(self.loss_fn(self.module, self._last_batch).float()).item()
+                    bad = not torch.isfinite(self.loss_fn(self.objective, self._last_batch).float()).item()
             finally:
                 set_rng_state(saved)
         flag = all_reduce_max(self.dist, torch.tensor(int(bad), device=self.dist.device))

@@ -197,7 +197,7 @@ class Monitor:
             if mae is not None:
                 noise = fixed_noise(batch.keys, self.num_patches, self.seed).to(device)  # (B, N)
                 with autocast(device, self.precision):
-                    out = mae(batch.images, noise=noise)
+                    out = mae.forward_masked(batch.images, noise=noise)
                 losses.append(mae.sample_loss(mae.normalize(batch.images), out.pred, out.mask).double().cpu())  # (B,)
                 tick = self.cost.charge("heldout", tick, device)
             if features:

@@ -42,7 +42,7 @@ class Normalize(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if img.dim() != 4 or img.shape[1] != 3:
-            raise InputError(f"a CRATE model takes RGB images (B, 3, H, W), got shape {tuple(img.shape)}")
+            raise InputError(f"a CRATE model takes RGB images (B, 3, H, W), got shape {list(img.shape)}")
         if img.dtype == torch.uint8:
             return (img.float() - self.mean) / self.std
         if not img.is_floating_point():
@@ -200,8 +200,8 @@ class LearnedPosition(nn.Module):
     def set_grid(self, grid: tuple[int, int]) -> None:
         """Keep the table for another grid from now on: resampled once (bicubic, CLS row kept), a new Parameter."""
         if tuple(grid) != self.grid:
-            with torch.no_grad():
-                self.table = nn.Parameter(resample_table(self.table, grid).contiguous())
+            with torch.no_grad():  # a frozen table stays frozen
+                self.table = nn.Parameter(resample_table(self.table, grid).contiguous(), self.table.requires_grad)
             self.grid = tuple(grid)
 
 
@@ -212,7 +212,7 @@ def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_pos_table(dim: int, grid: tuple[int, int], *, cls_token: bool = True,
+def sincos_pos_table(dim: int, grid: tuple[int, int], cls_token: bool = True,
                      fine: tuple[int, int] | None = None) -> torch.Tensor:
     """The fixed 2-D sin-cos position table (1 + h·w, d), with a zero row for CLS first.
 
@@ -283,6 +283,7 @@ def patchify(img: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, h * w, patch_size * patch_size * c)
 
 
+@register_notrace_function  # its shape check stays dynamic: FX records the call
 def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None, channels: int = 3) -> torch.Tensor:
     """(B, h·w, p·p·C) → img (B, C, h·p, w·p); the inverse of `patchify`.
 
@@ -317,13 +318,13 @@ class CrateStem(nn.Module):
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
         conv, grid = FAMILIES[family].stem == "conv", grid_size((img_size, img_size), patch_size)
-        self.family = family
+        self.family, self.in_chans, self.embed_dim = family, 3, dim  # timm's attributes
         self.normalize = Normalize()  # uint8 pixels in; everything below sees normalised images
-        self.patch_embed: nn.Module = PatchEmbed(patch_size=patch_size, dim=dim) if conv else \
+        self.patch_embed = PatchEmbed(patch_size=patch_size, dim=dim) if conv else \
             PatchifyEmbed(patch_size=patch_size, dim=dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.cls_token, std=0.02 if conv else 1.0)
-        self.pos: nn.Module = SinCosPosition(dim=dim, grid=grid) if conv else LearnedPosition(dim=dim, grid=grid)
+        self.pos = SinCosPosition(dim=dim, grid=grid) if conv else LearnedPosition(dim=dim, grid=grid)
 
     @property
     def patch_size(self) -> int:
@@ -347,7 +348,7 @@ class CrateStem(nn.Module):
         return token_grid(img_hw, self.patch_size, stride)
 
     def tokens(self, img: torch.Tensor, mask: torch.Tensor | None = None,
-               mask_token: torch.Tensor | None = None, *, stride: int | None = None) -> torch.Tensor:
+               mask_token: torch.Tensor | None = None, stride: int | None = None) -> torch.Tensor:
         """img (B, 3, H, W), uint8 pixels (or normalised float), mask (B, N) 1 = replace by `mask_token` (1, 1, d)
         → the encoder's input (B, 1 + N, d): patch tokens, CLS first, position table added.
 
@@ -355,6 +356,8 @@ class CrateStem(nn.Module):
         """
         x, fine = self.patch_embed(self.normalize(img), stride=stride)  # (B, N, d)
         if mask is not None:
-            x = torch.where(mask.bool()[..., None], mask_token.to(x.dtype), x)
+            if mask_token is None:
+                raise ValueError("a mask needs the mask_token that replaces the masked patches")
+            x = torch.where(mask[..., None] != 0, mask_token.to(x.dtype), x)
         grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
         return self.pos(prepend_cls(x, self.cls_token.to(x.dtype)), grid, fine)  # fine == grid: the plain table

@@ -1,16 +1,27 @@
-"""CRATE-MAE: random masking, the masked autoencoder's forward pass and its loss (docs/MODEL.md).
+"""CRATE-MAE: random masking, the masked autoencoder's pass and its loss (docs/MODEL.md), and its timm face.
+
+Two ways in, one computation:
+- `forward_masked(img, mask_ratio, noise)` → MAEOutput(loss, pred, mask): the masked pass, what pretraining, the
+  monitor and the reconstruction figures use (through `MaskedObjective` where DDP or torch.compile wrap it);
+- `model(img)` → the reconstruction (B, 3, H, W), a tensor, as timm's tools expect of every model: in train mode the
+  input is masked at `mask_ratio` (as in pretraining), in eval mode nothing is masked, so the output is deterministic
+  (masking is a training-time corruption, like dropout).
 
 Legend: B batch, N = h·w patches, d width, P = 3·p·p pixels per patch.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch.fx writes the root `forward`'s annotations into the code
+# of a traced model, and TorchScript (timm's FX-then-script path) must read them as types, not strings.
 
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from timm.layers import register_notrace_function
+
 from crate_mae.model.crate import Decoder, Encoder, xavier_linear
-from crate_mae.model.layers import CrateStem, grid_size, patchify
+from crate_mae.model.layers import CrateStem, grid_size, patchify, unpatchify
+from crate_mae.model.taps import EncoderTaps, feature_info
 
 
 class MAEOutput(NamedTuple):
@@ -34,13 +45,26 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     return (ids_restore >= len_keep).to(noise.dtype)
 
 
-class CrateMAE(CrateStem):
+@register_notrace_function  # a random draw sized by the input: FX records the call
+def draw_mask(img: torch.Tensor, patch_size: int, mask_ratio: float) -> torch.Tensor:
+    """A fresh uniform random mask (B, N) for images (B, 3, H, W): `random_masking` of torch.rand noise."""
+    h, w = grid_size((img.shape[-2], img.shape[-1]), patch_size)
+    return random_masking(torch.rand(img.shape[0], h * w, device=img.device), mask_ratio)
+
+
+class CrateMAE(EncoderTaps, CrateStem):
     """The CRATE masked autoencoder.
 
     img → patch tokens → masked ones replaced by `mask_token` → CLS prepended → sin-cos table added
     → Encoder → Decoder → `decoder_pred` Linear → pred without the CLS row.
     The encoder sees all 1 + N tokens (the released model's choice, unlike MAE's visible-only encoder).
     The released model's `decoder_embed` Linear is unused by its forward pass, so this one has none.
+
+    timm's contract, for an image-to-image model: `forward_features` is the reconstruction (B, 3, H, W), so
+    `num_features` = `head_hidden_size` = 3 (its channels) and `forward_head` is the identity (there is no classifier,
+    `num_classes` is 0); `embed_dim` is the encoder's width d. `forward_intermediates` / `features_only=True` give the
+    encoder layers' (B, d, h, w) maps; `prune_intermediate_layers` (what `features_only` calls) removes the decoder
+    side, leaving an encoder whose `forward_features` is its tokens (B, 1 + N, d).
     """
 
     def __init__(
@@ -59,7 +83,10 @@ class CrateMAE(CrateStem):
     ) -> None:
         super().__init__(family="mae", img_size=img_size, patch_size=patch_size, dim=dim)  # normalise, embed, CLS, table
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        self.num_classes, self.num_features = 0, dim  # timm's attributes (no classifier head)
+        self.reconstructs = True  # False once `prune_intermediate_layers` has removed the decoder side
+        self.num_classes, self.num_prefix_tokens = 0, 1  # timm's attributes: no classifier; CLS before the patches
+        self.num_features = self.head_hidden_size = 3  # forward_features' output: the reconstructed image's channels
+        self.feature_info = feature_info(encoder_depth, dim, patch_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.mask_token, std=0.02)
         self.encoder = Encoder(dim=dim, heads=heads, depth=encoder_depth, eta=eta, lambd=lambd)
@@ -104,12 +131,13 @@ class CrateMAE(CrateStem):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters kept free of weight decay besides norms and biases (timm's convention)."""
-        return {"cls_token", "mask_token"}
+        return {"cls_token", "mask_token"} & {name for name, _ in self.named_parameters()}
 
-    def forward(
+    def forward_masked(
         self, img: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None
     ) -> MAEOutput:
-        """img (B, 3, H, W), uint8 pixels (or normalised float) → MAEOutput(loss, pred (B, N, P), mask (B, N)).
+        """The masked autoencoder's pass: img (B, 3, H, W), uint8 pixels (or normalised float) → MAEOutput(loss,
+        pred (B, N, P), mask (B, N)). In train and eval mode alike it masks: this is the pretraining objective.
 
         `mask_ratio` defaults to the one the model was built with. `noise` (B, N) replaces the uniform
         draw that orders patches for masking (as Hugging Face's ViTMAE does), so a mask can be reproduced.
@@ -126,3 +154,60 @@ class CrateMAE(CrateStem):
         mask = random_masking(noise.float(), ratio)
         pred = self.decode(self.encode(img, mask))
         return MAEOutput(loss=self.loss(img, pred, mask), pred=pred, mask=mask)
+
+    def _final(self, z: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The last encoder layer's tokens (B, 1 + N, d) → `forward_features`: the final norm, then (unless pruned)
+        the decoder and the reconstruction unpatchified on the token grid (B, 3, H, W)."""
+        z = self.encoder.norm(z)
+        if not self.reconstructs:
+            return z
+        return unpatchify(self.decode(z), self.patch_size, grid)
+
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        """img (B, 3, H, W) → the reconstruction (B, 3, H, W) in normalised pixels (per-patch normalised units if
+        norm_pix_loss), every patch predicted; in train mode from an input masked at `mask_ratio`, in eval mode from
+        the whole image. Pruned (no decoder): the encoder's tokens (B, 1 + N, d)."""
+        mask = draw_mask(img, self.patch_size, self.mask_ratio) if self.training and self.reconstructs else None
+        grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
+        z = self.tokens(img, mask, self.mask_token if self.reconstructs else None)
+        for layer in self.encoder.layers:
+            z = layer(z)
+        return self._final(z, grid)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The identity: the MAE has no classifier (timm's `forward_head` of a headless model)."""
+        return x
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """img (B, 3, H, W) → the reconstruction (B, 3, H, W) (`forward_features`); the loss is `forward_masked`'s."""
+        return self.forward_head(self.forward_features(img))
+
+    def _prune_head(self) -> None:
+        """What `prune_intermediate_layers(prune_head=True)` removes: the decoder side (mask token, decoder, its
+        prediction Linear). What is left is the encoder, and `forward_features` gives its tokens (B, 1 + N, d)."""
+        del self.mask_token, self.decoder, self.decoder_pred
+        self.reconstructs = False
+        self.num_features = self.head_hidden_size = self.embed_dim
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's `reset_classifier`: the MAE has none, so only `num_classes` 0 (nothing to remove) is accepted."""
+        if num_classes or global_pool:
+            raise ValueError(f"the CRATE-MAE has no classifier (num_classes {num_classes}, global_pool {global_pool!r}):"
+                             " build a classifier on its encoder (crate_mae_encoder_<size>, ClassifierConfig)")
+
+
+class MaskedObjective(nn.Module):
+    """The pretraining pass as a module of its own: `forward(img, mask_ratio, noise)` is `mae.forward_masked`.
+
+    DDP and torch.compile wrap a module's `forward`; the Trainer wraps this one, so the CrateMAE's own `forward`
+    keeps timm's tensor contract while the training step keeps its named outputs. It owns no tensors: its
+    parameters are the MAE's, and checkpoints save the MAE.
+    """
+
+    def __init__(self, mae: CrateMAE) -> None:
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, img: torch.Tensor, mask_ratio: float | None = None,
+                noise: torch.Tensor | None = None) -> MAEOutput:
+        return self.mae.forward_masked(img, mask_ratio, noise)

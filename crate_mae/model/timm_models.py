@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -85,8 +86,10 @@ def _config(row: TimmRow, kwargs: dict[str, Any], head: int | None) -> ModelConf
     kwargs = dict(kwargs)
     if row.kind == "classifier" and "num_classes" not in kwargs:
         kwargs["num_classes"] = head if head is not None else row.num_classes
-    if row.kind == "mae" and kwargs.get("num_classes") == 0:
-        del kwargs["num_classes"]  # what timm records for a headless model (and passes back from a local-dir)
+    if row.kind == "mae" and "num_classes" in kwargs:  # timm's rule for a headless model: the keyword is dropped
+        if kwargs.pop("num_classes"):
+            warnings.warn(f"crate_mae_{row.variant}: the CRATE-MAE has no classifier, so num_classes is ignored; "
+                          f"crate_mae_encoder_{row.variant} is the classifier on its encoder", stacklevel=4)
     kwargs.pop("pretrained_model_args", None)  # timm's record of a local-dir file's keywords: passed already
     if "global_pool" in kwargs:
         pool = kwargs.pop("global_pool")
@@ -121,9 +124,6 @@ def _entrypoint(name: str, row: TimmRow) -> Callable[..., nn.Module]:
     def create(pretrained: bool = False, *, pretrained_cfg: Any = None, pretrained_cfg_overlay: dict | None = None,
                cache_dir: Any = None, device: Any = None, dtype: Any = None, **kwargs: Any) -> nn.Module:
         features = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}  # timm's builder's, not the model's
-        if features.get("features_only") and row.kind == "mae":
-            raise TypeError(f"{name}: features_only takes a classifier name (crate_mae_encoder_<size>, crate_<size>), "
-                            f"whose encoder it wraps")
         overlay = dict(pretrained_cfg_overlay or {})
         ckpt = read_checkpoint(overlay.pop("file")) if pretrained and overlay.get("file") else None
         try:

@@ -24,6 +24,7 @@ from crate_mae.eval.monitor import Monitor, monitor_figure, monitor_table
 from crate_mae.errors import CheckpointError
 from crate_mae.model import Checkpoint, build_model
 from crate_mae.model.hub import load_weights
+from crate_mae.model.mae import MaskedObjective
 from crate_mae.model.files import export_encoder
 from crate_mae.seeding import mix_seed, seed_everything
 from crate_mae.stages.common import REPO, StageRun, banner, run_stage
@@ -66,7 +67,8 @@ def build_training(cfg: Config, d: dist.Dist, train_spec: str, weights: Checkpoi
                           seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps, pin_memory=d.device.type == "cuda",
                           labels=labels)
     loader = DeviceLoader(loader, device=d.device, depth=cfg.data.prefetch)  # to the device once, off the step's path
-    return Trainer.from_config(cfg, model, d, lambda m, b: m(b.images).loss, len(loader)), loader
+    return Trainer.from_config(cfg, model, d, lambda net, b: net(b.images).loss, len(loader),
+                               objective=MaskedObjective(model)), loader
 
 
 def _preview(cfg: Config, spec: str, n: int = 8) -> torch.Tensor:

@@ -37,7 +37,7 @@ def reconstruct(model: CrateMAE, img: torch.Tensor, *, mask_ratio: float | None 
     img = model.normalize(img)  # uint8 pixels → the normalised image the model reconstructs
     was_training = model.training
     model.eval()
-    out = model(img, mask_ratio=mask_ratio, noise=noise)
+    out = model.forward_masked(img, mask_ratio=mask_ratio, noise=noise)
     model.train(was_training)
     p, grid = model.patch_size, (img.shape[-2] // model.patch_size, img.shape[-1] // model.patch_size)
     target, pred = patchify(img, p), out.pred.float()  # (B, N, P)

@@ -21,6 +21,7 @@ from crate_mae.engine.optim import build_scheduler
 from crate_mae.engine.trainer import Trainer
 from crate_mae.eval.monitor import Monitor, fixed_noise, monitor_figure, monitor_table
 from crate_mae.model import build_mae, resolve_config
+from crate_mae.model.mae import MaskedObjective
 from crate_mae.seeding import seed_everything
 from tests.helpers import image_bytes, write_tar_set
 
@@ -54,6 +55,7 @@ def test_evaluate_never_changes_training(digits) -> None:
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         trainer = Trainer(model=model, optimizer=opt, dist=CPU, loss_fn=lambda m, b: m(b).loss,  # masks: global RNG
+                          objective=MaskedObjective(model),
                           scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1))
         seed_everything(3)
         for batch in batches:
@@ -98,7 +100,7 @@ def test_heldout_loss_has_fixed_masks(digits) -> None:
     with torch.no_grad():
         for norm_pix in (False, True):
             mae.norm_pix_loss = norm_pix
-            out = mae(images, noise=fixed_noise(keys, 64, 0))
+            out = mae.forward_masked(images, noise=fixed_noise(keys, 64, 0))
             expected = mae.sample_loss(mae.normalize(images), out.pred, out.mask).double().mean().item()
             assert mon.evaluate(mae)["heldout_loss"] == pytest.approx(expected, rel=1e-6)
     assert expected != pytest.approx(first["heldout_loss"], rel=1e-3)  # norm_pix_loss changes the measure

@@ -17,7 +17,7 @@ from crate_mae.config import ClassifierConfig, MAEConfig
 from crate_mae.model import CrateClassifier, build_classifier, build_mae, hub, to_ours, to_released
 from crate_mae.model.mae import random_masking
 
-D, HEADS, DEPTH, PATCH, IMG = 64, 4, 2, 4, 32
+D, HEADS, DEPTH, PATCH, IMG = 64, 4, 3, 4, 32
 GRID = IMG // PATCH
 P = 3 * PATCH * PATCH
 
@@ -106,7 +106,7 @@ def test_released_state_converts_loads_and_computes_the_same_function() -> None:
     model = nano_mae()
     model.load_state_dict(to_ours(state), strict=True)
     img, noise = torch.randn(2, 3, IMG, IMG), torch.rand(2, GRID * GRID)
-    out = model.eval()(img, noise=noise)
+    out = model.eval().forward_masked(img, noise=noise)
     assert_close(out.pred, released_forward(state, img, random_masking(noise, 0.75)), atol=1e-5, rtol=1e-4)
 
 
@@ -172,7 +172,7 @@ def test_load_released_mae_from_file_with_weights_only(tmp_path: Path) -> None:
     torch.save({"model": state}, path)
     model = load_released_mae(path, MAEConfig(variant="nano"))
     img, noise = torch.randn(1, 3, IMG, IMG), torch.rand(1, GRID * GRID)
-    assert_close(model.eval()(img, noise=noise).pred, released_forward(state, img, random_masking(noise, 0.75)),
+    assert_close(model.eval().forward_masked(img, noise=noise).pred, released_forward(state, img, random_masking(noise, 0.75)),
                  atol=1e-5, rtol=1e-4)
 
 

@@ -27,7 +27,7 @@ def test_mae_forward_flops_match_the_counter(img_size: int) -> None:
 
 def test_classifier_forward_flops_match_the_counter() -> None:
     img = torch.randn(3, 3, 32, 32)
-    expected = forward_flops(dim=64, encoder_depth=2, decoder_depth=0, img_size=32, patch_size=4, num_classes=10)
+    expected = forward_flops(dim=64, encoder_depth=3, decoder_depth=0, img_size=32, patch_size=4, num_classes=10)
     assert counted(build_classifier(ClassifierConfig(variant="nano", num_classes=10)), img) == 3 * expected
 
 

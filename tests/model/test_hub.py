@@ -23,7 +23,7 @@ from crate_mae.model.files import export_encoder, shapes_of
 from crate_mae.model.layers import resample_table
 from crate_mae.model.timm_models import MODELS
 
-D, HEADS, DEPTH, PATCH, IMG, CLASSES = 64, 4, 2, 4, 32, 7
+D, HEADS, DEPTH, PATCH, IMG, CLASSES = 64, 4, 3, 4, 32, 7
 GRID = IMG // PATCH
 
 
@@ -150,7 +150,7 @@ def test_our_files_final_encoder_and_safetensors_carry_their_config(tmp_path: Pa
             hub.create_model(ClassifierConfig(heads=4), tmp_path / name)
     again, _ = hub.create_model(MAEConfig(), tmp_path / "whole.safetensors")
     noise = torch.rand(2, GRID * GRID)
-    assert torch.equal(again.eval()(img, noise=noise).pred, mae(img, noise=noise).pred)
+    assert torch.equal(again.eval().forward_masked(img, noise=noise).pred, mae.forward_masked(img, noise=noise).pred)
     with pytest.raises(ValueError, match="encoder.pth: holds no decoder"):
         hub.create_model(MAEConfig(), tmp_path / "encoder.pth")
     timm_clf = timm.create_model("crate_mae_encoder_nano", pretrained=True, pretrained_cfg_overlay={"file": str(final)})
@@ -172,7 +172,7 @@ def test_family_size_patch_and_head_mismatches_are_one_line_errors(tmp_path: Pat
                                                          r"checkpoint \(64, 48\), model \(192, 48\)"),
         (ClassifierConfig(patch_size=8), sup, r"shape mismatch for 'patch_embed\.pre_norm\.weight': "
                                                        r"checkpoint \(48,\), model \(192,\)"),
-        (ClassifierConfig(encoder_depth=3), sup, r"missing key 'encoder\.layers\.2\.\S+' \(and 7 more\)"),
+        (ClassifierConfig(encoder_depth=4), sup, r"missing key 'encoder\.layers\.3\.\S+' \(and 7 more\)"),
         (MAEConfig(variant="demo"), mae_file, r"final\.pth: model\.variant is 'nano' in the checkpoint but 'demo'"),
     ]
     for cfg, path, message in cases:
@@ -250,7 +250,7 @@ def test_save_for_hf_then_local_dir_round_trips(tmp_path: Path, name: str, args:
     img = torch.randn(2, 3, IMG, IMG)
     if name == "crate_mae_nano":
         noise = torch.rand(2, GRID * GRID)
-        assert torch.equal(again(img, noise=noise).pred, model(img, noise=noise).pred)
+        assert torch.equal(again.forward_masked(img, noise=noise).pred, model.forward_masked(img, noise=noise).pred)
         assert again.norm_pix_loss
     else:
         assert torch.equal(again(img), model(img)) and again.pool == model.pool

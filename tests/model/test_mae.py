@@ -36,7 +36,7 @@ def test_mask_agrees_with_the_noise() -> None:
 def test_same_noise_same_output_and_mask() -> None:
     model = nano().eval()
     img, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
-    a, b = model(img, noise=noise), model(img, noise=noise)
+    a, b = model.forward_masked(img, noise=noise), model.forward_masked(img, noise=noise)
     assert_close(a.pred, b.pred)
     assert torch.equal(a.mask, b.mask)
     assert torch.equal(a.mask, random_masking(noise, 0.75))
@@ -44,13 +44,13 @@ def test_same_noise_same_output_and_mask() -> None:
 
 def test_forward_shapes_and_mask_ratio_argument() -> None:
     model = nano()
-    out = model(torch.randn(3, 3, 32, 32), mask_ratio=0.5)
+    out = model.forward_masked(torch.randn(3, 3, 32, 32), mask_ratio=0.5)
     assert out.pred.shape == (3, 64, 48) and out.mask.shape == (3, 64) and out.loss.shape == ()
     assert (out.mask.sum(1) == 32).all()
     with pytest.raises(ValueError, match="mask_ratio"):
-        model(torch.randn(1, 3, 32, 32), mask_ratio=1.0)
+        model.forward_masked(torch.randn(1, 3, 32, 32), mask_ratio=1.0)
     with pytest.raises(ValueError, match="noise"):
-        model(torch.randn(1, 3, 32, 32), noise=torch.rand(1, 10))
+        model.forward_masked(torch.randn(1, 3, 32, 32), noise=torch.rand(1, 10))
 
 
 def test_masked_patches_become_the_mask_token() -> None:
@@ -81,7 +81,7 @@ def test_loss_uses_only_masked_patches() -> None:
 
 def test_loss_is_the_spec_formula() -> None:
     model = nano()
-    out = model(torch.randn(2, 3, 32, 32))
+    out = model.forward_masked(torch.randn(2, 3, 32, 32))
     img = torch.randn(2, 3, 32, 32)
     pred, mask = torch.randn(2, 64, 48), out.mask
     expected = (((pred - patchify(img, 4)) ** 2).mean(-1) * mask).sum() / mask.sum()
@@ -125,7 +125,7 @@ def test_trainable_parameter_counts(variant: str, expected: int) -> None:
 def test_every_parameter_gets_a_gradient() -> None:
     """So DDP needs no find_unused_parameters."""
     model = nano()
-    model(torch.randn(2, 3, 32, 32)).loss.backward()
+    model.forward_masked(torch.randn(2, 3, 32, 32)).loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -148,7 +148,7 @@ def test_a_few_steps_reduce_the_loss() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(30):
-        loss = model(img, noise=noise).loss
+        loss = model.forward_masked(img, noise=noise).loss
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
@@ -170,10 +170,10 @@ def test_training_forward_is_one_graph_without_breaks() -> None:
 def test_per_sample_loss_is_the_loss_of_each_image() -> None:
     model = nano().eval()
     img, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
-    out = model(img, noise=noise)
+    out = model.forward_masked(img, noise=noise)
     per_image = model.sample_loss(img, out.pred, out.mask)
     assert per_image.shape == (3,)
     for i in range(3):  # each image alone gives its own entry
-        alone = model(img[i:i + 1], noise=noise[i:i + 1])
+        alone = model.forward_masked(img[i:i + 1], noise=noise[i:i + 1])
         torch.testing.assert_close(per_image[i], alone.loss)
     torch.testing.assert_close(per_image.mean(), out.loss)  # every image masks the same number of patches

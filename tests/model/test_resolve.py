@@ -39,8 +39,8 @@ def test_unset_fields_take_the_checkpoints_values() -> None:
 
 
 @pytest.mark.parametrize("field, value", [("heads", 4), ("lambd", 0.5), ("eta", 0.2), ("variant", "demo"),
-                                          ("encoder_depth", 3), ("family", "supervised"), ("patch_size", 8),
-                                          ("decoder_depth", 3)])
+                                          ("encoder_depth", 4), ("family", "supervised"), ("patch_size", 8),
+                                          ("decoder_depth", 4)])
 def test_a_set_field_that_differs_from_the_checkpoint_is_named(field: str, value: object) -> None:
     if field == "family":  # a family is told by the keys, before any field is compared
         with pytest.raises(ValueError, match=r"final\.pth: holds our CRATE-MAE .* but model\.family is 'supervised'"):

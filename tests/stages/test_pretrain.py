@@ -21,7 +21,7 @@ from crate_mae.engine.trainer import NonFiniteLoss, Trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
 from crate_mae.model import build_classifier, build_mae, hub, read_checkpoint, resolve_config
 from crate_mae.model import files
-from crate_mae.model.mae import CrateMAE
+from crate_mae.model.mae import CrateMAE, MaskedObjective
 from crate_mae.stages.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,8 +72,8 @@ def test_exported_encoder_loads_into_a_classifier(digits, tmp_path: Path) -> Non
 
 def test_mismatched_checkpoint_names_the_field(digits, tmp_path: Path) -> None:
     run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))
-    with pytest.raises(ValueError, match=r"final\.pth: model\.encoder_depth is 2 in the checkpoint but 3 in the config"):
-        run_pretrain(tiny(digits, tmp_path, "optim.epochs=1", "model.encoder_depth=3", "run.resume=auto"))
+    with pytest.raises(ValueError, match=r"final\.pth: model\.encoder_depth is 3 in the checkpoint but 4 in the config"):
+        run_pretrain(tiny(digits, tmp_path, "optim.epochs=1", "model.encoder_depth=4", "run.resume=auto"))
     with pytest.raises(FileExistsError, match="--resume auto"):
         run_pretrain(tiny(digits, tmp_path, "optim.epochs=1"))
 
@@ -108,7 +108,8 @@ def test_the_checkpoint_check_leaves_the_random_stream_alone() -> None:
     model = build_mae(MAEConfig(variant="nano"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0),
-                      opt, 1), dist=CPU, loss_fn=lambda m, b: m(b).loss)
+                      opt, 1), dist=CPU, loss_fn=lambda m, b: m(b).loss,
+                      objective=MaskedObjective(model))
     trainer.step([torch.randn(2, 3, 32, 32)])
     before = torch.get_rng_state()
     trainer.check_state_finite()  # draws a mask, then puts every generator back
@@ -120,7 +121,7 @@ def test_trainer_names_the_first_non_finite_step() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     values = iter([1.0, 1.0, float("inf"), 1.0])
     trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1),
-                      dist=CPU, loss_fn=lambda m, b: m(b).loss * next(values))
+                      dist=CPU, loss_fn=lambda m, b: m(b).loss * next(values), objective=MaskedObjective(model))
     for _ in range(4):
         trainer.step([torch.randn(2, 3, 32, 32)])
     with pytest.raises(NonFiniteLoss, match="at step 3"):
@@ -151,6 +152,7 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch() -> None:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         trainer = Trainer(model=model, optimizer=opt, dist=CPU, loss_fn=lambda m, b: m(b[0], noise=b[1]).loss,
+                          objective=MaskedObjective(model),
                           scheduler=build_scheduler(OptimConfig(epochs=10_000, warmup_epochs=0), opt, 1))
         trainer.step(micro)
         after.append(model.state_dict())
@@ -178,6 +180,7 @@ def test_compiled_step_equals_the_eager_step(device: str, mode: str) -> None:
         cfg = OptimConfig(optimizer="sgd", epochs=1, warmup_epochs=0)
         opt = build_optimizer(cfg, model, 0.05, d.device)
         trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b[0], noise=b[1]).loss,
+                          objective=MaskedObjective(model),
                           scheduler=build_scheduler(cfg, opt, 100), compile=compile, compile_mode=mode)
         assert hasattr(trainer.model, "_orig_mod") == compile  # torch.compile's wrapper
         losses.append(torch.stack([trainer.step([(x[:4], n[:4]), (x[4:], n[4:])]) for x, n in batches]))  # accumulated
@@ -292,12 +295,12 @@ def test_bf16_step_keeps_fp32_where_precision_needs_it(device: str) -> None:
     hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
              if name in ("encoder.layers.0.attn.U", "encoder.layers.0.attn.proj")]
     with torch.autocast(device, dtype=torch.bfloat16):
-        out = model(img, noise=noise)
+        out = model.forward_masked(img, noise=noise)
     for hook in hooks:
         hook.remove()
     assert dtypes == {"encoder.layers.0.attn.U": torch.bfloat16, "encoder.layers.0.attn.proj": torch.bfloat16}
     assert out.loss.dtype == torch.float32 and out.pred.dtype == torch.bfloat16
-    torch.testing.assert_close(out.loss, model(img, noise=noise).loss, rtol=3e-2, atol=0)
+    torch.testing.assert_close(out.loss, model.forward_masked(img, noise=noise).loss, rtol=3e-2, atol=0)
     out.loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
 
@@ -311,6 +314,7 @@ def test_cuda_train_step_never_waits_on_the_host() -> None:
     cfg = OptimConfig(epochs=1, warmup_epochs=0.5)
     opt = build_optimizer(cfg, model, 1e-3, d.device)
     trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b).loss, precision="bf16",
+                      objective=MaskedObjective(model),
                       scheduler=build_scheduler(cfg, opt, 10))
     img = torch.randn(8, 3, 32, 32, device=d.device)
     trainer.step([img])  # the first step creates the optimiser state
@@ -347,7 +351,8 @@ def test_a_resume_trains_with_the_schedule_it_prints(digits, tmp_path: Path) -> 
                                  *overrides])
         torch.manual_seed(0)
         model = build_mae(resolve_config(cfg.model))
-        return Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).loss, batches_per_epoch=4)
+        return Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).loss, batches_per_epoch=4,
+                                   objective=MaskedObjective(model))
 
     old = trainer_for("optim.lr=1e-3")
     for _ in range(6):

@@ -101,7 +101,7 @@ def test_commands_write_pictures_and_numbers(tmp_path: Path) -> None:
                      "--img-size", "48", "--out", str(tmp_path / "att.png")]) == 0
     assert (tmp_path / "att.png").stat().st_size > 0
     assert viz_main(["layers", "--checkpoint", str(tmp_path / "encoder.pth"), "--images", str(images)]) == 0
-    assert len(json.loads((tmp_path / "layers.json").read_text())) == 2
+    assert len(json.loads((tmp_path / "layers.json").read_text())) == 3
     with pytest.raises(SystemExit):  # an encoder alone cannot reconstruct: one clear line
         viz_main(["recon", "--checkpoint", str(tmp_path / "encoder.pth"), "--images", str(images)])
 
@@ -191,7 +191,7 @@ def test_a_checkpoint_of_the_supervised_family_at_a_finer_stride(tmp_path: Path)
 
 
 @pytest.mark.parametrize(("extra", "words"), [
-    (["--stride", "3"], "stride 3"), (["--layer", "2"], "--layer 2"), (["--mass", "1.5"], "mass"),
+    (["--stride", "3"], "stride 3"), (["--layer", "3"], "--layer 3"), (["--mass", "1.5"], "mass"),
     (["--images", "nowhere/*.png"], "nowhere"), (["--model", "crate_nope"], "crate_nope"),
     (["--model", "crate_mae_nano"], "needs a classifier"), (["--n", "0"], "--n 0"), (["--size", "50"], "50")])
 def test_bad_arguments_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], words: str) -> None:
