@@ -8,8 +8,8 @@
 | `crate_{small,base}_21k_patch8`       | the emergence notebooks' CRATE_small_21k / CRATE_base_21k              |
 
 <size> is a row of the size table (nano, demo, tiny, small, base, large). Model keywords are `ModelConfig`
-fields (num_classes, img_size, heads, lambd, ...), plus timm's `global_pool` ("token" | "avg") and
-`drop_path_rate`. No weights are hosted: `pretrained=True` takes a local file of any layout `hub` reads,
+fields (num_classes, img_size, heads, lambd, ...), plus timm's `global_pool` ("token" | "avg"),
+`drop_path_rate`, `in_chans` (3) and `drop_rate` (0: there is no dropout). No weights are hosted: `pretrained=True` takes a local file of any layout `hub` reads,
 
     timm.create_model("crate_small_21k_patch8", pretrained=True, pretrained_cfg_overlay=dict(file="small_21k.pth"))
 
@@ -101,6 +101,9 @@ def _config(row: TimmRow, kwargs: dict[str, Any], head: int | None) -> ModelConf
         if len(size) != 2 or size[0] != size[1]:
             raise ValueError(f"img_size: CRATE models are built for square images, got {size}")
         kwargs["img_size"] = int(size[0])
+    if kwargs.pop("drop_rate", 0.0):  # timm's tools (benchmark.py, train.py) pass drop_rate=0.0 to every model
+        raise ValueError("drop_rate: CRATE models have no dropout (the released ones have none); drop_path_rate is "
+                         "their stochastic depth")
     if kwargs.pop("in_chans", 3) != 3:
         raise ValueError("in_chans: CRATE models take RGB images (3 channels)")
     known = {f.name for f in fields(row.config_class)}

@@ -115,6 +115,18 @@ def test_pretrained_cfg_and_the_head_calls_agree_with_the_model(name: str) -> No
     assert len(groups) == len(model.encoder.layers) + 2  # the stem, each layer, the top (norm and head)
 
 
+@pytest.mark.parametrize("name", ["crate_nano", "crate_mae_nano"])
+def test_timm_tools_keywords_are_taken(name: str) -> None:
+    """The keywords timm's benchmark.py and train.py pass to every model: in_chans 3, drop_rate 0, scriptable; a
+    dropout or another channel count is refused by name."""
+    model = timm.create_model(name, in_chans=3, drop_rate=0.0, scriptable=True).eval()
+    assert torch.jit.script(model)(images()).shape[0] == 2
+    with pytest.raises(ValueError, match="drop_rate: CRATE models have no dropout"):
+        timm.create_model(name, drop_rate=0.1)
+    with pytest.raises(ValueError, match="in_chans: CRATE models take RGB images"):
+        timm.create_model(name, in_chans=1)
+
+
 @pytest.mark.parametrize("name", ["crate_nano", "crate_mae_nano", "crate_mae_encoder_nano"])
 def test_made_on_the_meta_device_in_any_dtype_and_frozen_stays_frozen(name: str) -> None:
     """timm's `device=` and `dtype=` keywords; reset_classifier keeps the model's device, dtype and mode; a frozen model
