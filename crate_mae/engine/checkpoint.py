@@ -17,7 +17,8 @@ from typing import Any, Protocol, TypedDict
 
 import torch
 
-from crate_mae.engine.dist import Dist, all_gather_object, barrier, rng_state, set_rng_state
+from crate_mae.atomic import WriteError
+from crate_mae.engine.dist import Dist, all_gather_object, broadcast_object, rng_state, set_rng_state
 from crate_mae.model.files import Checkpoint, save
 
 _PERIODIC = re.compile(r"ckpt-(\d+)\.pth$")
@@ -87,15 +88,32 @@ class Checkpointer:
         return step % self.every == 0 and not last
 
     def save(self, name: str, state: Mapping[str, Any]) -> Path:
-        """Write `run_dir/name` holding `state` (collective); periodic files beyond keep_last are pruned."""
+        """Write `run_dir/name` holding `state` (collective); periodic files beyond keep_last are pruned. A write
+        that fails (a full disk, a quota, a read-only run folder) leaves the earlier files as they were and raises
+        the same one-line `WriteError` on every rank: rank 0 tells the others, which would otherwise fail at the
+        next collective with a lost peer's error (or wait for rank 0 until the process group's timeout)."""
         rngs = all_gather_object(self.dist, rng_state())
         path = self.run_dir / name
+        failure: Exception | None = None
         if self.dist.is_main:
             payload: CheckpointPayload = {**state, "rng": rngs, "config": self.config,  # type: ignore[typeddict-item]
                                           **{key: s.state_dict() for key, s in self.extra.items()}}
-            save(path, payload)
-            prune(self.run_dir, self.keep_last)
-        barrier(self.dist)
+            try:
+                save(path, payload)
+                prune(self.run_dir, self.keep_last)
+            except Exception as err:  # told to every rank below; rank 0 raises its own, with its traceback
+                failure = err
+        told: WriteError | str | None = None
+        if failure is not None:
+            told = failure if isinstance(failure, WriteError) else \
+                f"rank 0 failed to write {path}: {type(failure).__name__}: {failure}"
+        told = broadcast_object(self.dist, told)  # on every rank; a barrier too: none goes on before the file is there
+        if failure is not None:
+            raise failure
+        if isinstance(told, WriteError):
+            raise told
+        if told is not None:
+            raise RuntimeError(told)
         return path
 
     def restore(self, ckpt: Checkpoint) -> dict[str, Any]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from crate_mae.atomic import atomic_path
+from crate_mae.atomic import atomic_path, atomic_write
 from crate_mae.errors import CheckpointError, CrateError, MissingFileError
 from crate_mae.model.convert import MAE_ONLY_PREFIXES, Layout, layout_of, to_ours, unwrap
 
@@ -135,21 +136,60 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                       int(head.shape[0]) if head is not None else None, payload)
 
 
+def saved_size(obj: Any) -> int:
+    """About the bytes `torch.save(obj)` writes: each tensor's storage once (a view saves its whole storage), with
+    its zip record (header, 64-byte alignment), and a margin for the pickled rest; for a full disk's message."""
+    seen: set[tuple[str, int]] = set()
+    total = 64 << 10
+
+    def walk(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            try:
+                storage = value.untyped_storage()
+                key = (str(storage.device), storage.data_ptr())
+            except (RuntimeError, NotImplementedError):  # a layout without one storage (sparse): its own bytes
+                total += value.element_size() * value.nelement() + 192
+                return
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes() + 192
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            total += 8 * len(value)  # an RNG state is a list of thousands of ints
+            for item in value:
+                walk(item)
+
+    walk(obj)
+    return total
+
+
 def save(path: str | Path, payload: Mapping[str, Any]) -> None:
-    """torch.save through a temp file and a rename: a crash mid-write leaves the old file intact."""
-    with atomic_path(path) as tmp:
-        torch.save(dict(payload), tmp)
+    """torch.save through a temp file and a rename: a crash mid-write leaves the old file intact. torch writes into
+    our file object, so that a full disk, a quota or a read-only folder is told by the system's own error, as a
+    one-line `WriteError` naming the file (torch writing to a path would say `RuntimeError: ... unexpected pos`)."""
+    with atomic_write(path, needed=saved_size(payload)) as f:
+        torch.save(dict(payload), f)
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None, path: str | os.PathLike) -> None:
     """A `.safetensors` export of a state dict (our key names), with the run's config (JSON) in its metadata, so
-    that `read_checkpoint` checks it as it checks our `.pth` files. Written atomically."""
+    that `read_checkpoint` checks it as it checks our `.pth` files. Written atomically; a failed write is a one-line
+    `WriteError` (safetensors writes by path and tells the system's error only in its text: `(os error 28)`)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in unwrap(state).items()}
     metadata = {SAFETENSORS_CONFIG_KEY: json.dumps(dict(config))} if config else None
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    needed = sum(t.nbytes for t in tensors.values()) + 256 * len(tensors) + len(json.dumps(metadata or {})) + 8
+    with atomic_path(path, needed=needed) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as err:
+            if (code := re.search(r"\(os error (\d+)\)", str(err))) is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from err
 
 
 def encoder_state(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
