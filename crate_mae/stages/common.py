@@ -1,7 +1,11 @@
-"""What every stage shares: the resolve-once phase (`prepare`), the run (folder, logger closed however the run ends,
-the Checkpointer), results.json from a dataclass, and the closing banner.
+"""What every stage shares: the run folder's lock, the resolve-once phase (`prepare`), the run (folder, logger closed
+however the run ends, the Checkpointer), results.json from a dataclass, and the closing banner.
 
-    run_stage(cfg, body, weights=cfg.finetune.checkpoint)   # per process: prepare → body(StageRun)
+    run_stage(cfg, body, weights=cfg.finetune.checkpoint)  # per process: lock, prepare, body(StageRun), release
+
+`run_stage` takes the run folder's lock (engine/runlock.py) before anything is read from or written into the folder,
+so that a second run started into it (a job submitted twice, one run.name on two machines) is refused in one line
+naming the run that holds it, on every rank together; the lock is released however the run ends.
 
 `prepare` is the only place a stage's files are read and its config settled, in this order: the resume file
 (`--resume`) and the weight file, each read once by the one reader; the model config resolved once by the one
@@ -26,6 +30,7 @@ from crate_mae.data.shards import DIGITS_DIR, ensure_digits, ensure_torchvision
 from crate_mae.engine import dist
 from crate_mae.engine.checkpoint import Checkpointer, Stateful, latest
 from crate_mae.engine.log import RunLogger
+from crate_mae.engine.runlock import RunLock
 from crate_mae.errors import MissingFileError, RunFolderError
 from crate_mae.model import Checkpoint, read_checkpoint, resolve_config
 
@@ -46,6 +51,7 @@ class StageRun:
     train_spec: str
     val_spec: str | None
     changes: tuple[str, ...] = ()  # 'optim.lr 0.0001 → 0.0002' for each schedule key a resume changes
+    lock: RunLock | None = None  # rank 0's hold on run_dir (run_stage's; None on other ranks, or a bare prepare)
 
     def checkpointer(self, extra: Mapping[str, Stateful] | None = None) -> Checkpointer:
         """The run's Checkpointer (keeping `extra`): cfg.run's interval and pruning, the config in every file."""
@@ -64,6 +70,8 @@ class StageRun:
         log = RunLogger(self.run_dir, enabled=self.d.is_main, total_steps=total_steps, initial_step=step)
         if stale:
             log.info(f"removed {len(stale)} temp file(s) left by an interrupted write: {', '.join(p.name for p in stale)}")
+        if self.lock is not None and self.lock.took_over:  # printed when it happened; kept in the run's own log too
+            log.event("lock_taken_over", step, message=self.lock.took_over)
         if self.resume is not None:
             log.event("resume", step, checkpoint=self.resume.path, changed=list(self.changes))
             if self.changes:
@@ -77,12 +85,51 @@ class StageRun:
 
 def run_stage(cfg: Config, body: Callable[[StageRun], R], *, weights: str | None = None,
               default_family: str = "mae") -> R:
-    """Run `body` once per process (one CPU, one GPU, or every rank under torchrun) on its prepared StageRun."""
-    return dist.run_with(cfg.run.device, lambda d: body(prepare(cfg, d, weights=weights, default_family=default_family)))
+    """Run `body` once per process (one CPU, one GPU, or every rank under torchrun) on its prepared StageRun, while
+    holding the run folder (`hold_run_folder`: before `prepare` reads the resume file, released however it ends)."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    stage = body.__module__.rsplit(".", 1)[-1]  # 'pretrain', 'linear_probe', 'finetune': named in a refusal
+
+    def per_process(d: dist.Dist) -> R:
+        with hold_run_folder(run_dir, d, stage=stage) as lock:
+            return body(prepare(cfg, d, weights=weights, default_family=default_family, lock=lock))
+
+    return dist.run_with(cfg.run.device, per_process)
 
 
-def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_family: str = "mae") -> StageRun:
-    """The resolve-once phase (module docstring): files read once, the config resolved once and frozen."""
+@contextmanager
+def hold_run_folder(run_dir: Path, d: dist.Dist, *, stage: str) -> Iterator[RunLock | None]:
+    """Rank 0 takes `run_dir`'s lock (RunLock.acquire: made atomically, a dead run's taken over with a printed line);
+    its answer goes to every rank, so that a refusal stops them all together with rank 0's one line (a
+    RunFolderError) and none waits in a collective for a rank that left. Rank 0 releases the lock when the block
+    ends, however it ends: a normal end, an error, SystemExit (a preempted run's exit), KeyboardInterrupt.
+    Yields rank 0's lock (None on the other ranks)."""
+    lock, refusal = None, None
+    if d.is_main:
+        try:
+            lock = RunLock.acquire(run_dir, stage=stage)
+        except RunFolderError as err:
+            refusal = str(err)
+        except BaseException as err:  # anything else still answers the other ranks before it goes up
+            dist.broadcast_object(d, f"{run_dir}: rank 0 could not take the run folder's lock "
+                                     f"({type(err).__name__}: {err})")
+            raise
+    refusal = dist.broadcast_object(d, refusal)
+    if refusal is not None:
+        raise RunFolderError(refusal)
+    if lock is not None and lock.took_over:
+        print(lock.took_over, flush=True)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_family: str = "mae",
+            lock: RunLock | None = None) -> StageRun:
+    """The resolve-once phase (module docstring): files read once, the config resolved once and frozen. `lock`:
+    the run folder's, held by run_stage (kept in the StageRun so that the logger records a takeover)."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     resume_file = resume_path(run_dir, cfg.run.resume)
     resume = read_checkpoint(resume_file) if resume_file is not None else None
@@ -104,7 +151,8 @@ def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_fa
         manifest = resolve_shards(train_spec).manifest
         if manifest is not None and manifest.num_classes:
             model = dataclasses.replace(model, num_classes=manifest.num_classes)
-    return StageRun(dataclasses.replace(cfg, model=model), d, run_dir, resume, pretrained, train_spec, val_spec, changes)
+    return StageRun(dataclasses.replace(cfg, model=model), d, run_dir, resume, pretrained, train_spec, val_spec, changes,
+                    lock)
 
 
 def resume_path(run_dir: Path, resume: str | None) -> Path | None:
