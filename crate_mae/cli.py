@@ -5,6 +5,9 @@ shortcut flags for the keys users set most. Expected failures, the project's own
 (`crate_mae.errors.CrateError`: bad data, a missing or mismatched checkpoint, a non-finite loss, a run folder in use)
 end with one line `error: ...` and exit status 1; a bad config exits with status 2. Anything else (an error raised
 inside torch, timm or scikit-learn, or a bug of ours) keeps its traceback, so that it shows where it came from.
+A run stopped by a preemption signal (`run.preempt_signals`) or Ctrl-C saves a checkpoint at a step boundary and
+ends with one line `stopped: ...` and exit status 75 ("resumable": EX_TEMPFAIL), or 130 after Ctrl-C
+(crate_mae/engine/preempt.py).
 """
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from crate_mae.config import ConfigError, add_config_args, config_from_args
+from crate_mae.engine.preempt import Preempted, StopNow, StopSignals
 from crate_mae.errors import CrateError
 
 
@@ -40,8 +45,16 @@ def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: 
     logging.getLogger("timm").setLevel(logging.WARNING)  # timm's "Loading pretrained weights from state dict" notes
 
     module, function = stage.split(":")
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
     try:
-        getattr(importlib.import_module(module), function)(cfg)
+        with StopSignals(cfg.run.preempt_signals, grace=cfg.run.preempt_grace, run_dir=run_dir):
+            getattr(importlib.import_module(module), function)(cfg)
+    except Preempted as err:  # stopped at a step boundary on request, a checkpoint saved there
+        print(f"stopped: {err}", file=sys.stderr)
+        return err.exit_status
+    except StopNow as err:  # a signal outside the training loop
+        print(f"stopped: {err}", file=sys.stderr)
+        return err.exit_status
     except CrateError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -44,3 +44,20 @@ def good_sample(index: int, classes: int = 3) -> dict:
 def make_set(folder: Path, split: str = "train", n_shards: int = 5, per_shard: int = 12) -> str:
     shards = [[good_sample(s * per_shard + i) for i in range(per_shard)] for s in range(n_shards)]
     return write_tar_set(folder, split, shards)
+
+
+def join_ranks(fn, args: tuple, nprocs: int = 2, timeout: float = 120) -> None:
+    """Spawn `nprocs` ranks of `fn(rank, *args)` and wait for them; a rank still running after `timeout` seconds (one
+    waiting in a collective for a rank that left) fails the test, every rank killed."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"a rank still runs after {timeout:g} s")

@@ -4,6 +4,7 @@ A field's checks live in its section's `__post_init__`; a failure is a `ConfigEr
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
@@ -125,6 +126,10 @@ class DataConfig:
     shuffle_buffer: int = _doc(5000, "samples in each worker's shuffle buffer")
     fast_decode: bool = _doc(True, "decode JPEGs at reduced size when the crop allows it (PIL draft)")
     max_bad_fraction: float = _doc(0.001, "stop when more than this fraction of samples cannot be used")
+    read_retries: int = _doc(3, "a remote shard (pipe:, http(s)://) whose read fails is read again this many times "
+                                "at most, its samples already delivered passed over (local files: never)")
+    retry_wait: float = _doc(1.0, "seconds before the first re-read of a failed shard, doubled at each next one "
+                                  "(at most 60 s), times a random 0.5-1")
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", "must be positive, got", self.batch_size)
@@ -135,6 +140,9 @@ class DataConfig:
         _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in [0, 1], got",
                  self.max_bad_fraction)
         _require(0 < self.eval_crop_pct <= 1, "data.eval_crop_pct", "must lie in (0, 1], got", self.eval_crop_pct)
+        _require(self.read_retries >= 0, "data.read_retries", "must be >= 0, got", self.read_retries)
+        _require(0 <= self.retry_wait <= 3600, "data.retry_wait", "must lie in [0, 3600] seconds, got",
+                 self.retry_wait)
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,20 @@ class OptimConfig:
                  self.layer_decay)
 
 
+def signal_number(name: str) -> int:
+    """'SIGTERM', 'TERM' or '15' → 15; an unknown name is a ValueError naming it."""
+    key = str(name).strip().upper()
+    if key.isdigit():
+        try:
+            key = signal.Signals(int(key)).name
+        except ValueError:
+            key = "?"
+    key = key if key.startswith("SIG") else f"SIG{key}"
+    if not isinstance(getattr(signal, key, None), signal.Signals) or key in ("SIGKILL", "SIGSTOP"):
+        raise ValueError(f"{name!r} is not a signal a process can handle (e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGHUP)")
+    return int(getattr(signal, key))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Where a run writes, how it computes, and how often it logs and saves."""
@@ -201,12 +223,24 @@ class RunConfig:
     ckpt_every: int = _doc(1000, "optimiser steps between checkpoints")
     keep_last: int = _doc(2, "periodic checkpoints kept besides the final one")
     resume: Optional[str] = _doc(None, "'auto' (the run's latest checkpoint) or a checkpoint path")
+    preempt_signals: tuple[str, ...] = _doc(("SIGTERM", "SIGUSR1"), "signals (besides Ctrl-C) on which a training "
+                                            "run finishes its step, saves a checkpoint there on every rank and "
+                                            "exits with status 75, resumable with --resume auto (SLURM sends SIGTERM, "
+                                            "or the signal of #SBATCH --signal; torchrun's agent SIGTERM)")
+    preempt_grace: float = _doc(120.0, "seconds a signalled run has to stop and save; past them, or at a second "
+                                       "signal, it stops at once (a write under way dropped, earlier files whole)")
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty folder name, got", self.name)
         for name in ("log_every", "ckpt_every"):
             _require(getattr(self, name) > 0, f"run.{name}", "must be positive, got", getattr(self, name))
         _require(self.keep_last >= 0, "run.keep_last", "must be >= 0, got", self.keep_last)
+        _require(self.preempt_grace >= 0, "run.preempt_grace", "must be >= 0 seconds, got", self.preempt_grace)
+        for name in self.preempt_signals:
+            try:
+                signal_number(name)
+            except ValueError as err:
+                raise ConfigError(f"run.preempt_signals: {err}") from None
 
 
 @dataclass(frozen=True)

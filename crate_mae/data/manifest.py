@@ -8,14 +8,25 @@ A shard spec (`data.train_shards`) is one of:
   shards/imagenet/train.json                    a manifest (recommended)
   shards/imagenet/train-{000000..001023}.tar    brace pattern (its sibling train.json is used if present)
   shards/imagenet/train-*.tar                   glob
+  shards/imagenet/train-*.tar.gz                gzip-compressed shards (.tar.gz, .tgz) in any of the forms above
   pipe:curl -s https://host/train-{0..9}.tar    webdataset URLs (not checked; give a manifest for counts)
+
+A shard is compressed when its first bytes say so, whatever its name, as webdataset's tar reader (tarfile's "r|*")
+decides too: a `.tar.gz` holding a plain tar is read as a plain tar. Gzip is the WebDataset format; bzip2 and xz,
+which the same reader takes, are read and checked the same way.
 """
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import json
+import lzma
 import os
 import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any, BinaryIO
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +36,32 @@ from crate_mae.atomic import atomic_path
 from crate_mae.errors import CrateError
 
 FORMAT = "crate-mae-shards/1"
+BLOCK = 512  # a tar block; an archive ends with two zero blocks (the end-of-archive marker), then zero padding
+MAGIC_BYTES = 10  # as many first bytes as `compression` looks at
+# The errors of a compressed stream that is cut short (EOFError) or garbled (the rest; gzip's BadGzipFile and bz2's
+# "Invalid data stream" are OSErrors).
+DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
+_OPENERS: dict[str, Callable[..., BinaryIO]] = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+
+
+def compression(head: bytes) -> str | None:
+    """The compression of a stream whose first bytes are `head` (MAGIC_BYTES of them): "gzip", "bzip2", "xz", or
+    None for a plain tar. The bzip2 test takes its level digit and the magic of its first block (or of its end, for
+    an empty stream) too: "BZh" alone could begin the name of a plain tar's first member."""
+    if head.startswith(b"\x1f\x8b"):  # RFC 1952
+        return "gzip"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    if head[:3] == b"BZh" and head[3:4] in b"123456789" and len(head) >= 10 and head[4:10] in (b"1AY&SY",
+                                                                                              b"\x17rE8P\x90"):
+        return "bzip2"
+    return None
+
+
+def decompressing(kind: str, stream: Any) -> BinaryIO:
+    """A readable of the decompressed bytes of `stream` (a file object or path; non-seekable streams work), of the
+    compression `kind` named by `compression`."""
+    return _OPENERS[kind](stream, "rb")  # each takes a path or a readable
 
 
 class ShardError(CrateError, ValueError):
@@ -109,29 +146,99 @@ class ShardList:
         return dataclasses.replace(self, urls=self.urls[:k], samples=self.samples[:k])
 
 
+def tar_is_complete(size: int, tail: bytes) -> bool:
+    """Whether a tar stream of `size` bytes whose last (up to) 1024 bytes are `tail` ends with its end-of-archive
+    marker: whole blocks, at least two of them, the last two zero. Python's tarfile (and so webdataset) ends a stream
+    silently at a missing or cut header, so a shard cut at a member boundary would otherwise just yield fewer
+    samples; the pre-check and the reader (data/stream.py) both judge a shard's end by this one rule."""
+    return size % BLOCK == 0 and size >= 2 * BLOCK and len(tail) >= 2 * BLOCK and tail.count(0) == len(tail)
+
+
+def compressed_tar_problem(path: str | os.PathLike, kind: str) -> str | None:
+    """What is wrong with a compressed tar file (`kind`: gzip, bzip2, xz), read whole (None: a complete stream, its
+    checksums right, whose content is a complete tar with a member). Its cost is a full decompression, so the
+    pre-check calls it only when its cheap checks (`_check_compressed`) leave a doubt."""
+    size, tail, head = 0, b"", b""
+    try:
+        with decompressing(kind, path) as f:
+            while chunk := f.read(1 << 20):
+                head = head or chunk[:BLOCK]
+                size, tail = size + len(chunk), (tail + chunk)[-2 * BLOCK:]
+    except EOFError:
+        return f"the {kind} stream is cut short (no end-of-stream marker): truncated?"
+    except DECOMPRESS_ERRORS as err:
+        return f"not a valid {kind} stream ({type(err).__name__}: {err}): corrupt?"
+    if size == 0:
+        return f"an empty {kind} stream: it holds no tar"
+    if not tar_is_complete(size, tail):
+        return f"the {kind} stream holds {size} bytes that are no complete tar (no end-of-archive marker): not a " \
+               f"tar, or one cut short before it was compressed?"
+    if head.count(0) == len(head):
+        return "the shard holds no samples (an empty tar)"
+    return None
+
+
+def _check_compressed(url: str, size: int, kind: str) -> None:
+    """The pre-check of a local compressed shard, cheap as the plain tar's (its first and last bytes, not a full
+    decompression, which would cost seconds per shard at every evaluation): its header and first tar block
+    decompress, and the tar holds a member. Its end, where the format allows a cheap look: gzip's trailer holds the
+    content's length mod 2^32 (ISIZE), a whole number of tar blocks for a complete tar, while a file cut short ends
+    with deflate data instead (passing by chance once in 512); xz ends with the footer magic "YZ". Where these fail,
+    the whole file is decompressed to say what is wrong (a valid file of several gzip members, or with xz padding,
+    then passes). A bzip2 stream ends at a bit, not a byte: its end is not looked at here. The reader checks every
+    shard completely as it reads it (data/stream.py), so what slips through here is named there."""
+    try:
+        with decompressing(kind, url) as f:
+            head = f.read(BLOCK)
+    except EOFError:
+        raise ShardError(f"{url}: the {kind} stream is cut short (no end-of-stream marker): truncated?") from None
+    except DECOMPRESS_ERRORS as err:
+        raise ShardError(f"{url}: not a valid {kind} stream ({type(err).__name__}: {err}): corrupt?") from None
+    if not head:
+        raise ShardError(f"{url}: an empty {kind} stream: it holds no tar")
+    if len(head) == BLOCK and head.count(0) == len(head):  # the first header block is the end-of-archive marker
+        raise ShardError(f"{url}: the shard holds no samples (an empty tar)")
+    with open(url, "rb") as f:
+        f.seek(max(0, size - 4))
+        end = f.read(4)
+    doubt = len(head) < BLOCK or (kind == "gzip" and int.from_bytes(end, "little") % BLOCK) or \
+        (kind == "xz" and end[-2:] != b"YZ")
+    if doubt:
+        problem = compressed_tar_problem(url, kind)
+        if problem is not None:
+            raise ShardError(f"{url}: {problem}")
+
+
 def _check_local(url: str, expected_bytes: int | None) -> None:
-    """A local shard exists, has the manifest's size, ends with a tar end-of-archive marker, and holds a member.
+    """A local shard exists, has the manifest's size, ends with a tar end-of-archive marker, and holds a member
+    (a compressed one: `_check_compressed`).
 
     The marker check matters: Python's tarfile (and so webdataset) ends a stream silently at a
     truncated header, so a shard cut short would otherwise just yield fewer samples.
     """
     if not os.path.exists(url):
         raise ShardError(f"{url}: no such shard file")
+    if os.path.isdir(url):
+        raise ShardError(f"{url}: a folder, not a shard file")
     size = os.path.getsize(url)
     if expected_bytes is not None and size != expected_bytes:
         raise ShardError(f"{url}: {size} bytes but the manifest says {expected_bytes}: truncated or rewritten")
     with open(url, "rb") as f:
-        head = f.read(512)
-        f.seek(max(0, size - 1024))
+        head = f.read(BLOCK)
+        f.seek(max(0, size - 2 * BLOCK))
         tail = f.read()
-    if size % 512 or size < 1024 or tail.count(0) != len(tail):
+    kind = compression(head[:MAGIC_BYTES])
+    if kind is not None:
+        _check_compressed(url, size, kind)
+        return
+    if not tar_is_complete(size, tail):
         raise ShardError(f"{url}: not a complete tar file (no end-of-archive marker): truncated?")
     if head.count(0) == len(head):  # the first header block is the end-of-archive marker: no member at all
         raise ShardError(f"{url}: the shard holds no samples (an empty tar)")
 
 
 def _sibling_manifest(url: str) -> Path | None:
-    """`<folder>/<split>.json` for a shard named `<split>-NNNNNN.tar`, if it exists."""
+    """`<folder>/<split>.json` for a shard named `<split>-NNNNNN.tar` (or `.tar.gz`, `.tgz`, ...), if it exists."""
     name = os.path.basename(url)
     if "-" not in name:
         return None

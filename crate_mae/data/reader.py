@@ -12,6 +12,10 @@ rank × worker slots; with fewer shards than slots, every slot reads every shard
 whose index i ≡ slot (mod slots). Each rank sums its own counts (correct, total); the engine adds them
 over ranks with one all_reduce(SUM), so accuracies are exact.
 
+A remote shard (`pipe:`, `http(s)://`) whose read fails is read again (`data.read_retries`, `data.retry_wait`),
+each sample still delivered once and in order; a local file that cannot be read is an error at once
+(data/stream.py's `read_samples`).
+
 Bad samples (undecodable image, no image, no or bad label) are skipped, counted and logged with shard
 and key; past `max_bad_fraction` the run stops with a one-line DataError. Where and why that is judged:
 data/stream.py's docstring (one step, `decode_or_skip`, on a tally the loader's workers share).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -40,15 +45,20 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardList, transform: Transform, *, batch_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, seed: int = 0, resample: bool = True, shuffle_buffer: int = 1000,
-                 steps_per_epoch: int | None = None, max_bad_fraction: float = 0.001, labels: bool = True) -> None:
+                 steps_per_epoch: int | None = None, max_bad_fraction: float = 0.001, labels: bool = True,
+                 num_classes: int = 0, read_retries: int = 3, retry_wait: float = 1.0) -> None:
         super().__init__()
         if train and not steps_per_epoch:
             raise ValueError("a training stream needs steps_per_epoch")
         self.shards, self.transform, self.batch_size, self.train = shards, transform, batch_size, train
         self.rank, self.world_size, self.seed, self.resample = rank, world_size, seed, resample
         self.shuffle_buffer, self.steps_per_epoch, self.max_bad_fraction = shuffle_buffer, steps_per_epoch, max_bad_fraction
-        self.num_classes = shards.manifest.num_classes if shards.manifest else 0
+        # the classes every label must fit: the manifest's, else the model's head (`num_classes`; 0: not checked)
+        listed = shards.manifest.num_classes if shards.manifest else 0
+        self.num_classes = listed or num_classes
+        self.classes_of = shards.spec if listed else f"the model's head ({shards.spec} lists no classes)"
         self.labels = labels  # False (pretraining): labels are not read, so none can stop or skip a sample
+        self.read_retries, self.retry_wait = read_retries, retry_wait  # re-reads of a failed remote shard
         self.epoch, self.replay = 0, 0
         self.tally = self.tally_for(1)  # a ShardLoader gives it one row per worker
 
@@ -80,18 +90,28 @@ class ShardStream(IterableDataset):
             take = (self.steps_per_epoch // workers + (role < self.steps_per_epoch % workers)) * self.batch_size
         spec, urls = self.shards.spec, self.shards.urls
         expected = dict(zip(urls, self.shards.samples)) if self.shards.samples is not None else None
-        decode = Decode(self.transform, rng, labels=self.labels, num_classes=self.num_classes, spec=spec)
+        decode = Decode(self.transform, rng, labels=self.labels, num_classes=self.num_classes, classes_of=self.classes_of)
         to_batch = functools.partial(collate, stack=getattr(self.transform, "collate", torch.stack))
 
         order, by_sample = shard_order(urls, train=self.train, resample=self.resample, slot=slot, slots=slots,
                                        seed=self.seed, epoch=self.epoch, rng=rng)                       # order
-        samples = read_samples(order, spec=spec, shards=len(urls), expected=expected)                   # read
+        samples = read_samples(order, spec=spec, shards=len(urls), expected=expected,                   # read
+                               retries=self.read_retries, wait=self.retry_wait)
         if by_sample:
             samples = split_by_sample(samples, slot, slots)                                             # split
         if self.train:
             samples = shuffled(samples, self.shuffle_buffer, rng)                                       # shuffle
         items = decode_or_skip(samples, decode, self.tally, role, dry=replayed * self.batch_size, take=take)  # decode
         yield from batches(items, self.batch_size, to_batch, drop=replayed, partial=not self.train)     # batch
+
+
+def _leave_signals_to_the_parent(worker: int) -> None:
+    """A DataLoader worker ignores the signals that stop a run: a terminal (Ctrl-C) and a cluster (SLURM's SIGTERM,
+    or the one #SBATCH --signal asks for) signal the whole process group, and a worker killed by one would make its
+    parent fail with "DataLoader worker exited unexpectedly" in the middle of stopping cleanly (engine/preempt.py).
+    The parent stops its workers itself, and a worker whose parent dies exits on its own (PyTorch watches for that)."""
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class ShardLoader:
@@ -104,7 +124,7 @@ class ShardLoader:
         # (the model's masking uses it; a resumed run creates its iterator at another moment).
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                  persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                                 generator=torch.Generator())
+                                 generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_parent)
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -156,13 +176,14 @@ def _settings(data: DataConfig | None, **given: object) -> DataConfig:
 
 
 def train_loader(spec: str, transform: Transform, *, data: DataConfig | None = None, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, accum_steps: int = 1, labels: bool = True,
+                 world_size: int = 1, seed: int = 0, accum_steps: int = 1, labels: bool = True, num_classes: int = 0,
                  pin_memory: bool = False, batch_size: int | None = None, num_workers: int | None = None,
                  resample: bool | None = None, shuffle_buffer: int | None = None, train_samples: int | None = None,
                  max_bad_fraction: float | None = None) -> ShardLoader:
     """The one way to build a training loader: one rank's full batches of `transform`ed images, per epoch
     samples // (batch × ranks × accum) × accum of them, with the settings of the `data` section (None:
-    `DataConfig()`'s); a keyword named as one of its fields (batch_size ... max_bad_fraction) replaces it."""
+    `DataConfig()`'s); a keyword named as one of its fields (batch_size ... max_bad_fraction) replaces it.
+    `num_classes`: the classes every label must fit when the manifest lists none (a classifier's head)."""
     data = _settings(data, batch_size=batch_size, num_workers=num_workers, resample=resample,
                      shuffle_buffer=shuffle_buffer, train_samples=train_samples, max_bad_fraction=max_bad_fraction)
     shards = resolve_shards(spec)
@@ -176,21 +197,24 @@ def train_loader(spec: str, transform: Transform, *, data: DataConfig | None = N
                          f" × {accum_steps} accumulation steps")
     stream = ShardStream(shards, transform, batch_size=data.batch_size, train=True, rank=rank, world_size=world_size,
                          seed=seed, resample=data.resample, shuffle_buffer=data.shuffle_buffer, steps_per_epoch=steps,
-                         max_bad_fraction=data.max_bad_fraction, labels=labels)
+                         max_bad_fraction=data.max_bad_fraction, labels=labels, num_classes=num_classes,
+                         read_retries=data.read_retries, retry_wait=data.retry_wait)
     return ShardLoader(stream, num_workers=data.num_workers, pin_memory=pin_memory)
 
 
 def eval_loader(spec: str, img_size: int, *, data: DataConfig | None = None, rank: int = 0, world_size: int = 1,
-                labels: bool = True, pin_memory: bool = False, batch_size: int | None = None,
+                labels: bool = True, num_classes: int = 0, pin_memory: bool = False, batch_size: int | None = None,
                 num_workers: int | None = None, eval_crop_pct: float | None = None,
                 max_bad_fraction: float | None = None, first_samples: int | None = None) -> ShardLoader:
     """The one way to build an evaluation loader: one rank's share of every sample, exactly once over all ranks, as
     `EvalTransform(img_size, crop_pct=data.eval_crop_pct)` pixels, with the settings of the `data` section (None:
     `DataConfig()`'s); a keyword named as one of its fields (batch_size ... max_bad_fraction) replaces it.
-    `first_samples`: read only the leading shards that hold the set's first n samples (`ShardList.first`)."""
+    `first_samples`: read only the leading shards that hold the set's first n samples (`ShardList.first`).
+    `num_classes`: the classes every label must fit when the manifest lists none (a classifier's head)."""
     data = _settings(data, batch_size=batch_size, num_workers=num_workers, eval_crop_pct=eval_crop_pct,
                      max_bad_fraction=max_bad_fraction)
     stream = ShardStream(resolve_shards(spec).first(first_samples), EvalTransform(img_size, crop_pct=data.eval_crop_pct),
                          batch_size=data.batch_size, train=False, rank=rank, world_size=world_size,
-                         max_bad_fraction=data.max_bad_fraction, labels=labels)
+                         max_bad_fraction=data.max_bad_fraction, labels=labels, num_classes=num_classes,
+                         read_retries=data.read_retries, retry_wait=data.retry_wait)
     return ShardLoader(stream, num_workers=data.num_workers, pin_memory=pin_memory)

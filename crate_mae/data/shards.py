@@ -5,6 +5,7 @@
     python -m crate_mae.data.shards write imagefolder --root /data/imagenet/train --split train \\
         --out shards/imagenet --resize 256 --quality 90
     python -m crate_mae.data.shards manifest 'shards/in1k/train-{000000..001023}.tar'
+    python -m crate_mae.data.shards manifest 'shards/in1k/train-*.tar.gz'     # gzip-compressed shards (or .tgz)
     python -m crate_mae.data.shards check shards/imagenet/val.json
 
 See shards/README.md for the format.
@@ -18,10 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-import webdataset as wds
 
-from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, resolve_shards, write_manifest
-from crate_mae.data.stream import merged_members
+from crate_mae.config import DataConfig
+from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, is_remote, resolve_shards, write_manifest
+from crate_mae.data.stream import merged_members, read_samples
 from crate_mae.errors import CrateError
 from crate_mae.data.transforms import decode_rgb
 from crate_mae.data.writer import (cifar_source, digits_source, imagefolder_source, merge_parts, part_manifest_name,
@@ -51,19 +52,26 @@ def ensure_torchvision(name: str, root: str, *, download: bool, out: str | os.Pa
 
 
 def count_manifest(spec: str, split: str | None = None) -> Manifest:
-    """A manifest for existing shards, by reading every sample key (classes unknown: left empty)."""
+    """A manifest for existing shards, by reading every sample key (classes unknown: left empty).
+
+    The shards are read as training reads them (`read_samples`: gzip-compressed ones too, each checked to its tar's
+    end-of-archive marker, a failed remote read retried with `DataConfig`'s defaults), so a count is the count a
+    reader will find. A remote shard is listed by its full URL, without a byte size."""
     shards = resolve_shards(spec)
+    defaults = DataConfig()
     infos = []
     for url in shards.urls:
         count = 0
-        for sample in wds.tarfile_samples([{"url": url}]):
+        for sample in read_samples([url], spec=spec, shards=1, retries=defaults.read_retries,
+                                   wait=defaults.retry_wait):
             merged = merged_members(sample)
             if merged:
                 raise ShardError(f"{url}/{sample['__key__']}: holds the members {', '.join(merged[:4])}: samples whose "
                                  f"keys contain a dot merge into one (webdataset splits member names at the first "
                                  f"dot), so no count would be true; rewrite the shards with keys without dots")
             count += 1
-        infos.append(ShardInfo(os.path.basename(url), count, None if "://" in url else os.path.getsize(url)))
+        remote = is_remote(url)
+        infos.append(ShardInfo(url if remote else os.path.basename(url), count, None if remote else os.path.getsize(url)))
     name = os.path.basename(shards.urls[0])
     return Manifest(split=split or name.rsplit("-", 1)[0], shards=infos, source=spec)
 
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="processes that load and re-encode the images (default: all cores); the set is the same "
                         "for any number")
     m = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
-    m.add_argument("spec", help="brace pattern or glob of local shards")
+    m.add_argument("spec", help="brace pattern or glob of local shards (.tar, or gzip-compressed .tar.gz / .tgz)")
     m.add_argument("--split", help="split name (default: the shard name before its last '-')")
     m.add_argument("--merge", action="store_true", help="SPEC is a folder: join the part manifests that "
                                                          "`write --num-nodes K` left there into <split>.json")
@@ -155,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             merged = merge_parts(args.spec, args.split or "train")
             print(f"{args.spec}/{merged.split}.json: {merged.total} samples in {len(merged.shards)} shards")
         elif args.command == "manifest":
+            if is_remote(args.spec):  # the manifest is written beside the shards: remote ones have no folder here
+                raise ShardError(f"{args.spec}: the manifest command counts local shards (a brace pattern or glob of "
+                                 f"files, .tar, .tar.gz or .tgz); for remote shards write <split>.json by hand or "
+                                 f"set data.train_samples")
             manifest = count_manifest(args.spec, args.split)
             path = Path(resolve_shards(args.spec).urls[0]).parent / f"{manifest.split}.json"
             write_manifest(manifest, path)

@@ -20,6 +20,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from crate_mae.engine.dist import Dist, all_reduce_max, all_reduce_sum
+from crate_mae.engine.preempt import (INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted, StopVote, at_step_boundaries,
+                                      requested_stop)
 from crate_mae.errors import CrateError
 
 if TYPE_CHECKING:
@@ -149,9 +151,16 @@ class Trainer:
         `accum_steps` micro-batches make one step; every `log_every` steps the mean loss over ranks, the lr
         and the throughput are logged; after every step the `checkpointer` decides whether to save (a
         collective call on every rank). `on_epoch_end(epoch)` runs after each epoch (evaluation, pictures);
-        `after_step()` after each step (an EMA update).
+        `after_step()` after each step (an EMA update). After every step the ranks also vote on a stop request
+        (engine/preempt.py: a signal or Ctrl-C): if one is agreed, they save that step and raise Preempted.
         """
-        state, summary, accum = self.state, LossSummary(), self.accum_steps
+        with at_step_boundaries():
+            return self._fit(loader, log=log, log_every=log_every, checkpointer=checkpointer, on_epoch_end=on_epoch_end,
+                             after_step=after_step)
+
+    def _fit(self, loader: Any, *, log: RunLogger, log_every: int, checkpointer: Checkpointer | None,
+             on_epoch_end: Callable[[int], None] | None, after_step: Callable[[], None] | None) -> LossSummary:
+        state, summary, accum, vote = self.state, LossSummary(), self.accum_steps, StopVote(self.dist)
         window, window_steps, tick = torch.zeros((), device=self.dist.device), 0, time.perf_counter()
         while state.epoch < self.epochs:
             loader.set_epoch(state.epoch, replay=state.batch_in_epoch)
@@ -177,12 +186,32 @@ class Trainer:
                     log.info(f"step {state.step}/{self.total_steps} epoch {state.epoch} loss {loss:.4f} "
                              f"lr {self.lr:.3g} {rate:.0f} img/s")
                     window, window_steps, tick = torch.zeros_like(window), 0, now
-                if checkpointer is not None and checkpointer.due(state.step, last=state.step == self.total_steps):
+                saved = checkpointer is not None and checkpointer.due(state.step, last=state.step == self.total_steps)
+                if saved:
                     checkpointer.save(f"ckpt-{state.step:08d}.pth", self.state_dict())
+                if vote.poll() and state.step < self.total_steps:
+                    self._stop(checkpointer, vote, log, saved=saved)
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if on_epoch_end is not None:
                 on_epoch_end(state.epoch)
+        vote.close()
         return summary
+
+    def _stop(self, checkpointer: Checkpointer | None, vote: StopVote, log: RunLogger, *, saved: bool) -> None:
+        """Every rank agreed to stop after this step (a signal, or Ctrl-C): save here (unless a periodic checkpoint
+        just did), then raise Preempted with where the run stopped and how to go on."""
+        state, why = self.state, requested_stop() or "another rank's signal"
+        vote.close()
+        where = f"step {state.step}/{self.total_steps} (epoch {state.epoch}, batch {state.batch_in_epoch})"
+        if checkpointer is None:
+            raise Preempted(f"stopped by {why} after {where}; nothing saved (this stage keeps no checkpoints)",
+                            exit_status=PREEMPTED_EXIT if why != "SIGINT" else INTERRUPTED_EXIT)
+        name = f"ckpt-{state.step:08d}.pth"
+        if not saved:
+            checkpointer.save(name, self.state_dict())
+        log.event("stopped", state.step, signal=why, checkpoint=name)
+        raise Preempted(f"stopped by {why} after {where}: saved {checkpointer.run_dir / name}; continue with the same "
+                        f"command and --resume auto", exit_status=INTERRUPTED_EXIT if why == "SIGINT" else PREEMPTED_EXIT)
 
     def check_finite(self) -> None:
         """Raise if any step since the start had a non-finite loss on any rank (one host sync).

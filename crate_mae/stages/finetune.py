@@ -76,11 +76,11 @@ def _run(run: StageRun) -> FinetuneResult:
     loader = train_loader(run.train_spec, FinetuneTransform(
         cfg.model.img_size, auto_augment=ft.auto_augment, re_prob=ft.reprob, scale=ft.crop_scale, hflip=ft.hflip),
         data=cfg.data, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps,
-        pin_memory=cuda)
+        num_classes=classes, pin_memory=cuda)  # every label checked against the head before a step uses it
     loader = DeviceLoader(loader, device=d.device, depth=0)  # to the device once, in the step's thread
     normalize = Normalize().to(d.device)
     val = eval_loader(run.val_spec, cfg.model.img_size, data=cfg.data, rank=d.rank, world_size=d.world_size,
-                      pin_memory=cuda)
+                      num_classes=classes, pin_memory=cuda)
 
     def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:
         if mixup is None:

@@ -96,7 +96,8 @@ def _logreg(run: StageRun, encoder: CrateClassifier, classes: int, log: RunLogge
     for split, spec in (("train", train_spec), ("val", val_spec)):  # every rank extracts its share, once
         path = folder / f"{split}-{d.rank}-of-{d.world_size}.pt"
         if load_cached(path) is None:
-            loader = eval_loader(spec, cfg.model.img_size, data=cfg.data, rank=d.rank, world_size=d.world_size)
+            loader = eval_loader(spec, cfg.model.img_size, data=cfg.data, rank=d.rank, world_size=d.world_size,
+                                 num_classes=classes)  # every label checked before a probe sees it
             save_cached(path, extract(encoder, loader, d, p.feature, precision))
         elif d.is_main:
             log.info(f"{split} features from the cache: {path}")
@@ -129,10 +130,10 @@ def _linear(run: StageRun, encoder: CrateClassifier, classes: int, log: RunLogge
     cuda = d.device.type == "cuda"
     loader = train_loader(run.train_spec, PretrainTransform(cfg.model.img_size, scale=cfg.probe.crop_scale),
                           data=cfg.data, rank=d.rank, world_size=d.world_size, seed=cfg.run.seed, accum_steps=accum,
-                          pin_memory=cuda)
+                          num_classes=classes, pin_memory=cuda)
     loader = DeviceLoader(loader, device=d.device, depth=0)  # to the device once, in the step's thread
     val = eval_loader(run.val_spec, cfg.model.img_size, data=cfg.data, rank=d.rank, world_size=d.world_size,
-                      pin_memory=cuda)
+                      num_classes=classes, pin_memory=cuda)
     criterion = nn.CrossEntropyLoss()
 
     def loss_fn(m: nn.Module, b: Any) -> torch.Tensor:

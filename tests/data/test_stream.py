@@ -84,7 +84,7 @@ def test_shuffled_is_a_seeded_permutation() -> None:
 
 
 def test_decode_gives_the_image_and_label_or_a_bad_sample() -> None:
-    decode = Decode(EvalTransform(16), random.Random(0), labels=True, num_classes=3, spec="set")
+    decode = Decode(EvalTransform(16), random.Random(0), labels=True, num_classes=3, classes_of="set")
     image, y = decode({"__key__": "k", "jpg": image_bytes(0), "cls": b"2"}, False)
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and y == 2
     assert decode({"__key__": "k", "jpg": image_bytes(0), "cls": b"2"}, True) == (None, 2)  # dry: no image
@@ -94,7 +94,7 @@ def test_decode_gives_the_image_and_label_or_a_bad_sample() -> None:
         decode({"__key__": "k", "jpg": b"junk", "cls": b"1"}, False)
     with pytest.raises(DataError, match=r"u/k: holds the members 1\.cls, 1\.jpg"):
         decode({"__url__": "u", "__key__": "k", "1.jpg": b"", "1.cls": b"0"}, False)
-    unlabelled = Decode(EvalTransform(16), random.Random(0), labels=False, num_classes=3, spec="set")
+    unlabelled = Decode(EvalTransform(16), random.Random(0), labels=False, num_classes=3, classes_of="set")
     assert unlabelled({"__key__": "k", "jpg": image_bytes(0), "cls": b"99"}, False)[1] == -1  # not read
 
 
@@ -104,7 +104,7 @@ def test_the_label_rule() -> None:
         label({}, 3, "set")
     with pytest.raises(BadSample, match="'seven' is not an integer"):
         label({"cls": b"seven"}, 3, "set")
-    with pytest.raises(DataError, match=r"u/k: label 3 does not fit the 3 classes of set \(labels run 0 … 2\)"):
+    with pytest.raises(DataError, match=r"u/k: label 3 does not fit the 3 classes of set \(labels run 0 … 2; 1-based labels\?\)"):
         label({"__url__": "u", "__key__": "k", "cls": b"3"}, 3, "set")
     with pytest.raises(DataError, match="label -1"):
         label({"cls": b"-1"}, 3, "set")

@@ -237,7 +237,7 @@ def test_fx_traces_to_the_same_function_and_backpropagates(name: str) -> None:
     out.mean().backward()
     assert not [n for n, p in traced.named_parameters() if p.grad is None]
     with timm.layers.set_scriptable(True):
-        scripted = torch.jit.script(_fx(make(name).eval()))
+        scripted = torch.jit.script(traced.eval())
     img = images()
     [out] = scripted(img).values()
     assert_close(out, model(img))
