@@ -25,8 +25,10 @@ from __future__ import annotations
 import functools
 import random
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -112,6 +114,17 @@ def _leave_signals_to_the_parent(worker: int) -> None:
     The parent stops its workers itself, and a worker whose parent dies exits on its own (PyTorch watches for that)."""
     for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    sys.excepthook = _quiet_when_the_parent_is_gone
+
+
+def _quiet_when_the_parent_is_gone(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """A worker's background thread (multiprocessing's resource sharer, which hands its batches' shared memory to the
+    parent, and reports its errors through sys.excepthook) loses its connection when the parent stops at once (a
+    second signal: engine/preempt.py); that is the parent's story, told in its one line, so the worker says nothing
+    of it. Anything else is printed as usual."""
+    if isinstance(value, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(kind, value, tb)
 
 
 class ShardLoader:
