@@ -27,7 +27,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +41,11 @@ if TYPE_CHECKING:  # torch is imported where a vote is taken, so that the entry 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the job stopped early and can be run again (with --resume auto)
 INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports after Ctrl-C
+
+
+def exit_status(signal_name: str | None) -> int:
+    """The status a run stopped by `signal_name` exits with: 130 after Ctrl-C (SIGINT), else 75 (resumable)."""
+    return INTERRUPTED_EXIT if signal_name == "SIGINT" else PREEMPTED_EXIT
 
 
 class StopNow(BaseException):
@@ -80,7 +84,6 @@ class StopSignals:
         self.grace, self.run_dir = grace, Path(run_dir) if run_dir is not None else None
         self.requested: str | None = None  # the first signal's name
         self.deferring = False  # inside a training loop, which stops at its next step boundary (`at_step_boundaries`)
-        self.at: float | None = None
         self._pid = os.getpid()
         self._saved: dict[int, Any] = {}
         self._watchdog: threading.Timer | None = None
@@ -106,10 +109,10 @@ class StopSignals:
         if not self.deferring:  # no training loop to finish a step of: stop where we are (nothing half-written)
             raise StopNow(f"stopped by {name} outside the training loop: nothing is lost (every file is written "
                           f"atomically); continue with the same command and --resume auto",
-                          exit_status=INTERRUPTED_EXIT if name == "SIGINT" else PREEMPTED_EXIT)
+                          exit_status=exit_status(name))
         if self.requested is not None:  # at once, wherever the main thread is (a step, the save, a thread's join)
             self._now(f"a second signal: {name} after {self.requested}")
-        self.requested, self.at = name, time.monotonic()
+        self.requested = name
         print(f"{name} received: finishing the current step, then saving a checkpoint and stopping "
               f"(a second signal stops at once)", file=sys.stderr, flush=True)
         self._watchdog = threading.Timer(self.grace, self._now, args=(f"no stop within {self.grace:g} s of {name}",))
@@ -124,11 +127,11 @@ class StopSignals:
         where = f"; {len(removed)} partial write(s) removed" if removed else ""
         print(f"stopped at once ({why}){where}: resume from the last complete checkpoint with --resume auto",
               file=sys.stderr, flush=True)
-        os._exit(INTERRUPTED_EXIT if self.requested == "SIGINT" else PREEMPTED_EXIT)
+        os._exit(exit_status(self.requested))
 
     @property
     def exit_status(self) -> int:
-        return INTERRUPTED_EXIT if self.requested == "SIGINT" else PREEMPTED_EXIT
+        return exit_status(self.requested)
 
 
 @contextmanager

@@ -20,8 +20,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from crate_mae.engine.dist import Dist, all_reduce_max, all_reduce_sum
-from crate_mae.engine.preempt import (INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted, StopVote, at_step_boundaries,
-                                      requested_stop)
+from crate_mae.engine.preempt import Preempted, StopVote, at_step_boundaries, exit_status, requested_stop
 from crate_mae.errors import CrateError
 
 if TYPE_CHECKING:
@@ -205,13 +204,13 @@ class Trainer:
         where = f"step {state.step}/{self.total_steps} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         if checkpointer is None:
             raise Preempted(f"stopped by {why} after {where}; nothing saved (this stage keeps no checkpoints)",
-                            exit_status=PREEMPTED_EXIT if why != "SIGINT" else INTERRUPTED_EXIT)
+                            exit_status=exit_status(why))
         name = f"ckpt-{state.step:08d}.pth"
         if not saved:
             checkpointer.save(name, self.state_dict())
         log.event("stopped", state.step, signal=why, checkpoint=name)
         raise Preempted(f"stopped by {why} after {where}: saved {checkpointer.run_dir / name}; continue with the same "
-                        f"command and --resume auto", exit_status=INTERRUPTED_EXIT if why == "SIGINT" else PREEMPTED_EXIT)
+                        f"command and --resume auto", exit_status=exit_status(why))
 
     def check_finite(self) -> None:
         """Raise if any step since the start had a non-finite loss on any rank (one host sync).
