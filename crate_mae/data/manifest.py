@@ -82,8 +82,10 @@ class Manifest:
     classes: list[str] = field(default_factory=list)
     image_size: list[int] | None = None  # [width, height] when every image has it
     source: str = ""
-    skipped: int = 0  # source images that could not be read when the set was written
+    skipped: int = 0  # source items passed over when the set was written (unreadable images, other files, ...)
     format: str = FORMAT
+    labelled: bool = True  # False: the samples carry no `cls` (a folder of unlabelled images); probes refuse it
+    skips: dict[str, int] = field(default_factory=dict)  # `skipped` by reason ("unreadable image": 2, ...)
 
     @property
     def total(self) -> int:
@@ -96,7 +98,8 @@ class Manifest:
     def to_json(self) -> dict:
         return {"format": self.format, "split": self.split, "source": self.source, "total": self.total,
                 "num_classes": self.num_classes, "classes": self.classes, "image_size": self.image_size,
-                "skipped": self.skipped, "shards": [asdict(s) for s in self.shards]}
+                "labelled": self.labelled, "skipped": self.skipped, "skips": self.skips,
+                "shards": [asdict(s) for s in self.shards]}
 
 
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
@@ -111,7 +114,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         shards = [ShardInfo(name=s["name"], samples=int(s["samples"]), bytes=s.get("bytes")) for s in raw["shards"]]
         return Manifest(split=raw["split"], shards=shards, classes=list(raw.get("classes", [])),
                         image_size=raw.get("image_size"), source=raw.get("source", ""),
-                        skipped=int(raw.get("skipped", 0)), format=raw.get("format", FORMAT))
+                        skipped=int(raw.get("skipped", 0)), format=raw.get("format", FORMAT),
+                        labelled=bool(raw.get("labelled", True)), skips=dict(raw.get("skips") or {}))
     except FileNotFoundError:
         raise ShardError(f"{path}: no such manifest") from None
     except (OSError, ValueError, KeyError, TypeError) as err:

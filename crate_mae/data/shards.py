@@ -25,8 +25,8 @@ from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, is_remote, 
 from crate_mae.data.stream import merged_members, read_samples
 from crate_mae.errors import CrateError
 from crate_mae.data.transforms import decode_rgb
-from crate_mae.data.writer import (cifar_source, digits_source, imagefolder_source, merge_parts, part_manifest_name,
-                                  write_split)
+from crate_mae.data.sources import cifar_source, digits_source, imagefolder_source
+from crate_mae.data.writer import merge_parts, part_manifest_name, write_split
 
 DIGITS_DIR = "shards/digits"
 

@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,72 +31,34 @@ log = logging.getLogger("crate_mae.data")
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 
 
+class Skip(Exception):
+    """Raised by a Source's `load` for an item that is no sample (not an image, a file gone, a row without an image):
+    the writer counts it under `reason` (a few words, the same for every item of its kind), logs `detail` and goes
+    on."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
 @dataclass
 class Source:
-    """A split of a dataset: `load(i)` gives (encoded bytes, label) for i < count."""
+    """A split of a dataset: `load(i)` gives (encoded bytes, label) for i < count, or raises `Skip`.
+
+    An unlabelled source (`labelled` False: a folder of images nobody has labelled) gives None for a label, and its
+    shards carry no `cls`. `skips` counts, by reason, what its listing passed over before any load (hidden files,
+    broken links): the manifest adds them to what the writer skips."""
 
     name: str
     classes: list[str]
     count: int
-    load: Callable[[int], tuple[bytes, int]]
+    load: Callable[[int], tuple[bytes, int | None]]
     describe: Callable[[int], str] = str  # sample i in words, for messages
+    labelled: bool = True
+    skips: dict[str, int] = field(default_factory=dict)
 
 
-
-def encode_png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def digits_source(split: str, *, size: int = 32) -> Source:
-    """scikit-learn's digits (1,797 real 8×8 scans, shipped inside the package), upscaled to RGB `size`.
-
-    The split is fixed: 300 images (stratified, random_state 0) are `val`, the other 1,497 `train`.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=300, stratify=digits.target,
-                                          random_state=0)
-    indices = {"train": np.sort(train_idx), "val": np.sort(val_idx)}[split]
-
-    def load(i: int) -> tuple[bytes, int]:
-        j = int(indices[i])
-        gray = Image.fromarray((digits.images[j] * (255.0 / 16.0)).round().astype(np.uint8))
-        rgb = gray.resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
-        return encode_png(np.asarray(rgb)), int(digits.target[j])
-
-    return Source(f"digits-{size}px", [str(c) for c in range(10)], len(indices), load)
-
-
-def cifar_source(name: str, root: str, split: str, *, download: bool = False) -> Source:
-    """torchvision's CIFAR-10 / CIFAR-100 (`val` is the test set), stored as PNG."""
-    from torchvision import datasets
-
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
-    try:
-        data = cls(root, train=split == "train", download=download)
-    except RuntimeError as err:
-        raise ShardError(f"{root}: {name} not found there ({err}); pass --download on a machine with internet") from None
-    return Source(name, list(data.classes), len(data), lambda i: (encode_png(data.data[i]), int(data.targets[i])))
-
-
-def imagefolder_source(root: str) -> Source:
-    """An ImageFolder tree (`root/<class>/<image>`, ImageNet's layout): the files' own bytes."""
-    from torchvision.datasets import ImageFolder
-
-    if not os.path.isdir(root):
-        raise ShardError(f"{root}: no such folder")
-    folder = ImageFolder(root)  # classes sorted by name, as torchvision and timm number them
-
-    def load(i: int) -> tuple[bytes, int]:
-        path, label = folder.samples[i]
-        return Path(path).read_bytes(), label
-
-    return Source(f"imagefolder:{root}", list(folder.classes), len(folder.samples), load,
-                  describe=lambda i: folder.samples[i][0])
+UNREADABLE = "unreadable image"  # the skip reason of an image PIL cannot decode
 
 
 def prepare(data: bytes, *, resize: int | None, quality: int) -> tuple[bytes, str, tuple[int, int]]:
@@ -141,14 +104,15 @@ class ShardWriter:
         self.shards.append(ShardInfo(self._name, self._count, os.path.getsize(self.folder / self._name)))
         self._tar = None
 
-    def write(self, key: str, data: bytes, ext: str, label: int) -> None:
+    def write(self, key: str, data: bytes, ext: str, label: int | None) -> None:
+        """One sample; `label` None (an unlabelled set) writes no `cls`."""
         if "." in key or "/" in key:  # webdataset splits member names at the first dot: samples would merge
             raise ValueError(f"sample key {key!r} contains a dot or a slash; shard keys must not")
         if self._tar is not None and (self._count >= self.max_count or self._bytes + len(data) > self.max_bytes):
             self._close()
         if self._tar is None:
             self._open()
-        self._tar.write({"__key__": key, ext: data, "cls": str(label).encode()})
+        self._tar.write({"__key__": key, ext: data, **({} if label is None else {"cls": str(label).encode()})})
         self._count += 1
         self._bytes += len(data)
 
@@ -167,21 +131,26 @@ class ShardWriter:
 
 
 _JOB: tuple[Source, int | None, int] | None = None  # (source, resize, quality) of the pool's workers (fork)
+Prepared = tuple[int, "bytes | None", str, "tuple[int, int]", "int | None", str, str]
 
 
-def _load_prepared(i: int) -> tuple[int, bytes | None, str, tuple[int, int], int, str]:
-    """Sample i of the job's source, loaded and prepared: (i, bytes, ext, size, label, error or "")."""
+def _load_prepared(i: int) -> Prepared:
+    """Sample i of the job's source, loaded and prepared: (i, bytes, ext, size, label, skip reason, detail); bytes is
+    None, and the reason says why, for an item skipped (`Skip` from the source, or an image PIL cannot decode)."""
     source, resize, quality = _JOB
-    data, label = source.load(i)
+    try:
+        data, label = source.load(i)
+    except Skip as skip:
+        return i, None, "", (0, 0), None, skip.reason, skip.detail
     try:
         data, ext, size = prepare(data, resize=resize, quality=quality)
     except Exception as err:  # an unreadable source image: skipped by the writer, counted, named
-        return i, None, "", (0, 0), label, f"{type(err).__name__}: {err}"
-    return i, data, ext, size, label, ""
+        return i, None, "", (0, 0), label, UNREADABLE, f"{type(err).__name__}: {err}"
+    return i, data, ext, size, label, "", ""
 
 
 def _prepared(source: Source, order: list[int], *, resize: int | None, quality: int,
-              workers: int) -> Iterator[tuple[int, bytes | None, str, tuple[int, int], int, str]]:
+              workers: int) -> Iterator[Prepared]:
     """The prepared samples in `order`, loaded and re-encoded by `workers` processes (in order, whatever their
     number: the shards are the same with 1 worker or 96)."""
     global _JOB
@@ -237,18 +206,21 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
     order = list(range(source.count))
     random.Random(seed).shuffle(order)  # every shard mixes classes
     order = order[source.count * node_rank // num_nodes: source.count * (node_rank + 1) // num_nodes]  # this machine's
-    writer, sizes, skipped = ShardWriter(folder, prefix, max_count=shard_size, max_bytes=shard_bytes), set(), 0
+    writer, sizes = ShardWriter(folder, prefix, max_count=shard_size, max_bytes=shard_bytes), set()
+    # what the listing passed over counts once, in machine 0's part; what a load skips, in the part that loads it
+    skips: Counter[str] = Counter(source.skips if node_rank == 0 else {})
     start = 0
     if old:  # an interrupted write of the same set: keep its finished shards, continue after them
-        start, skipped = _continue(writer, old, params, json.loads(params_path.read_text()), order, sizes)
+        start = _continue(writer, old, params, json.loads(params_path.read_text()), order, sizes, skips,
+                          source=source, resize=resize, quality=quality)
         log.info("%s %s: continuing after %d finished shards (%d samples)", folder, split, len(old), start)
     write_manifest_params(params_path, params)
     try:
-        for n, (i, data, ext, size, label, error) in enumerate(_prepared(source, order[start:], resize=resize,
-                                                                          quality=quality, workers=workers), start):
+        for n, (i, data, ext, size, label, reason, detail) in enumerate(
+                _prepared(source, order[start:], resize=resize, quality=quality, workers=workers), start):
             if data is None:
-                skipped += 1
-                log.warning("skipped %s: cannot read the image (%s)", source.describe(i), error)
+                skips[reason] += 1
+                log.warning("skipped %s: %s", source.describe(i), f"{reason} ({detail})" if detail else reason)
                 continue
             sizes.add(size)
             writer.write(f"{i:09d}", data, ext, label)
@@ -258,8 +230,11 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
         writer.abort()
         raise
     fixed = list(sizes.pop()) if len(sizes) == 1 else None
+    if not writer.shards and writer._tar is None:
+        raise ShardError(f"{source.name}: no image to write in {split} ({len(order)} items, every one skipped: "
+                         f"{describe_skips(skips)})")
     manifest = Manifest(split=split, shards=writer.finish(), classes=source.classes, image_size=fixed,
-                        source=source.name, skipped=skipped)
+                        source=source.name, skipped=sum(skips.values()), labelled=source.labelled, skips=dict(skips))
     write_manifest(manifest, manifest_path)
     params_path.unlink(missing_ok=True)  # the set is complete: nothing to continue
     return manifest
@@ -285,13 +260,14 @@ def merge_parts(folder: str | os.PathLike, split: str) -> Manifest:
     manifests = [read_manifest(folder / part_manifest_name(split, r, num_nodes)) for r in range(num_nodes)]
     first = manifests[0]
     for r, m in enumerate(manifests):
-        if (m.classes, m.source) != (first.classes, first.source):
+        if (m.classes, m.source, m.labelled) != (first.classes, first.source, first.labelled):
             raise ShardError(f"{folder / part_manifest_name(split, r, num_nodes)}: another source or class list than "
                              f"part 0's")
     sizes = {tuple(m.image_size) if m.image_size else None for m in manifests}
     merged = Manifest(split=split, shards=[s for m in manifests for s in m.shards], classes=first.classes,
                       image_size=list(sizes.pop()) if len(sizes) == 1 and None not in sizes else None,
-                      source=first.source, skipped=sum(m.skipped for m in manifests))
+                      source=first.source, skipped=sum(m.skipped for m in manifests), labelled=first.labelled,
+                      skips=dict(sum((Counter(m.skips) for m in manifests), Counter())))
     write_manifest(merged, folder / f"{split}.json")
     return merged
 
@@ -302,11 +278,12 @@ def write_manifest_params(path: Path, params: dict) -> None:
         tmp.write_text(json.dumps(params))
 
 
-def _continue(writer: ShardWriter, shards: list[Path], params: dict, saved: dict, order: list[int],
-              sizes: set) -> tuple[int, int]:
-    """Take over the finished shards of an interrupted write: (position in `order` to continue from, unreadable
-    source images skipped before it). Each finished shard was closed when the next sample arrived, so the next
-    shard starts exactly where the uninterrupted write's would: the set comes out the same."""
+def _continue(writer: ShardWriter, shards: list[Path], params: dict, saved: dict, order: list[int], sizes: set,
+              skips: Counter[str], *, source: Source, resize: int | None, quality: int) -> int:
+    """Take over the finished shards of an interrupted write: the position in `order` to continue from. Each finished
+    shard was closed when the next sample arrived, so the next shard starts exactly where the uninterrupted write's
+    would: the set comes out the same. The items skipped before that position (the ones in `order` before it that no
+    shard holds) are loaded again to count them under their reasons in `skips`, as the uninterrupted write did."""
     for key, value in params.items():
         if saved.get(key) != value:
             raise ShardError(f"{shards[0].parent}: an interrupted write with {key}={saved.get(key)!r} is there; this one "
@@ -315,14 +292,28 @@ def _continue(writer: ShardWriter, shards: list[Path], params: dict, saved: dict
     if [p.name for p in shards] != names:
         raise ShardError(f"{shards[0].parent}: the finished shards are not {names[0]} … {names[-1]} in a row; "
                          f"pass --overwrite to start again")
-    written, last = 0, -1
+    written: set[int] = set()
     for path in shards:
         count = 0
         for sample in wds.tarfile_samples([{"url": str(path)}]):
-            count, last = count + 1, int(sample["__key__"])
+            count += 1
+            written.add(int(sample["__key__"]))
             data = sample.get("jpg", sample.get("png"))
             sizes.add(Image.open(io.BytesIO(data)).size)
         writer.shards.append(ShardInfo(path.name, count, path.stat().st_size))
-        written += count
-    position = order.index(last) + 1
-    return position, position - written
+    where = {i: k for k, i in enumerate(order)}
+    position = max(where[i] for i in written) + 1
+    for reason in _reasons(source, [i for i in order[:position] if i not in written], resize=resize, quality=quality):
+        skips[reason] += 1
+    return position
+
+
+def _reasons(source: Source, items: list[int], *, resize: int | None, quality: int) -> Iterator[str]:
+    """The skip reasons of `items` (each one skipped by the interrupted write), found by loading them again."""
+    for _, _, _, _, _, reason, _ in _prepared(source, items, resize=resize, quality=quality, workers=1):
+        yield reason or "gone since"  # skipped then, readable now: still not in the set, so still counted
+
+
+def describe_skips(skips: dict[str, int]) -> str:
+    """'3 not images, 1 hidden file': the skips of a write, in words, most first."""
+    return ", ".join(f"{n} × {reason}" for reason, n in sorted(skips.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"

@@ -16,7 +16,8 @@ from crate_mae.config import DataConfig
 from crate_mae.data import (DataError, EvalTransform, PretrainTransform, ShardError, eval_loader, read_manifest,
                             resolve_shards, train_loader)
 from crate_mae.data.shards import ensure_digits, main as shards_main
-from crate_mae.data.writer import Source, digits_source, imagefolder_source, write_split
+from crate_mae.data.sources import digits_source, imagefolder_source
+from crate_mae.data.writer import Source, write_split
 from tests.helpers import good_sample, image_bytes, make_set, write_tar_set
 
 T32 = EvalTransform(16, crop_pct=1.0)
