@@ -27,3 +27,7 @@ class RunFolderError(CrateError, FileExistsError):
 
 class InputError(CrateError, ValueError):
     """An input of impossible shape for the model: an image side the patch does not divide, a stride off the grid."""
+
+
+class ShardError(CrateError, ValueError):
+    """A shard set that cannot be read or written as asked: the message names the path at fault."""

@@ -61,3 +61,38 @@ def join_ranks(fn, args: tuple, nprocs: int = 2, timeout: float = 120) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"a rank still runs after {timeout:g} s")
+
+
+def image_tree(root: Path, *, hostile: bool = True) -> tuple[int, dict[str, int]]:
+    """A folder of unlabelled images at several depths, as users keep them: (how many images it holds, what a write
+    of it must skip, by reason). `hostile` adds what a real folder holds besides: a zero-byte .jpg, a folder named
+    like an image (holding an image), a PNG named .jpg, a text file, a truncated JPEG, hidden files and folders, a
+    link to nothing, a link to itself, a link back up the tree (a loop) and a FIFO."""
+    import os
+
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    n = 0
+    for k, folder in enumerate([root, root / "a", root / "a" / "b", root / "a" / "b" / "c"]):
+        for i in range(4):
+            fmt = "PNG" if (k + i) % 2 else "JPEG"
+            (folder / f"img{i}.{'png' if fmt == 'PNG' else 'jpg'}").write_bytes(image_bytes(10 * k + i, (36, 28), fmt))
+            n += 1
+    if not hostile:
+        return n, {}
+    (root / "shot.jpg").mkdir()
+    (root / "shot.jpg" / "inside.png").write_bytes(image_bytes(90, (36, 28), "PNG"))
+    (root / "a" / "really_a_png.jpg").write_bytes(image_bytes(91, (36, 28), "PNG"))
+    n += 2
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    (root / "a" / "cut.jpg").write_bytes(image_bytes(92, (36, 28))[:120])
+    (root / ".hidden.jpg").write_bytes(image_bytes(93, (36, 28)))
+    (root / ".cache").mkdir()
+    (root / ".cache" / "thumb.jpg").write_bytes(image_bytes(94, (36, 28)))
+    os.symlink(root / "gone.jpg", root / "dangling.jpg")
+    os.symlink("self.jpg", root / "self.jpg")
+    os.symlink(root, root / "a" / "b" / "up")
+    os.mkfifo(root / "a" / "pipe")
+    return n, {"broken symbolic link": 2, "empty file": 1, "hidden file or folder": 2,
+               "link to a folder already walked": 1, "not a regular file": 1, "not an image": 1,
+               "unreadable image": 1}

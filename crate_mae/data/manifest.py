@@ -11,6 +11,10 @@ A shard spec (`data.train_shards`) is one of:
   shards/imagenet/train-*.tar.gz                gzip-compressed shards (.tar.gz, .tgz) in any of the forms above
   pipe:curl -s https://host/train-{0..9}.tar    webdataset URLs (not checked; give a manifest for counts)
 
+A brace pattern or glob without a sibling manifest takes its counts (and classes) from a published set's
+`_info.json` / `_info.yaml` beside the shards where there is one (data/info.py: timm's convention, also fetched for
+http(s) URLs).
+
 A shard is compressed when its first bytes say so, whatever its name, as webdataset's tar reader (tarfile's "r|*")
 decides too: a `.tar.gz` holding a plain tar is read as a plain tar. Gzip is the WebDataset format; bzip2 and xz,
 which the same reader takes, are read and checked the same way.
@@ -33,7 +37,7 @@ from pathlib import Path
 import braceexpand
 
 from crate_mae.atomic import atomic_path
-from crate_mae.errors import CrateError
+from crate_mae.errors import ShardError  # here too: the data layer's own error, by its old name
 
 FORMAT = "crate-mae-shards/1"
 BLOCK = 512  # a tar block; an archive ends with two zero blocks (the end-of-archive marker), then zero padding
@@ -62,10 +66,6 @@ def decompressing(kind: str, stream: Any) -> BinaryIO:
     """A readable of the decompressed bytes of `stream` (a file object or path; non-seekable streams work), of the
     compression `kind` named by `compression`."""
     return _OPENERS[kind](stream, "rb")  # each takes a path or a readable
-
-
-class ShardError(CrateError, ValueError):
-    """A shard set that cannot be read as asked: the message names the path at fault."""
 
 
 @dataclass
@@ -280,12 +280,12 @@ def resolve_shards(spec: str) -> ShardList:
     if not urls:
         raise ShardError(f"{spec}: names no shards")
     if is_remote(urls[0]):
-        return ShardList(spec, urls)
+        return _with_info(spec, urls) if urls[0].startswith(("http://", "https://")) else ShardList(spec, urls)
     for url in urls:
         _check_local(url, None)
     manifest_path = _sibling_manifest(urls[0])
     if manifest_path is None:
-        return ShardList(spec, urls)
+        return _with_info(spec, urls)
     manifest = read_manifest(manifest_path)
     by_name = {s.name: s for s in manifest.shards}
     infos = []
@@ -296,3 +296,19 @@ def resolve_shards(spec: str) -> ShardList:
         _check_local(url, info.bytes)
         infos.append(info)
     return ShardList(spec, urls, [i.samples for i in infos], manifest)
+
+
+def _with_info(spec: str, urls: list[str]) -> ShardList:
+    """The shards `urls` with the counts and classes of the published set's info file beside them (`_info.json`,
+    data/info.py), where there is one that lists them; else without counts."""
+    from crate_mae.data.info import info_counts
+
+    if len({os.path.dirname(u) for u in urls}) != 1:
+        return ShardList(spec, urls)  # shards of several folders: no one info file speaks for them
+    found = info_counts(urls, spec)
+    if found is None:
+        return ShardList(spec, urls)
+    manifest = Manifest(split=found.split, shards=[ShardInfo(os.path.basename(u) if not is_remote(u) else u, n)
+                                                   for u, n in zip(urls, found.samples)],
+                        classes=found.classes, source=found.where)
+    return ShardList(spec, urls, found.samples, manifest)

@@ -4,6 +4,10 @@
     python -m crate_mae.data.shards write cifar10 --root ~/data --download
     python -m crate_mae.data.shards write imagefolder --root /data/imagenet/train --split train \\
         --out shards/imagenet --resize 256 --quality 90
+    python -m crate_mae.data.shards write folder --root ~/microscopy --out shards/micro    # unlabelled, any nesting
+    python -m crate_mae.data.shards write hf --dataset ./my_saved_dataset --split train --label-column label
+    python -m crate_mae.data.shards write imagenet --train ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \\
+        --devkit ILSVRC2012_devkit_t12.tar.gz --out shards/imagenet --resize 256
     python -m crate_mae.data.shards manifest 'shards/in1k/train-{000000..001023}.tar'
     python -m crate_mae.data.shards manifest 'shards/in1k/train-*.tar.gz'     # gzip-compressed shards (or .tgz)
     python -m crate_mae.data.shards check shards/imagenet/val.json
@@ -21,12 +25,13 @@ from pathlib import Path
 import torch
 
 from crate_mae.config import DataConfig
+from crate_mae.data.info import INFO_NAMES
 from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, is_remote, resolve_shards, write_manifest
 from crate_mae.data.stream import merged_members, read_samples
 from crate_mae.errors import CrateError
 from crate_mae.data.transforms import decode_rgb
-from crate_mae.data.sources import cifar_source, digits_source, imagefolder_source
-from crate_mae.data.writer import merge_parts, part_manifest_name, write_split
+from crate_mae.data.sources import cifar_source, digits_source, folder_source, imagefolder_source
+from crate_mae.data.writer import Source, describe_skips, merge_parts, part_manifest_name, write_split
 
 DIGITS_DIR = "shards/digits"
 
@@ -51,15 +56,24 @@ def ensure_torchvision(name: str, root: str, *, download: bool, out: str | os.Pa
     return str(paths[0]), str(paths[1])
 
 
-def count_manifest(spec: str, split: str | None = None) -> Manifest:
-    """A manifest for existing shards, by reading every sample key (classes unknown: left empty).
+def count_manifest(spec: str, split: str | None = None, *, read: bool = False) -> Manifest:
+    """A manifest for existing shards, by reading every sample key (classes unknown: left empty), or, for a published
+    set whose `_info.json` gives the counts (data/info.py), from it without reading (unless `read`).
 
     The shards are read as training reads them (`read_samples`: gzip-compressed ones too, each checked to its tar's
     end-of-archive marker, a failed remote read retried with `DataConfig`'s defaults), so a count is the count a
-    reader will find. A remote shard is listed by its full URL, without a byte size."""
+    reader will find. A remote shard is listed by its full URL, without a byte size. `labelled` is whether any sample
+    carries a `cls`."""
     shards = resolve_shards(spec)
+    name = os.path.basename(shards.urls[0])
+    split = split or name.rsplit("-", 1)[0]
+    info = shards.manifest
+    if info is not None and info.source.endswith(INFO_NAMES) and not read:
+        return Manifest(split=split, shards=[ShardInfo(s.name, s.samples, None if is_remote(u) else os.path.getsize(u))
+                                             for u, s in zip(shards.urls, info.shards)],
+                        classes=info.classes, source=info.source)
     defaults = DataConfig()
-    infos = []
+    infos, labelled = [], False
     for url in shards.urls:
         count = 0
         for sample in read_samples([url], spec=spec, shards=1, retries=defaults.read_retries,
@@ -70,10 +84,10 @@ def count_manifest(spec: str, split: str | None = None) -> Manifest:
                                  f"keys contain a dot merge into one (webdataset splits member names at the first "
                                  f"dot), so no count would be true; rewrite the shards with keys without dots")
             count += 1
+            labelled = labelled or "cls" in sample
         remote = is_remote(url)
         infos.append(ShardInfo(url if remote else os.path.basename(url), count, None if remote else os.path.getsize(url)))
-    name = os.path.basename(shards.urls[0])
-    return Manifest(split=split or name.rsplit("-", 1)[0], shards=infos, source=spec)
+    return Manifest(split=split, shards=infos, source=spec, labelled=labelled)
 
 
 def verify_manifest(spec: str) -> int:
@@ -81,7 +95,7 @@ def verify_manifest(spec: str) -> int:
     shards = resolve_shards(spec)
     if shards.samples is None:
         raise ShardError(f"{spec}: no manifest to verify; write one with python -m crate_mae.data.shards manifest")
-    counted = count_manifest(spec)
+    counted = count_manifest(spec, read=True)
     wrong = [(url, listed, info.samples) for url, listed, info in zip(shards.urls, shards.samples, counted.shards)
              if listed != info.samples]
     for url, listed, real in wrong:
@@ -97,27 +111,48 @@ def _decode_only(data: bytes, rng: object = None) -> torch.Tensor:
     return torch.zeros(0)
 
 
+def _sources(args: argparse.Namespace) -> dict[str, Source]:
+    """The split(s) that `write SOURCE` writes, by split name; a missing option is a ShardError naming it."""
+    def need(flag: str, what: str) -> str:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if not value:
+            raise ShardError(f"{flag} is required for {args.source} ({what})")
+        return value
+
+    if args.source == "digits":
+        return {split: digits_source(split, size=args.size) for split in ("train", "val")}
+    if args.source in ("cifar10", "cifar100"):
+        root = need("--root", "where torchvision keeps it")
+        return {split: cifar_source(args.source, root, split, download=args.download) for split in ("train", "val")}
+    if args.source == "imagefolder":
+        return {args.split: imagefolder_source(need("--root", "a folder of class folders"))}
+    if args.source == "folder":
+        return {args.split: folder_source(need("--root", "a folder of images, in any nesting"), files=args.files)}
+    if args.source == "hf":
+        from crate_mae.data.hf import hf_source
+
+        dataset = need("--dataset", "a save_to_disk folder, Parquet files, or a Hub name")
+        return {args.split: hf_source(dataset, split=args.split, image_column=args.image_column,
+                                      label_column=args.label_column)}
+    from crate_mae.data.imagenet import imagenet_sources
+
+    if not (args.train or args.val):
+        raise ShardError("imagenet needs --train ILSVRC2012_img_train.tar and/or --val ILSVRC2012_img_val.tar")
+    return imagenet_sources(train=args.train, val=args.val, devkit=args.devkit, val_labels=args.val_labels)
+
+
 def _write(args: argparse.Namespace) -> None:
     common = dict(shard_size=args.shard_size, shard_bytes=int(args.shard_bytes), resize=args.resize,
                   quality=args.quality, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
                   num_nodes=args.num_nodes, node_rank=args.node_rank)
     out = args.out or f"shards/{args.source}"
-    if args.source == "digits":
-        sources = {split: digits_source(split, size=args.size) for split in ("train", "val")}
-    elif args.source in ("cifar10", "cifar100"):
-        if not args.root:
-            raise ShardError(f"--root is required for {args.source} (where torchvision keeps it)")
-        sources = {split: cifar_source(args.source, args.root, split, download=args.download) for split in ("train", "val")}
-    else:
-        if not args.root:
-            raise ShardError("--root is required for imagefolder (a folder of class folders)")
-        sources = {args.split: imagefolder_source(args.root)}
-    for split, source in sources.items():
+    for split, source in _sources(args).items():
         manifest = write_split(source, out, split, **common)
         where = f"{out}/{split}.json" if args.num_nodes == 1 else \
             f"{out}/{part_manifest_name(split, args.node_rank, args.num_nodes)} (then: manifest --merge {out})"
-        print(f"{where}: {manifest.total} samples in {len(manifest.shards)} shards, "
-              f"{manifest.num_classes} classes" + (f", {manifest.skipped} unreadable images skipped" if manifest.skipped else ""))
+        labels = f"{manifest.num_classes} classes" if manifest.labelled else "no labels"
+        print(f"{where}: {manifest.total} samples in {len(manifest.shards)} shards, {labels}"
+              + (f"; skipped {describe_skips(manifest.skips)}" if manifest.skipped else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,10 +160,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write a shard set and its manifest")
-    w.add_argument("source", choices=["digits", "cifar10", "cifar100", "imagefolder"])
-    w.add_argument("--root", help="dataset folder (cifar: torchvision's root; imagefolder: root/<class>/<image>)")
+    w.add_argument("source", choices=["digits", "cifar10", "cifar100", "imagefolder", "folder", "hf", "imagenet"])
+    w.add_argument("--root", help="dataset folder (cifar: torchvision's root; imagefolder: root/<class>/<image>; "
+                                  "folder: unlabelled images at any depth)")
     w.add_argument("--out", help="output folder (default: shards/<source>)")
-    w.add_argument("--split", default="train", help="split name for imagefolder (default: train)")
+    w.add_argument("--split", default="train", help="split name for imagefolder and folder; for hf, the dataset's "
+                                                    "split, written under its own name (default: train)")
+    w.add_argument("--files", help="folder: a file of paths (one a line, relative to --root) to write instead of "
+                                   "every image under --root")
+    w.add_argument("--dataset", help="hf: a save_to_disk folder, a Parquet file, folder or glob, or a Hub name")
+    w.add_argument("--image-column", default="image", help="hf: the column of the images (default: image)")
+    w.add_argument("--label-column", help="hf: the column of the labels (default: none, an unlabelled set)")
+    w.add_argument("--train", help="imagenet: ILSVRC2012_img_train.tar (a tar of per-class tars)")
+    w.add_argument("--val", help="imagenet: ILSVRC2012_img_val.tar")
+    w.add_argument("--devkit", help="imagenet: ILSVRC2012_devkit_t12.tar.gz (the val labels)")
+    w.add_argument("--val-labels", help="imagenet: a val labels file instead of the devkit (a WordNet id a line in "
+                                        "file order, '<file> <wnid>' lines, or LOC_val_solution.csv)")
     w.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
     w.add_argument("--size", type=int, default=32, help="digits: image side in pixels (default: 32)")
     w.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: 10000; digits: 250)")
@@ -170,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             manifest = count_manifest(args.spec, args.split)
             path = Path(resolve_shards(args.spec).urls[0]).parent / f"{manifest.split}.json"
             write_manifest(manifest, path)
-            print(f"{path}: {manifest.total} samples in {len(manifest.shards)} shards")
+            print(f"{path}: {manifest.total} samples in {len(manifest.shards)} shards"
+                  + (f", the counts of {manifest.source} (manifest --verify {path} reads them all)"
+                     if manifest.source.endswith(INFO_NAMES) else ""))
         else:
             from crate_mae.data.reader import ShardLoader, ShardStream
 

@@ -340,7 +340,7 @@ def label(sample: dict, num_classes: int, classes_of: str) -> int:
     labels or the class list are wrong, as with 1-based labels, and skipping them would drop a whole class silently;
     caught here, before any step or probe uses the label."""
     if "cls" not in sample:
-        raise BadSample("no label (cls)")
+        raise BadSample("no label (cls): an unlabelled set? fine-tuning and the probes need labels")
     try:
         value = int(sample["cls"])
     except ValueError:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import webdataset as wds
 from PIL import Image
 
@@ -234,7 +233,7 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
         raise ShardError(f"{source.name}: no image to write in {split} ({len(order)} items, every one skipped: "
                          f"{describe_skips(skips)})")
     manifest = Manifest(split=split, shards=writer.finish(), classes=source.classes, image_size=fixed,
-                        source=source.name, skipped=sum(skips.values()), labelled=source.labelled, skips=dict(skips))
+                        source=source.name, skipped=sum(skips.values()), labelled=source.labelled, skips=dict(sorted(skips.items())))
     write_manifest(manifest, manifest_path)
     params_path.unlink(missing_ok=True)  # the set is complete: nothing to continue
     return manifest
