@@ -68,6 +68,8 @@ def unlabelled(spec: str) -> str | None:
     """Why the set `spec` cannot serve the kNN or the probe (its manifest lists no classes, or its first sample has no
     `cls`), or None. Only the first sample is opened: a set is labelled throughout or not at all."""
     shards = resolve_shards(spec)
+    if shards.manifest is not None and not shards.manifest.labelled:
+        return f"{spec} has no labels (an unlabelled set)"
     if shards.manifest is not None and not shards.manifest.classes:
         return f"{spec} has no labels (its manifest lists no classes)"
     first = next(read_samples(shards.urls[:1], spec=spec, shards=1), None)

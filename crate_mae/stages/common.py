@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from crate_mae.atomic import remove_stale_temp_files
 from crate_mae.config import ClassifierConfig, Config, ConfigError, config_to_dict, save_config
-from crate_mae.data import resolve_shards
+from crate_mae.data import ShardError, resolve_shards
 from crate_mae.data.shards import DIGITS_DIR, ensure_digits, ensure_torchvision
 from crate_mae.engine import dist
 from crate_mae.engine.checkpoint import Checkpointer, Stateful, latest
@@ -148,11 +148,23 @@ def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_fa
     if isinstance(model, ClassifierConfig):  # the head follows the data's classes where its manifest lists them
         if val_spec is None:
             raise ConfigError("data.val_shards: accuracy is measured on a validation set; set one")
+        for spec in (train_spec, val_spec):
+            refuse_unlabelled(spec)
         manifest = resolve_shards(train_spec).manifest
         if manifest is not None and manifest.num_classes:
             model = dataclasses.replace(model, num_classes=manifest.num_classes)
     return StageRun(dataclasses.replace(cfg, model=model), d, run_dir, resume, pretrained, train_spec, val_spec, changes,
                     lock)
+
+
+def refuse_unlabelled(spec: str) -> None:
+    """A classifier's stage (fine-tuning, the probes) needs labels: a set whose manifest says it has none (written from
+    a folder of unlabelled images, or an HF dataset without --label-column) is refused in one line before anything
+    else is read. (A set without a manifest that holds no labels is named as its samples are read: data/stream.py.)"""
+    manifest = resolve_shards(spec).manifest
+    if manifest is not None and not manifest.labelled:
+        raise ShardError(f"{spec}: an unlabelled set (its samples carry no cls); fine-tuning and the probes need "
+                         f"labels: point data.train_shards / data.val_shards at a labelled set, or pretrain on this one")
 
 
 def resume_path(run_dir: Path, resume: str | None) -> Path | None:

@@ -84,7 +84,7 @@ def load_images(specs: list[str] | str, *, img_size: int, n: int, crop_pct: floa
     from crate_mae.data import eval_loader
 
     images = next(iter(eval_loader(specs[0], img_size, batch_size=n, num_workers=0, eval_crop_pct=crop_pct,
-                                   max_bad_fraction=1.0))).images
+                                   max_bad_fraction=1.0, labels=False))).images  # pictures: unlabelled sets too
     return images, [f"sample-{i}" for i in range(images.shape[0])]
 
 

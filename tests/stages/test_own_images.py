@@ -1,0 +1,84 @@
+"""A set of unlabelled images end to end (issue 23): written from a folder, pretrained on (the monitor's held-out
+loss without its kNN), pictured by the viz commands, and refused in one line by fine-tuning and both probes, which
+need labels."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crate_mae.config import load_config
+from crate_mae.data import ShardError
+from crate_mae.data.sources import folder_source
+from crate_mae.data.writer import write_split
+from crate_mae.engine.log import read_events
+from crate_mae.stages.finetune import run_finetune
+from crate_mae.stages.linear_probe import run_linprobe
+from crate_mae.stages.pretrain import run_pretrain
+from crate_mae.viz.__main__ import main as viz_main
+from tests.helpers import image_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Train and val sets written from folders of 40 and 16 unlabelled images, two levels deep."""
+    root = tmp_path_factory.mktemp("own")
+    specs = []
+    for split, n in (("train", 40), ("val", 16)):
+        for i in range(n):
+            folder = root / split / f"day{i % 3}" / f"cam{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}.jpg").write_bytes(image_bytes(i + 100 * (split == "val"), (40, 36)))
+        write_split(folder_source(str(root / split)), root / "shards", split, shard_size=16)
+        specs.append(str(root / "shards" / f"{split}.json"))
+    return specs[0], specs[1]
+
+
+def config(stage: str, sets: tuple[str, str], out: Path, *extra: str):
+    return load_config(ROOT / f"configs/{stage}/demo.yaml", [
+        "model.variant=nano", f"data.train_shards={sets[0]}", f"data.val_shards={sets[1]}", "data.batch_size=8",
+        "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0", f"run.out_dir={out}", "run.name=r", *extra],
+        stage=stage)
+
+
+def test_pretraining_and_the_viz_commands_take_an_unlabelled_set(unlabelled: tuple[str, str], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    torch.set_num_threads(1)
+    result = run_pretrain(config("pretrain", unlabelled, tmp_path, "data.shuffle_buffer=16", "monitor.every=1"))
+    assert result.steps == 40 // 8
+    history = read_events(tmp_path / "r", "monitor")
+    assert history and "heldout_loss" in history[-1] and not any(k.startswith("knn") for k in history[-1])
+    assert "has no labels (an unlabelled set)" in capsys.readouterr().out
+    final = str(tmp_path / "r" / "final.pth")
+    for command in ("recon", "attention"):
+        assert viz_main([command, "--checkpoint", final, "--images", unlabelled[1], "--n", "3",
+                         "--out", str(tmp_path / f"{command}.png")]) == 0
+        assert (tmp_path / f"{command}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("stage", "extra"), [("finetune", ["finetune.checkpoint=null"]),
+                                              ("linprobe", ["probe.protocol=linear", "probe.checkpoint=null"]),
+                                              ("linprobe", ["probe.protocol=logreg", "probe.checkpoint=null"])])
+def test_fine_tuning_and_the_probes_refuse_an_unlabelled_set_in_one_line(unlabelled: tuple[str, str], tmp_path: Path,
+                                                                         stage: str, extra: list[str]) -> None:
+    run = run_finetune if stage == "finetune" else run_linprobe
+    with pytest.raises(ShardError) as err:
+        run(config(stage, unlabelled, tmp_path, "model.num_classes=10", *extra))
+    message = str(err.value)
+    assert message.startswith(f"{unlabelled[0]}: an unlabelled set") and "need labels" in message  # train first
+    assert "\n" not in message and not list((tmp_path / "r").glob("*.pth"))
+
+
+def test_the_entry_point_says_it_in_one_line(unlabelled: tuple[str, str], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--config", "configs/finetune/demo.yaml",
+                           "--set", f"data.train_shards={unlabelled[0]}", f"data.val_shards={unlabelled[1]}",
+                           "model.variant=nano", "finetune.checkpoint=null", f"run.out_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "an unlabelled set" in lines[0] and "need labels" in lines[0], proc.stderr
