@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from crate_mae.data.manifest import ShardError
-from crate_mae.data.writer import UNREADABLE, Skip, Source
+from crate_mae.data.writer import TOO_LARGE, UNREADABLE, Skip, Source
 
 # The file name endings of the formats this PIL can read: a file with one of them that does not open is a broken
 # image ("unreadable image"); any other file that does not open is no image at all ("not an image").
@@ -155,6 +155,8 @@ def read_image(path: str) -> bytes:
                 raise Skip("empty file")
             try:
                 Image.open(f)  # reads the header only
+            except Image.DecompressionBombError as err:  # PIL's guard against huge images (a gigapixel scan)
+                raise Skip(TOO_LARGE, str(err)) from None
             except (UnidentifiedImageError, OSError, ValueError) as err:
                 image_name = os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
                 raise Skip(UNREADABLE if image_name else "not an image", f"{type(err).__name__}: {err}") from None

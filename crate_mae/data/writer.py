@@ -58,6 +58,7 @@ class Source:
 
 
 UNREADABLE = "unreadable image"  # the skip reason of an image PIL cannot decode
+TOO_LARGE = "image too large"  # past PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS × 2)
 
 
 def prepare(data: bytes, *, resize: int | None, quality: int) -> tuple[bytes, str, tuple[int, int]]:
@@ -141,8 +142,12 @@ def _load_prepared(i: int) -> Prepared:
         data, label = source.load(i)
     except Skip as skip:
         return i, None, "", (0, 0), None, skip.reason, skip.detail
+    except OSError as err:  # a file gone since the listing, no permission, an I/O error: that item, not the write
+        return i, None, "", (0, 0), None, "unreadable file", f"{type(err).__name__}: {err}"
     try:
         data, ext, size = prepare(data, resize=resize, quality=quality)
+    except Image.DecompressionBombError as err:
+        return i, None, "", (0, 0), label, TOO_LARGE, str(err)
     except Exception as err:  # an unreadable source image: skipped by the writer, counted, named
         return i, None, "", (0, 0), label, UNREADABLE, f"{type(err).__name__}: {err}"
     return i, data, ext, size, label, "", ""
@@ -233,7 +238,8 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
         raise ShardError(f"{source.name}: no image to write in {split} ({len(order)} items, every one skipped: "
                          f"{describe_skips(skips)})")
     manifest = Manifest(split=split, shards=writer.finish(), classes=source.classes, image_size=fixed,
-                        source=source.name, skipped=sum(skips.values()), labelled=source.labelled, skips=dict(sorted(skips.items())))
+                        source=source.name, skipped=sum(skips.values()), labelled=source.labelled,
+                        skips=dict(sorted(skips.items())))
     write_manifest(manifest, manifest_path)
     params_path.unlink(missing_ok=True)  # the set is complete: nothing to continue
     return manifest

@@ -18,7 +18,7 @@ from crate_mae.data.shards import main as shards_main
 from crate_mae.data.sources import folder_source
 from crate_mae.data.transforms import PretrainTransform
 from crate_mae.data.writer import Source, write_split
-from tests.helpers import good_sample, image_tree, write_tar_set
+from tests.helpers import good_sample, image_bytes, image_tree, write_tar_set
 
 
 def members(folder: Path) -> list[str]:
@@ -81,6 +81,16 @@ def test_an_interrupted_folder_write_continues_to_the_same_set(tmp_path: Path) -
     assert again.to_json() == whole.to_json()  # the skips before the cut are counted under their reasons again
     for path in sorted((tmp_path / "whole").glob("*.tar")):
         assert (tmp_path / "cut" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_an_image_past_pils_size_guard_is_skipped_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    image_tree(tmp_path / "photos", hostile=False)
+    (tmp_path / "photos" / "huge.png").write_bytes(image_bytes(7, (400, 300), "PNG"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # a 400 × 300 image is a "bomb" past 2 × this
+    manifest = write_split(folder_source(str(tmp_path / "photos")), tmp_path / "s", "train", workers=1)
+    assert manifest.total == 16 and manifest.skips == {"image too large": 1}
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "no images"])
