@@ -274,3 +274,16 @@ def test_a_written_set_is_fine_tuned_on(tmp_path: Path) -> None:
         f"run.out_dir={tmp_path / 'runs'}", "run.name=hf"], stage="finetune"))
     assert result.classes == len(NAMES) and result.steps == N // 8
     assert result.first_loss is not None and torch.isfinite(torch.tensor(result.last_loss))
+
+
+def test_the_command_writes_the_split_under_its_own_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from crate_mae.data.shards import main as shards_main
+
+    dataset, _ = save("folder", labelled(), tmp_path / "ds")
+    out = tmp_path / "out"
+    assert shards_main(["write", "hf", "--dataset", dataset, "--split", "validation", "--label-column", "label",
+                        "--out", str(out), "--workers", "1"]) == 0
+    assert capsys.readouterr().out == f"{out}/validation.json: {N} samples in 1 shards, 3 classes\n"
+    with pytest.raises(SystemExit, match="2"):
+        shards_main(["write", "hf", "--out", str(out)])
+    assert "--dataset is required for hf" in capsys.readouterr().err

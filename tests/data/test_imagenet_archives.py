@@ -273,3 +273,17 @@ def test_bad_val_labels_name_the_file_and_line(archives: Archives, tmp_path: Pat
     bad.write_text("3\n" * 9)
     one_line(r"ILSVRC2012_IDs, the devkit's ground truth: give the devkit archive as --devkit", val=archives.val,
              val_labels=str(bad))
+
+
+def test_the_command_writes_both_splits(archives: Archives, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from crate_mae.data.shards import main as shards_main
+
+    out = tmp_path / "in1k"
+    assert shards_main(["write", "imagenet", "--train", archives.train, "--val", archives.val, "--devkit",
+                        archives.devkit, "--out", str(out), "--workers", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{out}/train.json: 15 samples in 1 shards, 3 classes; skipped ")
+    assert lines[1] == f"{out}/val.json: 9 samples in 1 shards, 3 classes"
+    with pytest.raises(SystemExit, match="2"):
+        shards_main(["write", "imagenet", "--val", archives.val, "--out", str(tmp_path / "x")])
+    assert capsys.readouterr().err == "error: --val needs --devkit or --val-labels to label its images\n"
