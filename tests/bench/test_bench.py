@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -52,6 +54,18 @@ def test_write_bench_rows_and_identical_sets(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [r["workers"] for r in rows] == [1, 2] and all(r["images"] == 12 and r["images_per_s"] > 0 for r in rows)
     assert all(r["identical_to_first"] for r in rows) and rows[0]["speedup"] == 1.0
+
+
+def test_write_bench_by_source(tmp_path: Path) -> None:
+    pytest.importorskip("datasets", reason="the datasets library (the .[hf] extra) is not installed on this Python")
+    out = tmp_path / "sources.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/write.py"), "--images", "12", "--sources", "folder", "imagefolder",
+                    "hf", "parquet", "imagenet", "--workers", "1", "--resize", "64", "--json", str(out)], check=True,
+                   env=ENV, capture_output=True, cwd=tmp_path)
+    rows = json.loads(out.read_text())
+    assert [(r["source"], r["resize"]) for r in rows] == [(k, size) for k in ("folder", "imagefolder", "hf", "parquet",
+                                                                            "imagenet") for size in (None, 64)]
+    assert all(r["images"] == 12 and r["images_per_s"] > 0 and r["workers"] == 1 for r in rows)
 
 
 def test_monitor_bench_rows(tmp_path: Path) -> None:
