@@ -194,3 +194,23 @@ def test_a_remote_sets_info_file_is_fetched_beside_its_shards(tmp_path: Path) ->
         assert sum(b.images.shape[0] for b in eval_loader(url, 16, batch_size=8, num_workers=0)) == 18
     finally:
         server.shutdown()
+
+
+def test_every_image_mode_and_format_in_a_folder_is_written_and_decodes(tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "modes"
+    root.mkdir()
+    rgb = Image.open(io.BytesIO(image_bytes(3, (24, 20)))).convert("RGB")
+    cases = {"gray16.png": rgb.convert("I").point(lambda v: v * 200).convert("I;16"), "cmyk.jpg": rgb.convert("CMYK"),
+             "palette.gif": rgb.convert("P"), "rgba.webp": rgb.convert("RGBA"), "scan.tif": rgb.convert("L"),
+             "old.bmp": rgb, "mask.png": rgb.convert("1"), "float.tiff": Image.fromarray(np.full((20, 24), 0.5, np.float32))}
+    for name, img in cases.items():
+        img.save(root / name)
+    manifest = write_split(folder_source(str(root)), tmp_path / "s", "train", workers=1)
+    assert manifest.total == len(cases) and manifest.skipped == 0
+    loader = eval_loader(str(tmp_path / "s" / "train.json"), 16, labels=False, batch_size=16, num_workers=0)
+    assert sum(b.images.shape[0] for b in loader) == len(cases) and loader.bad == 0

@@ -82,3 +82,25 @@ def test_the_entry_point_says_it_in_one_line(unlabelled: tuple[str, str], tmp_pa
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "an unlabelled set" in lines[0] and "need labels" in lines[0], proc.stderr
+
+
+def test_a_published_set_is_pretrained_on_by_its_brace_pattern_alone(tmp_path: Path) -> None:
+    """timm's layout from the Hub: shards with `jpg`, `cls`, `json` members and an _info.json, no manifest of ours and
+    no data.train_samples: the epoch length comes from the info file."""
+    import json
+
+    from tests.helpers import write_tar_set
+
+    def sample(i: int) -> dict:
+        return {"__key__": f"{i:06d}", "jpg": image_bytes(i, (36, 32)), "cls": str(i % 4).encode(),
+                "json": json.dumps({"filename": f"img{i}.JPEG"}).encode()}
+
+    folder = tmp_path / "wds"
+    write_tar_set(folder, "set-train", [[sample(10 * s + i) for i in range(10)] for s in range(3)], manifest=False)
+    (folder / "_info.json").write_text(json.dumps({"name": "set", "splits": {"train": {
+        "name": "train", "num_samples": 30, "filenames": [f"set-train-{s:06d}.tar" for s in range(3)],
+        "shard_lengths": [10, 10, 10]}}}))
+    spec = str(folder / "set-train-{000000..000002}.tar")
+    torch.set_num_threads(1)
+    result = run_pretrain(config("pretrain", (spec, spec), tmp_path, "data.shuffle_buffer=16", "monitor.every=0"))
+    assert result.steps == 30 // 8
