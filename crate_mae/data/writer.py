@@ -272,7 +272,7 @@ def merge_parts(folder: str | os.PathLike, split: str) -> Manifest:
     merged = Manifest(split=split, shards=[s for m in manifests for s in m.shards], classes=first.classes,
                       image_size=list(sizes.pop()) if len(sizes) == 1 and None not in sizes else None,
                       source=first.source, skipped=sum(m.skipped for m in manifests), labelled=first.labelled,
-                      skips=dict(sum((Counter(m.skips) for m in manifests), Counter())))
+                      skips=dict(sorted(sum((Counter(m.skips) for m in manifests), Counter()).items())))
     write_manifest(merged, folder / f"{split}.json")
     return merged
 

@@ -214,3 +214,16 @@ def test_every_image_mode_and_format_in_a_folder_is_written_and_decodes(tmp_path
     assert manifest.total == len(cases) and manifest.skipped == 0
     loader = eval_loader(str(tmp_path / "s" / "train.json"), 16, labels=False, batch_size=16, num_workers=0)
     assert sum(b.images.shape[0] for b in loader) == len(cases) and loader.bad == 0
+
+
+def test_a_folder_written_on_two_machines_counts_each_skip_once(tmp_path: Path) -> None:
+    from crate_mae.data.writer import merge_parts
+
+    images, skips = image_tree(tmp_path / "photos")
+    whole = write_split(folder_source(str(tmp_path / "photos")), tmp_path / "one", "train", shard_size=5)
+    for rank in range(2):
+        write_split(folder_source(str(tmp_path / "photos")), tmp_path / "two", "train", shard_size=5, num_nodes=2,
+                    node_rank=rank)
+    merged = merge_parts(tmp_path / "two", "train")
+    assert merged.total == whole.total == images and not merged.labelled
+    assert merged.skips == whole.skips == skips and list(merged.skips) == sorted(skips)
