@@ -28,7 +28,7 @@ import numpy as np
 
 from crate_mae.data.manifest import BLOCK, MAGIC_BYTES, ShardError, compression, tar_is_complete
 from crate_mae.data.sources import IMAGE_SUFFIXES
-from crate_mae.data.writer import Skip, Source, describe_skips
+from crate_mae.data.writer import UNREADABLE_FILE, Skip, Source, describe_skips
 
 WNID = re.compile(r"n\d{8}")  # a WordNet noun id, as ImageNet names its classes
 Image = tuple[int, int, str]  # (absolute offset in the archive, size, name inside it)
@@ -155,9 +155,9 @@ class _Items:
         try:
             data = os.pread(self._fd, size, int(self.offsets[i]))
         except OSError as err:
-            raise Skip("unreadable file", err.strerror or str(err)) from None
+            raise Skip(UNREADABLE_FILE, err.strerror or str(err)) from None
         if len(data) != size:
-            raise Skip("unreadable file", f"{len(data)} of {size} bytes: the archive is shorter than when listed")
+            raise Skip(UNREADABLE_FILE, f"{len(data)} of {size} bytes: the archive is shorter than when listed")
         return data, int(self.labels[i])
 
     def describe(self, i: int) -> str:

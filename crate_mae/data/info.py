@@ -54,9 +54,10 @@ def read_info(folder: str) -> tuple[dict, str] | None:
         try:
             with urllib.request.urlopen(where, timeout=30) as response:
                 return _parse(response.read().decode("utf-8"), where), where
-        except OSError as err:  # 404 (HTTPError), no network (URLError), a timeout
+        except OSError as err:  # 404 (HTTPError): try the next name; no network (URLError), a timeout: give up
             if getattr(err, "code", None) != 404:
                 log.info("%s: not fetched (%s); the shards are read without its counts", where, err)
+                return None
     return None
 
 

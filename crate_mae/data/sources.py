@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from crate_mae.data.manifest import ShardError
-from crate_mae.data.writer import TOO_LARGE, UNREADABLE, Skip, Source
+from crate_mae.data.writer import TOO_LARGE, UNREADABLE, UNREADABLE_FILE, Skip, Source
 
 # The file name endings of the formats this PIL can read: a file with one of them that does not open is a broken
 # image ("unreadable image"); any other file that does not open is no image at all ("not an image").
@@ -165,7 +165,7 @@ def read_image(path: str) -> bytes:
     except Skip:
         raise
     except OSError as err:  # gone since the listing, no permission, an I/O error
-        raise Skip("unreadable file", err.strerror or str(err)) from None
+        raise Skip(UNREADABLE_FILE, err.strerror or str(err)) from None
 
 
 def folder_source(root: str, *, files: str | None = None) -> Source:

@@ -1,10 +1,11 @@
-"""Writing shard sets: sources (ImageFolder, torchvision CIFAR, the bundled digits) → tar shards + manifest.
+"""Writing shard sets: a `Source` (data/sources.py, hf.py, imagenet.py) → tar shards + manifest.
 
-Each sample is `{__key__, jpg | png, cls}`: the source's own bytes when it is already a JPEG (or PNG),
-re-encoded otherwise; with `resize`, images whose shorter side exceeds it are resized to it and stored
-as JPEG of the given quality, as FFCV does, so that every later decode is cheaper. The order is shuffled
-with a seed so each shard mixes classes. A shard is written to a temp file and renamed when complete;
-the manifest is written last, so an interrupted write never leaves a set that looks complete.
+Each sample is `{__key__, jpg | png, cls}` (no `cls` for an unlabelled source): the source's own bytes when it is
+already a JPEG (or PNG), re-encoded otherwise; with `resize`, images whose shorter side exceeds it are resized to it
+and stored as JPEG of the given quality, as FFCV does, so that every later decode is cheaper. The order is shuffled
+with a seed so each shard mixes classes. What is no usable image is skipped and counted by reason (`Skip`). A shard
+is written to a temp file and renamed when complete; the manifest is written last, so an interrupted write never
+leaves a set that looks complete.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class Source:
 
 UNREADABLE = "unreadable image"  # the skip reason of an image PIL cannot decode
 TOO_LARGE = "image too large"  # past PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS × 2)
+UNREADABLE_FILE = "unreadable file"  # gone since the listing, no permission, an I/O error
 
 
 def prepare(data: bytes, *, resize: int | None, quality: int) -> tuple[bytes, str, tuple[int, int]]:
@@ -143,7 +145,7 @@ def _load_prepared(i: int) -> Prepared:
     except Skip as skip:
         return i, None, "", (0, 0), None, skip.reason, skip.detail
     except OSError as err:  # a file gone since the listing, no permission, an I/O error: that item, not the write
-        return i, None, "", (0, 0), None, "unreadable file", f"{type(err).__name__}: {err}"
+        return i, None, "", (0, 0), None, UNREADABLE_FILE, f"{type(err).__name__}: {err}"
     try:
         data, ext, size = prepare(data, resize=resize, quality=quality)
     except Image.DecompressionBombError as err:
