@@ -65,13 +65,13 @@ def fixed_noise(keys: list[str], num_patches: int, seed: int) -> torch.Tensor:
 
 
 def unlabelled(spec: str) -> str | None:
-    """Why the set `spec` cannot serve the kNN or the probe (its manifest lists no classes, or its first sample has no
-    `cls`), or None. Only the first sample is opened: a set is labelled throughout or not at all."""
+    """Why the set `spec` cannot serve the kNN or the probe (its manifest says it is unlabelled, or its first sample
+    has no `cls`), or None. Only the first sample is opened: a set is labelled throughout or not at all. A manifest
+    that names no classes (one counted by `manifest`, a published set's _info.json) says nothing of the samples: the
+    kNN then takes the class count from the labels it sees."""
     shards = resolve_shards(spec)
     if shards.manifest is not None and not shards.manifest.labelled:
         return f"{spec} has no labels (an unlabelled set)"
-    if shards.manifest is not None and not shards.manifest.classes:
-        return f"{spec} has no labels (its manifest lists no classes)"
     first = next(read_samples(shards.urls[:1], spec=spec, shards=1), None)
     if first is None or "cls" not in first:
         return f"{spec} has no labels (its first sample has no cls)"

@@ -104,3 +104,24 @@ def test_a_published_set_is_pretrained_on_by_its_brace_pattern_alone(tmp_path: P
     torch.set_num_threads(1)
     result = run_pretrain(config("pretrain", (spec, spec), tmp_path, "data.shuffle_buffer=16", "monitor.every=0"))
     assert result.steps == 30 // 8
+
+
+def test_the_monitors_knn_runs_on_a_labelled_set_whose_info_file_names_no_classes(tmp_path: Path,
+                                                                                    capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from tests.helpers import write_tar_set
+
+    folder = tmp_path / "wds"
+    for split, n in (("train", 32), ("validation", 16)):
+        write_tar_set(folder, f"set-{split}", [[{"__key__": f"{i:06d}", "jpg": image_bytes(i + 1000 * (n == 16), (36, 32)),
+                                                 "cls": str(i % 4).encode()} for i in range(n)]], manifest=False)
+    (folder / "_info.json").write_text(json.dumps({"splits": {
+        split: {"name": split, "num_samples": n, "filenames": [f"set-{split}-000000.tar"], "shard_lengths": [n]}
+        for split, n in (("train", 32), ("validation", 16))}}))
+    sets = (str(folder / "set-train-000000.tar"), str(folder / "set-validation-000000.tar"))
+    torch.set_num_threads(1)
+    run_pretrain(config("pretrain", sets, tmp_path, "data.shuffle_buffer=16", "monitor.every=1", "monitor.probe=false"))
+    history = read_events(tmp_path / "r", "monitor")
+    assert any(k.startswith("knn") for k in history[-1]), history[-1]
+    assert "kNN skipped" not in capsys.readouterr().out
