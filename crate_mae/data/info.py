@@ -61,8 +61,9 @@ def read_info(folder: str) -> tuple[dict, str] | None:
     return None
 
 
-def _split_of(info: dict, where: str, names: list[str]) -> tuple[str, dict]:
-    """The split of `info` whose files include names[0] (its name and entry); every other name must be in it too."""
+def _split_of(info: dict, where: str, names: list[str]) -> tuple[str, dict] | None:
+    """The split of `info` whose files include names[0] (its name and entry; None where no split lists it: the file
+    describes other shards); every other name must be in it too."""
     for split, entry in info["splits"].items():
         if not isinstance(entry, dict):
             raise ShardError(f"{where}: split '{split}' is not a mapping")
@@ -73,7 +74,9 @@ def _split_of(info: dict, where: str, names: list[str]) -> tuple[str, dict]:
                 raise ShardError(f"{where}: split '{split}' does not list {missing[0]}"
                                  + (f" (nor {len(missing) - 1} more of the spec's shards)" if len(missing) > 1 else ""))
             return split, entry
-    raise ShardError(f"{where}: no split lists {names[0]} (splits: {', '.join(info['splits'])})")
+    log.info("%s: no split lists %s (splits: %s); the shards are read without its counts", where, names[0],
+             ", ".join(info["splits"]))
+    return None
 
 
 @dataclass
@@ -94,7 +97,10 @@ def info_counts(urls: list[str], spec: str) -> InfoSplit | None:
         return None
     info, where = found
     names = [os.path.basename(u) for u in urls]
-    split, entry = _split_of(info, where, names)
+    found = _split_of(info, where, names)
+    if found is None:
+        return None
+    split, entry = found
     files = [os.path.basename(f) for f in entry.get("filenames") or []]
     lengths = entry.get("shard_lengths") or []
     if len(lengths) != len(files):

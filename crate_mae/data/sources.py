@@ -96,7 +96,10 @@ def list_images(root: str) -> tuple[list[str], dict[str, int]]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as err:
-            raise ShardError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+            if not rel:  # the root itself: nothing to write
+                raise ShardError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+            skip("unreadable folder")  # one folder without permission does not stop the others
+            return
         for entry in entries:
             path, name = entry.path, (f"{rel}/{entry.name}" if rel else entry.name)
             if entry.name.startswith("."):

@@ -227,3 +227,29 @@ def test_a_folder_written_on_two_machines_counts_each_skip_once(tmp_path: Path) 
     merged = merge_parts(tmp_path / "two", "train")
     assert merged.total == whole.total == images and not merged.labelled
     assert merged.skips == whole.skips == skips and list(merged.skips) == sorted(skips)
+
+
+def test_a_folder_that_cannot_be_listed_is_skipped_and_counted_unless_it_is_the_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    image_tree(tmp_path / "photos", hostile=False)
+    scandir = os.scandir
+
+    def refusing(path):  # a folder without read permission (the tests run as root, where chmod does not refuse)
+        if str(path).endswith(os.path.join("a", "b")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    manifest = write_split(folder_source(str(tmp_path / "photos")), tmp_path / "s", "train")
+    assert manifest.total == 8 and manifest.skips == {"unreadable folder": 1}  # a/b and a/b/c not reached
+    with pytest.raises(ShardError, match=r"photos/a/b: cannot list the folder \(Permission denied\)"):
+        folder_source(str(tmp_path / "photos" / "a" / "b"))
+
+
+def test_an_info_file_of_other_shards_is_passed_over(tmp_path: Path) -> None:
+    spec = published_set(tmp_path / "set")
+    write_tar_set(tmp_path / "set", "mine", [[good_sample(i) for i in range(3)]], manifest=False)
+    assert resolve_shards(str(tmp_path / "set" / "mine-000000.tar")).samples is None  # no split lists it
+    assert resolve_shards(spec).samples == [6, 5, 7]
