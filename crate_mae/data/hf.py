@@ -8,7 +8,8 @@ looked up on the Hub, so a mistyped path is an error at once, offline. Parquet i
 Arrow cache (HF_DATASETS_CACHE), as `load_dataset` always does; the rows are then read from memory-mapped Arrow files.
 
 The image column is an `Image` feature (read undecoded: the stored bytes, or the file at its path), raw bytes, or a
-file path (a relative one from the current folder). The label column, if given, is a `ClassLabel` (its names are the
+file path (a relative one from the current folder), or a struct of `bytes` and `path` (Parquet written by other tools,
+without the `datasets` metadata). The label column, if given, is a `ClassLabel` (its names are the
 classes), integers (classes "0" … max) or strings (the sorted unique strings). It is read whole when the source is
 made; images are read row by row in `load`, which the writer calls in forked worker processes: the source is a
 closure over memory-mapped tables.
@@ -125,6 +126,8 @@ def _labels(datasets: Any, ds: Any, dataset: str, column: str) -> tuple[list[str
 def _image_kind(datasets: Any, feature: Any, dataset: str, column: str) -> str:
     if isinstance(feature, datasets.Image):
         return "image"
+    if isinstance(feature, dict) and "bytes" in feature:  # Parquet written by other tools: struct<bytes, path>
+        return "struct"
     if isinstance(feature, datasets.Value) and feature.dtype in BINARIES:
         return "bytes"
     if isinstance(feature, datasets.Value) and feature.dtype in STRINGS:
@@ -177,7 +180,7 @@ def hf_source(dataset: str, *, split: str = "train", image_column: str = "image"
             if label < 0:  # checked first: a row without a label costs no image read
                 raise Skip("no label", f"column {label_column!r} is empty or -1")
         value = images[i][image_column]
-        if kind != "image" and value is not None:
+        if kind in ("bytes", "path") and value is not None:
             value = {"bytes": value, "path": None} if kind == "bytes" else {"bytes": None, "path": value}
         return _read(value), label
 

@@ -287,3 +287,18 @@ def test_the_command_writes_the_split_under_its_own_name(tmp_path: Path, capsys:
     with pytest.raises(SystemExit, match="2"):
         shards_main(["write", "hf", "--out", str(out)])
     assert "--dataset is required for hf" in capsys.readouterr().err
+
+
+def test_parquet_written_by_other_tools_is_read_by_its_image_struct(tmp_path: Path) -> None:
+    """pyarrow or pandas write an image as struct<bytes, path> without the `datasets` metadata that marks it an Image
+    feature; a row whose struct is null is skipped as having no image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"bytes": b, "path": f"img{i}.jpg"} for i, b in enumerate(BLOBS)]
+    rows[4] = None
+    pq.write_table(pa.table({"image": rows, "label": LABELS}), str(tmp_path / "plain.parquet"))
+    manifest = write_split(hf_source(str(tmp_path / "plain.parquet"), label_column="label"), tmp_path / "out", "train")
+    assert manifest.total == N - 1 and manifest.skips == {"no image": 1} and manifest.classes == ["0", "1", "2"]
+    samples = stored(tmp_path / "out")
+    assert all(sample[("png", "jpg")[i % 2 == 0]] == BLOBS[i] for i, sample in samples.items())
