@@ -11,12 +11,18 @@ counts from the split that lists its files, as it would from our own manifest: t
 shard must hold when it is read (a shard that holds another number is named as it is read). Class names are taken
 where the file gives them (a top-level `classes` or `class_names` list). A spec that covers only some of a split's
 files takes their counts; a file the split does not list is an error naming it.
+
+The info file is read beside the shards: from the same folder, from the same http(s) folder, or by the same `pipe:`
+command with the shard's address replaced by the info file's (`pipe:curl -s -L -H 'Authorization: Bearer …'
+https://huggingface.co/datasets/…/resolve/main/imagenet1k-train-{0000..1023}.tar` for a gated Hub set).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import subprocess
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +38,7 @@ INFO_NAMES = ("_info.json", "_info.yaml", "_info.yml", "info.json", "info.yaml")
 
 def _parse(text: str, where: str) -> dict:
     try:
-        info = json.loads(text) if where.endswith(".json") else yaml.safe_load(text)
+        info = json.loads(text) if where.rstrip("'\" ").endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:
         raise ShardError(f"{where}: not a readable dataset info file ({type(err).__name__}: {err})") from None
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
@@ -40,25 +46,85 @@ def _parse(text: str, where: str) -> dict:
     return info
 
 
-def read_info(folder: str) -> tuple[dict, str] | None:
-    """The info file in `folder` (a local folder, or an http(s) URL's folder) and its path, or None where there is
-    none. A remote one that cannot be fetched is logged and taken as absent: the spec then works as without it."""
-    remote = folder.startswith(("http://", "https://"))
-    for name in INFO_NAMES:
-        where = f"{folder.rstrip('/')}/{name}" if remote else os.path.join(folder, name)
-        if not remote:
-            if os.path.isfile(where):
-                with open(where, encoding="utf-8") as f:
-                    return _parse(f.read(), where), where
-            continue
+SHARD_ENDS = (".tar", ".tar.gz", ".tgz")
+
+
+def _shard_path(url: str) -> str:
+    """The path or URL of the shard file that `url` reads: itself, or for a `pipe:` command the last word of it that
+    names a shard file (`pipe:curl -s -L -H '…' https://host/set/train-0001.tar` → the URL); "" where none does."""
+    if not url.startswith("pipe:"):
+        return url
+    words = [w.strip("'\"") for w in url[len("pipe:"):].split()]
+    return next((w for w in reversed(words) if w.endswith(SHARD_ENDS)), "")
+
+
+def shard_name(url: str) -> str:
+    """The file name of the shard `url` reads (as an info file lists it)."""
+    return os.path.basename(_shard_path(url))
+
+
+def where_of(url: str, name: str) -> str:
+    """How to read the file `name` beside the shard `url`: a path, a URL, or the `pipe:` command with the shard's
+    address replaced by the file's."""
+    path = _shard_path(url)
+    beside = os.path.join(os.path.dirname(path) or ".", name) if "://" not in path else \
+        f"{path.rsplit('/', 1)[0]}/{name}"
+    if not url.startswith("pipe:"):
+        return beside
+    cut = url.rfind(path)
+    return url[:cut] + beside + url[cut + len(path):]
+
+
+def _fetch(where: str) -> str | None:
+    """The text at `where` (a path, an http(s) URL, or a `pipe:` command's output), or None where it is not there.
+    A network failure is an OSError: the caller gives up on the remote info file."""
+    if where.startswith("pipe:"):
+        try:
+            done = subprocess.run(where[len("pipe:"):], shell=True, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise OSError(f"no answer in 60 s from {where}") from None
+        return done.stdout.decode("utf-8", "replace") if done.returncode == 0 and done.stdout.strip() else None
+    if "://" in where:
         try:
             with urllib.request.urlopen(where, timeout=30) as response:
-                return _parse(response.read().decode("utf-8"), where), where
-        except OSError as err:  # 404 (HTTPError): try the next name; no network (URLError), a timeout: give up
-            if getattr(err, "code", None) != 404:
-                log.info("%s: not fetched (%s); the shards are read without its counts", where, err)
+                return response.read().decode("utf-8")
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
                 return None
+            raise
+    if not os.path.isfile(where):
+        return None
+    with open(where, encoding="utf-8") as f:
+        return f.read()
+
+
+def read_info(url: str) -> tuple[dict, str] | None:
+    """The info file beside the shard `url` (local, http(s), or read by the same `pipe:` command) and where it was
+    read, or None where there is none. A remote one that cannot be fetched, or whose answer is no info file (a
+    `curl -s` of a missing file prints the server's error page), is logged and taken as absent: the spec then works
+    as without it. A local one that is not readable is an error naming it."""
+    if not _shard_path(url):
+        return None  # a command that names no shard file: nothing to put the info file's name in place of
+    for name in INFO_NAMES:
+        where = where_of(url, name)
+        try:
+            text = _fetch(where)
+        except OSError as err:  # no network, a timeout, a server error: give up
+            log.info("%s: not fetched (%s); the shards are read without its counts", where, err)
+            return None
+        if text is None:
+            continue
+        try:
+            return _parse(text, where), where
+        except ShardError:
+            if is_local(url):
+                raise
+            log.info("%s: the answer is no dataset info file; the shards are read without its counts", where)
     return None
+
+
+def is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and "://" not in url
 
 
 def _split_of(info: dict, where: str, names: list[str]) -> tuple[str, dict] | None:
@@ -92,11 +158,11 @@ class InfoSplit:
 def info_counts(urls: list[str], spec: str) -> InfoSplit | None:
     """The counts of the shards `urls` (one folder) from the info file beside them; None where there is no info file,
     or where it gives no per-shard counts."""
-    found = read_info(os.path.dirname(urls[0]) or ".")
+    found = read_info(urls[0])
     if found is None:
         return None
     info, where = found
-    names = [os.path.basename(u) for u in urls]
+    names = [shard_name(u) for u in urls]
     found = _split_of(info, where, names)
     if found is None:
         return None

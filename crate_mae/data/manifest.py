@@ -13,7 +13,7 @@ A shard spec (`data.train_shards`) is one of:
 
 A brace pattern or glob without a sibling manifest takes its counts (and classes) from a published set's
 `_info.json` / `_info.yaml` beside the shards where there is one (data/info.py: timm's convention, also fetched for
-http(s) URLs).
+http(s) URLs and through `pipe:` commands).
 
 A shard is compressed when its first bytes say so, whatever its name, as webdataset's tar reader (tarfile's "r|*")
 decides too: a `.tar.gz` holding a plain tar is read as a plain tar. Gzip is the WebDataset format; bzip2 and xz,
@@ -280,7 +280,7 @@ def resolve_shards(spec: str) -> ShardList:
     if not urls:
         raise ShardError(f"{spec}: names no shards")
     if is_remote(urls[0]):
-        return _with_info(spec, urls) if urls[0].startswith(("http://", "https://")) else ShardList(spec, urls)
+        return _with_info(spec, urls) if urls[0].startswith(("http://", "https://", "pipe:")) else ShardList(spec, urls)
     for url in urls:
         _check_local(url, None)
     manifest_path = _sibling_manifest(urls[0])
@@ -301,10 +301,10 @@ def resolve_shards(spec: str) -> ShardList:
 def _with_info(spec: str, urls: list[str]) -> ShardList:
     """The shards `urls` with the counts and classes of the published set's info file beside them (`_info.json`,
     data/info.py), where there is one that lists them; else without counts."""
-    from crate_mae.data.info import info_counts
+    from crate_mae.data.info import INFO_NAMES, info_counts, where_of
 
-    if len({os.path.dirname(u) for u in urls}) != 1:
-        return ShardList(spec, urls)  # shards of several folders: no one info file speaks for them
+    if len({where_of(u, INFO_NAMES[0]) for u in urls}) != 1:
+        return ShardList(spec, urls)  # shards of several folders (or commands): no one info file speaks for them
     found = info_counts(urls, spec)
     if found is None:
         return ShardList(spec, urls)

@@ -253,3 +253,16 @@ def test_an_info_file_of_other_shards_is_passed_over(tmp_path: Path) -> None:
     write_tar_set(tmp_path / "set", "mine", [[good_sample(i) for i in range(3)]], manifest=False)
     assert resolve_shards(str(tmp_path / "set" / "mine-000000.tar")).samples is None  # no split lists it
     assert resolve_shards(spec).samples == [6, 5, 7]
+
+
+def test_a_pipe_specs_info_file_is_read_by_the_same_command(tmp_path: Path) -> None:
+    published_set(tmp_path / "set")
+    spec = f"pipe:cat '{tmp_path}/set/tiny-train-{{000000..000002}}.tar'"
+    shards = resolve_shards(spec)
+    assert shards.samples == [6, 5, 7] and shards.manifest.source == f"pipe:cat '{tmp_path}/set/_info.json'"
+    assert sum(b.images.shape[0] for b in eval_loader(spec, 16, batch_size=8, num_workers=0)) == 18
+    assert resolve_shards(f"pipe:cat {tmp_path}/set/tiny-train-000000.tar | cat").samples == [6]
+    assert resolve_shards("pipe:echo nothing").samples is None  # a command that names no shard file
+    (tmp_path / "set" / "_info.json").unlink()
+    (tmp_path / "set" / "_info.yaml").write_text("<html>404</html>\n")  # a remote answer that is no info file
+    assert resolve_shards(spec).samples is None
