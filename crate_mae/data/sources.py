@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from crate_mae.data.manifest import ShardError
-from crate_mae.data.writer import TOO_LARGE, UNREADABLE, UNREADABLE_FILE, Skip, Source
+from crate_mae.data.writer import TOO_LARGE, UNREADABLE, UNREADABLE_FILE, Skip, Source, describe_skips
 
 # The file name endings of the formats this PIL can read: a file with one of them that does not open is a broken
 # image ("unreadable image"); any other file that does not open is no image at all ("not an image").
@@ -179,8 +179,7 @@ def folder_source(root: str, *, files: str | None = None) -> Source:
         raise ShardError(f"{root}: no such folder" if not os.path.exists(root) else f"{root}: not a folder")
     paths, skips = read_listed(root, files) if files else list_images(root)
     if not paths:
-        raise ShardError(f"{files or root}: no files to write" + (f" ({', '.join(f'{n} {r}' for r, n in skips.items())})"
-                                                                   if skips else ""))
+        raise ShardError(f"{files or root}: no files to write" + (f" (skipped {describe_skips(skips)})" if skips else ""))
     full = [os.path.join(root, p) for p in paths]
     name = f"folder:{root}" + (f" files:{files}" if files else "")
     return Source(name, [], len(paths), lambda i: (read_image(full[i]), None), describe=full.__getitem__,

@@ -36,7 +36,7 @@ import torch
 from crate_mae.config import ClassifierConfig, DataConfig, MAEConfig, MonitorConfig
 from crate_mae.data.device_decode import to_device
 from crate_mae.data.manifest import ShardError, resolve_shards
-from crate_mae.data.reader import ShardLoader, eval_loader
+from crate_mae.data.reader import ShardLoader, eval_loader, unlabelled
 from crate_mae.data.stream import read_samples
 from crate_mae.engine.dist import (Dist, all_gather_object, all_reduce_max, all_reduce_sum, broadcast_object, rng_state,
                                    set_rng_state)
@@ -62,20 +62,6 @@ def fixed_noise(keys: list[str], num_patches: int, seed: int) -> torch.Tensor:
     """The masking noise (B, N) of the held-out images: row i from a generator seeded by (seed, keys[i]) alone."""
     return torch.stack([torch.rand(num_patches, generator=torch.Generator().manual_seed(mix_seed(seed, "heldout", k)))
                         for k in keys])
-
-
-def unlabelled(spec: str) -> str | None:
-    """Why the set `spec` cannot serve the kNN or the probe (its manifest says it is unlabelled, or its first sample
-    has no `cls`), or None. Only the first sample is opened: a set is labelled throughout or not at all. A manifest
-    that names no classes (one counted by `manifest`, a published set's _info.json) says nothing of the samples: the
-    kNN then takes the class count from the labels it sees."""
-    shards = resolve_shards(spec)
-    if shards.manifest is not None and not shards.manifest.labelled:
-        return f"{spec} has no labels (an unlabelled set)"
-    first = next(read_samples(shards.urls[:1], spec=spec, shards=1), None)
-    if first is None or "cls" not in first:
-        return f"{spec} has no labels (its first sample has no cls)"
-    return None
 
 
 class Records(NamedTuple):

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from crate_mae.atomic import remove_stale_temp_files
 from crate_mae.config import ClassifierConfig, Config, ConfigError, config_to_dict, save_config
 from crate_mae.data import ShardError, resolve_shards
+from crate_mae.data.reader import unlabelled
 from crate_mae.data.shards import DIGITS_DIR, ensure_digits, ensure_torchvision
 from crate_mae.engine import dist
 from crate_mae.engine.checkpoint import Checkpointer, Stateful, latest
@@ -159,12 +160,12 @@ def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_fa
 
 def refuse_unlabelled(spec: str) -> None:
     """A classifier's stage (fine-tuning, the probes) needs labels: a set whose manifest says it has none (written from
-    a folder of unlabelled images, or an HF dataset without --label-column) is refused in one line before anything
-    else is read. (A set without a manifest that holds no labels is named as its samples are read: data/stream.py.)"""
-    manifest = resolve_shards(spec).manifest
-    if manifest is not None and not manifest.labelled:
-        raise ShardError(f"{spec}: an unlabelled set (its samples carry no cls); fine-tuning and the probes need "
-                         f"labels: point data.train_shards / data.val_shards at a labelled set, or pretrain on this one")
+    a folder of unlabelled images, or an HF dataset without --label-column), or whose first sample has no `cls`, is
+    refused in one line before anything else is read (`unlabelled`)."""
+    why = unlabelled(spec)
+    if why is not None:
+        raise ShardError(f"{why}; fine-tuning and the probes need labels: point data.train_shards / data.val_shards at "
+                         f"a labelled set, or pretrain on this one")
 
 
 def resume_path(run_dir: Path, resume: str | None) -> Path | None:

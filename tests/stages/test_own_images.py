@@ -70,7 +70,7 @@ def test_fine_tuning_and_the_probes_refuse_an_unlabelled_set_in_one_line(unlabel
     with pytest.raises(ShardError) as err:
         run(config(stage, unlabelled, tmp_path, "model.num_classes=10", *extra))
     message = str(err.value)
-    assert message.startswith(f"{unlabelled[0]}: an unlabelled set") and "need labels" in message  # train first
+    assert message.startswith(f"{unlabelled[0]} has no labels (an unlabelled set)") and "need labels" in message
     assert "\n" not in message and not list((tmp_path / "r").glob("*.pth"))
 
 
@@ -82,6 +82,20 @@ def test_the_entry_point_says_it_in_one_line(unlabelled: tuple[str, str], tmp_pa
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "an unlabelled set" in lines[0] and "need labels" in lines[0], proc.stderr
+
+
+def test_shards_without_a_manifest_whose_samples_carry_no_labels_are_refused_too(unlabelled: tuple[str, str],
+                                                                                  tmp_path: Path) -> None:
+    import shutil
+
+    for shard in Path(unlabelled[0]).parent.glob("train-*.tar"):  # the same shards without their manifest
+        (tmp_path / "bare").mkdir(exist_ok=True)
+        shutil.copy(shard, tmp_path / "bare" / shard.name)
+    spec = str(tmp_path / "bare" / "train-*.tar")
+    with pytest.raises(ShardError, match=r"has no labels \(its first sample has no cls\); fine-tuning and the probes "
+                                         r"need labels"):
+        run_finetune(config("finetune", (spec, spec), tmp_path, "model.num_classes=10", "data.train_samples=40",
+                            "finetune.checkpoint=null"))
 
 
 def test_a_published_set_is_pretrained_on_by_its_brace_pattern_alone(tmp_path: Path) -> None:
