@@ -35,9 +35,8 @@ import torch
 
 from crate_mae.config import ClassifierConfig, DataConfig, MAEConfig, MonitorConfig
 from crate_mae.data.device_decode import to_device
-from crate_mae.data.manifest import ShardError, resolve_shards
+from crate_mae.data.manifest import ShardError
 from crate_mae.data.reader import ShardLoader, eval_loader, unlabelled
-from crate_mae.data.stream import read_samples
 from crate_mae.engine.dist import (Dist, all_gather_object, all_reduce_max, all_reduce_sum, broadcast_object, rng_state,
                                    set_rng_state)
 from crate_mae.engine.trainer import autocast, resolve_precision

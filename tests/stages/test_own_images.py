@@ -54,6 +54,7 @@ def test_pretraining_and_the_viz_commands_take_an_unlabelled_set(unlabelled: tup
     history = read_events(tmp_path / "r", "monitor")
     assert history and "heldout_loss" in history[-1] and not any(k.startswith("knn") for k in history[-1])
     assert "has no labels (an unlabelled set)" in capsys.readouterr().out
+    assert (tmp_path / "r" / "reconstructions.png").stat().st_size > 0  # the run's own reconstruction figure
     final = str(tmp_path / "r" / "final.pth")
     for command in ("recon", "attention"):
         assert viz_main([command, "--checkpoint", final, "--images", unlabelled[1], "--n", "3",
