@@ -2,7 +2,7 @@
 
     python bench/write.py                      # 400 generated ~500 × 375 JPEGs, --resize 256, 1 and all workers
     python bench/write.py --images 2000 --workers 1 2 4 8
-    python bench/write.py --sources folder imagefolder hf parquet imagenet --images 3000   # each source, as users have it
+    python bench/write.py --sources folder imagefolder hf parquet imagenet --images 3000   # each source
 
 The images are bench/data.py's seeded ImageNet-like JPEGs, generated once (not timed). By workers: the source hands
 out their bytes from memory, as an ImageFolder hands out files from the page cache. The target on a 2-core machine:
@@ -131,7 +131,7 @@ def by_source(blobs: list[bytes], kinds: list[str], resize: int, workers: int) -
                 rate = manifest.total / seconds
                 row = {"source": kind, "resize": size, "images": manifest.total, "workers": workers,
                        "list_s": listed, "seconds": seconds, "images_per_s": rate,
-                       "imagenet_train_hours": (IMAGENET_TRAIN / rate + listed * IMAGENET_TRAIN / manifest.total) / 3600}
+                       "imagenet_train_hours": IMAGENET_TRAIN * (1 / rate + listed / manifest.total) / 3600}
                 rows.append(row)
                 print(f"{kind:>11} {'as is' if size is None else f'resize {size}':>10}: {rate:7.1f} images/s "
                       f"({seconds:.1f} s; source built in {listed:.2f} s), ImageNet-1k train at this speed: "

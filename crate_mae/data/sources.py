@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from crate_mae.data.manifest import ShardError
 from crate_mae.data.writer import TOO_LARGE, UNREADABLE, UNREADABLE_FILE, Skip, Source, describe_skips
@@ -84,7 +84,8 @@ def list_images(root: str) -> tuple[list[str], dict[str, int]]:
     """Every file under `root`, at any depth, as paths relative to it in sorted order (the same listing on every
     machine and run), and what was passed over, by reason: hidden files and folders (a name starting with "."),
     broken symbolic links, links that lead back into a folder already walked (a loop, or a second way into the same
-    folder: its images would be written twice), and what is not a regular file (a FIFO, a socket, a device).
+    folder: its images would be written twice), folders that cannot be listed (below the root), and what is not a
+    regular file (a FIFO, a socket, a device).
     Linked folders and files are followed. Whether a file is an image is judged when it is loaded (`read_image`)."""
     files: list[str] = []
     skips: dict[str, int] = {}
@@ -160,7 +161,7 @@ def read_image(path: str) -> bytes:
                 Image.open(f)  # reads the header only
             except Image.DecompressionBombError as err:  # PIL's guard against huge images (a gigapixel scan)
                 raise Skip(TOO_LARGE, str(err)) from None
-            except (UnidentifiedImageError, OSError, ValueError) as err:
+            except Exception as err:  # UnidentifiedImageError mostly; a plugin may raise others: this file only
                 image_name = os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
                 raise Skip(UNREADABLE if image_name else "not an image", f"{type(err).__name__}: {err}") from None
             f.seek(0)
@@ -179,7 +180,8 @@ def folder_source(root: str, *, files: str | None = None) -> Source:
         raise ShardError(f"{root}: no such folder" if not os.path.exists(root) else f"{root}: not a folder")
     paths, skips = read_listed(root, files) if files else list_images(root)
     if not paths:
-        raise ShardError(f"{files or root}: no files to write" + (f" (skipped {describe_skips(skips)})" if skips else ""))
+        skipped = f" (skipped {describe_skips(skips)})" if skips else ""
+        raise ShardError(f"{files or root}: no files to write{skipped}")
     full = [os.path.join(root, p) for p in paths]
     name = f"folder:{root}" + (f" files:{files}" if files else "")
     return Source(name, [], len(paths), lambda i: (read_image(full[i]), None), describe=full.__getitem__,

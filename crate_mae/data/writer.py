@@ -323,4 +323,5 @@ def _reasons(source: Source, items: list[int], *, resize: int | None, quality: i
 
 def describe_skips(skips: dict[str, int]) -> str:
     """'3 not images, 1 hidden file': the skips of a write, in words, most first."""
-    return ", ".join(f"{n} × {reason}" for reason, n in sorted(skips.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+    most_first = sorted(skips.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{n} × {reason}" for reason, n in most_first) or "none"

@@ -207,7 +207,8 @@ def test_every_image_mode_and_format_in_a_folder_is_written_and_decodes(tmp_path
     rgb = Image.open(io.BytesIO(image_bytes(3, (24, 20)))).convert("RGB")
     cases = {"gray16.png": rgb.convert("I").point(lambda v: v * 200).convert("I;16"), "cmyk.jpg": rgb.convert("CMYK"),
              "palette.gif": rgb.convert("P"), "rgba.webp": rgb.convert("RGBA"), "scan.tif": rgb.convert("L"),
-             "old.bmp": rgb, "mask.png": rgb.convert("1"), "float.tiff": Image.fromarray(np.full((20, 24), 0.5, np.float32))}
+             "old.bmp": rgb, "mask.png": rgb.convert("1"),
+             "float.tiff": Image.fromarray(np.full((20, 24), 0.5, np.float32))}
     for name, img in cases.items():
         img.save(root / name)
     manifest = write_split(folder_source(str(root)), tmp_path / "s", "train", workers=1)

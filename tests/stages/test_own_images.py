@@ -121,16 +121,17 @@ def test_a_published_set_is_pretrained_on_by_its_brace_pattern_alone(tmp_path: P
     assert result.steps == 30 // 8
 
 
-def test_the_monitors_knn_runs_on_a_labelled_set_whose_info_file_names_no_classes(tmp_path: Path,
-                                                                                    capsys: pytest.CaptureFixture) -> None:
+def test_the_monitors_knn_runs_on_a_labelled_set_whose_info_file_names_no_classes(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import json
 
     from tests.helpers import write_tar_set
 
     folder = tmp_path / "wds"
     for split, n in (("train", 32), ("validation", 16)):
-        write_tar_set(folder, f"set-{split}", [[{"__key__": f"{i:06d}", "jpg": image_bytes(i + 1000 * (n == 16), (36, 32)),
-                                                 "cls": str(i % 4).encode()} for i in range(n)]], manifest=False)
+        samples = [{"__key__": f"{i:06d}", "jpg": image_bytes(i + 1000 * (n == 16), (36, 32)), "cls": str(i % 4).encode()}
+                   for i in range(n)]
+        write_tar_set(folder, f"set-{split}", [samples], manifest=False)
     (folder / "_info.json").write_text(json.dumps({"splits": {
         split: {"name": split, "num_samples": n, "filenames": [f"set-{split}-000000.tar"], "shard_lengths": [n]}
         for split, n in (("train", 32), ("validation", 16))}}))
