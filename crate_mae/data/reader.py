@@ -233,13 +233,14 @@ def eval_loader(spec: str, img_size: int, *, data: DataConfig | None = None, ran
     return ShardLoader(stream, num_workers=data.num_workers, pin_memory=pin_memory)
 
 
-def unlabelled(spec: str) -> str | None:
+def unlabelled(spec: str | ShardList) -> str | None:
     """Why the set `spec` cannot serve what needs labels (fine-tuning, the probes, the monitor's kNN): its manifest
     says it is unlabelled, or its first sample has no `cls`; None where it can. Only the first sample is opened: a
     set is labelled throughout or not at all. A manifest that names no classes (one counted by `manifest`, a
     published set's _info.json) says nothing of the samples: the kNN then takes the class count from the labels it
-    sees."""
-    shards = resolve_shards(spec)
+    sees. `spec` may be the set already resolved (`resolve_shards`), so that its shards are not checked again."""
+    shards = spec if isinstance(spec, ShardList) else resolve_shards(spec)
+    spec = shards.spec
     if shards.manifest is not None and not shards.manifest.labelled:
         return f"{spec} has no labels (an unlabelled set)"
     first = next(read_samples(shards.urls[:1], spec=spec, shards=1), None)

@@ -126,6 +126,11 @@ class ShardWriter:
             self._target.abort()
             self._tar = None
 
+    @property
+    def empty(self) -> bool:
+        """Nothing written yet: no finished shard and none open."""
+        return not self.shards and self._tar is None
+
     def finish(self) -> list[ShardInfo]:
         if self._tar is not None:
             self._close()
@@ -236,7 +241,7 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
         writer.abort()
         raise
     fixed = list(sizes.pop()) if len(sizes) == 1 else None
-    if not writer.shards and writer._tar is None:
+    if writer.empty:
         raise ShardError(f"{source.name}: no image to write in {split} ({len(order)} items, every one skipped: "
                          f"{describe_skips(skips)})")
     manifest = Manifest(split=split, shards=writer.finish(), classes=source.classes, image_size=fixed,

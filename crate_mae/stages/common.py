@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from crate_mae.atomic import remove_stale_temp_files
 from crate_mae.config import ClassifierConfig, Config, ConfigError, config_to_dict, save_config
-from crate_mae.data import ShardError, resolve_shards
+from crate_mae.data import ShardError, ShardList, resolve_shards
 from crate_mae.data.reader import unlabelled
 from crate_mae.data.shards import DIGITS_DIR, ensure_digits, ensure_torchvision
 from crate_mae.engine import dist
@@ -149,20 +149,21 @@ def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_fa
     if isinstance(model, ClassifierConfig):  # the head follows the data's classes where its manifest lists them
         if val_spec is None:
             raise ConfigError("data.val_shards: accuracy is measured on a validation set; set one")
-        for spec in (train_spec, val_spec):
-            refuse_unlabelled(spec)
-        manifest = resolve_shards(train_spec).manifest
+        train = resolve_shards(train_spec)  # each set's shards checked once
+        for shards in (train, resolve_shards(val_spec)):
+            refuse_unlabelled(shards)
+        manifest = train.manifest
         if manifest is not None and manifest.num_classes:
             model = dataclasses.replace(model, num_classes=manifest.num_classes)
     return StageRun(dataclasses.replace(cfg, model=model), d, run_dir, resume, pretrained, train_spec, val_spec, changes,
                     lock)
 
 
-def refuse_unlabelled(spec: str) -> None:
+def refuse_unlabelled(shards: ShardList) -> None:
     """A classifier's stage (fine-tuning, the probes) needs labels: a set whose manifest says it has none (written from
     a folder of unlabelled images, or an HF dataset without --label-column), or whose first sample has no `cls`, is
     refused in one line before anything else is read (`unlabelled`)."""
-    why = unlabelled(spec)
+    why = unlabelled(shards)
     if why is not None:
         raise ShardError(f"{why}; fine-tuning and the probes need labels: point data.train_shards / data.val_shards at "
                          f"a labelled set, or pretrain on this one")
