@@ -26,33 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from crate_mae.errors import CrateError
+from crate_mae.errors import DiskFullError, WriteError
 
 BUFFER_BYTES = 1 << 20  # atomic_write's buffer: small records are gathered, a tensor's data is written in one call
 _DISK_FULL = {errnos.ENOSPC, errnos.EDQUOT, errnos.EFBIG}
-
-
-class WriteError(CrateError, OSError):
-    """A file that could not be written, in one line naming it and the cause; `errno` is the system's error number
-    (None where the writer lost it). An OSError too, so that `except OSError` in a caller keeps working."""
-
-    def __init__(self, message: str, *, errno: int | None = None) -> None:
-        super().__init__(message)  # one argument: str() is the message alone, not "[Errno 28] ..."
-        self.errno = errno
-
-    def __reduce__(self) -> tuple[Any, ...]:  # keep errno (and free/needed) through pickling, e.g. to other ranks
-        return type(self), (str(self),), {"errno": self.errno, **self.__dict__}
-
-
-class DiskFullError(WriteError):
-    """No room for the file: the disk is full (ENOSPC), the owner's quota is exceeded (EDQUOT) or the file would pass
-    the file size limit (EFBIG). `free`: bytes free in the folder after the temp file was removed; `needed`: about
-    the bytes the file would have had (None where not known)."""
-
-    def __init__(self, message: str, *, errno: int | None = None, free: int | None = None,
-                 needed: int | None = None) -> None:
-        super().__init__(message, errno=errno)
-        self.free, self.needed = free, needed
 
 
 def size_text(n: int) -> str:

@@ -1,15 +1,25 @@
-"""The project's own error types: expected failures whose one-line message names the file, key or value at fault.
+"""Every error type of the project: expected failures whose one-line message names the file, key or value at fault.
 
-The command lines (`crate_mae/cli.py`, `python -m crate_mae.viz`, the export tool) print a `CrateError` as one line
-`error: ...` and exit; anything else (a bug of ours, an error inside torch, timm or scikit-learn) keeps its
-traceback, so that it shows where it came from. Each type also derives from the built-in type it refines, so
-`except ValueError` in a caller's code keeps working.
+Every command line (the three stages, `python -m crate_mae.viz`, `python -m crate_mae.data.shards`, the export tool)
+prints a `CrateError` as one line `error: ...` and exits with its `exit_status`; anything else (a bug of ours, an error
+inside torch, timm or scikit-learn) keeps its traceback, so that it shows where it came from. Each type also derives
+from the built-in type it refines, so `except ValueError` in a caller's code keeps working.
 """
 from __future__ import annotations
+
+from typing import Any
 
 
 class CrateError(Exception):
     """An expected failure, told in one line that names what is at fault."""
+
+    exit_status = 1  # what a command line exits with after printing it
+
+
+class ConfigError(CrateError, ValueError):
+    """A configuration value (or command-line argument) at fault; the message names the key."""
+
+    exit_status = 2  # as argparse exits for a bad argument
 
 
 class CheckpointError(CrateError, ValueError):
@@ -22,7 +32,7 @@ class MissingFileError(CrateError, FileNotFoundError):
 
 
 class RunFolderError(CrateError, FileExistsError):
-    """A run folder already holds another run's results, which a new run would overwrite."""
+    """A run folder already holds another run's results, or another live run holds it."""
 
 
 class InputError(CrateError, ValueError):
@@ -31,3 +41,42 @@ class InputError(CrateError, ValueError):
 
 class ShardError(CrateError, ValueError):
     """A shard set that cannot be read or written as asked: the message names the path at fault."""
+
+
+class DataError(CrateError, RuntimeError):
+    """Too much of the data is bad to go on, or the data is wrong in a way that skipping would hide."""
+
+
+class NonFiniteLoss(CrateError, RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class WriteError(CrateError, OSError):
+    """A file that could not be written, in one line naming it and the cause; `errno` is the system's error number
+    (None where the writer lost it). An OSError too, so that `except OSError` in a caller keeps working."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)  # one argument: str() is the message alone, not "[Errno 28] ..."
+        self.errno = errno
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep errno (and free/needed) through pickling, e.g. to other ranks
+        return type(self), (str(self),), dict(self.__dict__)
+
+
+class DiskFullError(WriteError):
+    """No room for the file (ENOSPC, EDQUOT, EFBIG). `free`: bytes free in the folder once the temp file was removed;
+    `needed`: about the bytes the file would have had (None where not known)."""
+
+    def __init__(self, message: str, *, errno: int | None = None, free: int | None = None,
+                 needed: int | None = None) -> None:
+        super().__init__(message, errno=errno)
+        self.free, self.needed = free, needed
+
+
+class Preempted(CrateError):
+    """The run stopped at a step boundary on request (a signal or Ctrl-C), after saving a checkpoint there;
+    `exit_status` 75 (resumable) or 130 (Ctrl-C)."""
+
+    def __init__(self, message: str, *, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status

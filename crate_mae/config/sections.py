@@ -9,11 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
 from crate_mae.config.variants import VARIANTS
-from crate_mae.errors import CrateError
-
-
-class ConfigError(CrateError, ValueError):
-    """A configuration value at fault; the message names the key."""
+from crate_mae.errors import ConfigError
 
 
 def _doc(default: Any, doc: str) -> Any:
@@ -205,6 +201,12 @@ def signal_number(name: str) -> int:
     if not isinstance(getattr(signal, key, None), signal.Signals) or key in ("SIGKILL", "SIGSTOP"):
         raise ValueError(f"{name!r} is not a signal a process can handle (e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGHUP)")
     return int(getattr(signal, key))
+
+
+def stop_signals(names: tuple[str, ...] | list[str]) -> list[int]:
+    """The one list of signals that stop a run at a step boundary: `run.preempt_signals` and Ctrl-C (SIGINT), as
+    numbers. The run handles them (engine/preempt.py) and its data workers ignore them (data/reader.py)."""
+    return sorted({signal_number(name) for name in names} | {int(signal.SIGINT)})
 
 
 @dataclass(frozen=True)

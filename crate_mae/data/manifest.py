@@ -250,8 +250,11 @@ def _sibling_manifest(url: str) -> Path | None:
     return path if path.exists() else None
 
 
-def resolve_shards(spec: str) -> ShardList:
-    """Expand and check a shard spec; every error names the spec or the path at fault."""
+def resolve_shards(spec: str | ShardList) -> ShardList:
+    """Expand and check a shard spec; every error names the spec or the path at fault. A set already resolved is
+    given back as it is (each set is resolved once per stage)."""
+    if isinstance(spec, ShardList):
+        return spec
     spec = str(spec).strip()
     if not spec:
         raise ShardError("empty shard spec: set data.train_shards / data.val_shards to a manifest or a pattern")

@@ -26,13 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from crate_mae.errors import CrateError
+from crate_mae.errors import DataError
 
 log = logging.getLogger("crate_mae.data")
-
-
-class DataError(CrateError, RuntimeError):
-    """Too much of the data is bad to go on, or the data is wrong in a way that skipping would hide."""
 
 
 class BadSample(Exception):

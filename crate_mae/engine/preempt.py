@@ -33,8 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from crate_mae.config.sections import signal_number
-from crate_mae.errors import CrateError
+from crate_mae.config.sections import stop_signals
+from crate_mae.errors import Preempted
 
 if TYPE_CHECKING:  # torch is imported where a vote is taken, so that the entry points' --help stays light
     from crate_mae.engine.dist import Dist
@@ -58,14 +58,6 @@ class StopNow(BaseException):
         self.exit_status = exit_status
 
 
-class Preempted(CrateError):
-    """The run stopped at a step boundary on request (a signal or Ctrl-C), after saving a checkpoint there."""
-
-    def __init__(self, message: str, *, exit_status: int) -> None:
-        super().__init__(message)
-        self.exit_status = exit_status
-
-
 class StopSignals:
     """The process's stop request: handlers for `signals` (and SIGINT) while the context is open.
 
@@ -80,7 +72,7 @@ class StopSignals:
     _active: StopSignals | None = None  # the one open in this process, read by `requested_stop`
 
     def __init__(self, signals: Sequence[str], *, grace: float, run_dir: str | os.PathLike | None = None) -> None:
-        self.numbers = sorted({signal_number(s) for s in signals} | {int(signal.SIGINT)})
+        self.numbers = stop_signals(signals)
         self.grace, self.run_dir = grace, Path(run_dir) if run_dir is not None else None
         self.requested: str | None = None  # the first signal's name
         self.deferring = False  # inside a training loop, which stops at its next step boundary (`at_step_boundaries`)

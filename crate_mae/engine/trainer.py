@@ -21,16 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from crate_mae.engine.dist import Dist, all_reduce_max, all_reduce_sum
 from crate_mae.engine.preempt import Preempted, StopVote, at_step_boundaries, exit_status, requested_stop
-from crate_mae.errors import CrateError
+from crate_mae.errors import NonFiniteLoss
 
 if TYPE_CHECKING:
     from crate_mae.config import Config
     from crate_mae.engine.checkpoint import Checkpointer
     from crate_mae.engine.log import RunLogger
-
-
-class NonFiniteLoss(CrateError, RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
