@@ -7,6 +7,7 @@ from the built-in type it refines, so `except ValueError` in a caller's code kee
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -14,6 +15,13 @@ class CrateError(Exception):
     """An expected failure, told in one line that names what is at fault."""
 
     exit_status = 1  # what a command line exits with after printing it
+    prefix = "error"  # the word before its line
+
+
+def report(err: CrateError) -> int:
+    """The one way a command line ends on an expected failure: `error: <the line>` on stderr; its exit status."""
+    print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
+    return err.exit_status
 
 
 class ConfigError(CrateError, ValueError):
@@ -76,6 +84,8 @@ class DiskFullError(WriteError):
 class Preempted(CrateError):
     """The run stopped at a step boundary on request (a signal or Ctrl-C), after saving a checkpoint there;
     `exit_status` 75 (resumable) or 130 (Ctrl-C)."""
+
+    prefix = "stopped"
 
     def __init__(self, message: str, *, exit_status: int) -> None:
         super().__init__(message)
