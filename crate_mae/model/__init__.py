@@ -13,7 +13,7 @@ from crate_mae.model.classifier import CrateClassifier
 from crate_mae.model.convert import to_ours, to_released
 from crate_mae.model.layers import patchify, unpatchify
 from crate_mae.model.mae import CrateMAE, MAEOutput, random_masking
-from crate_mae.model.variants import FAMILIES, VARIANTS, Variant
+from crate_mae.config.variants import FAMILIES, VARIANTS, Variant  # the size table, re-exported
 from crate_mae.model import files, hub  # noqa: E402  (the one reader; the one resolver and builder)
 from crate_mae.model.files import Checkpoint, read_checkpoint
 from crate_mae.model.hub import build_model, create_model, resolve_config

@@ -9,25 +9,18 @@ from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
+from timm.models._features import feature_take_indices
 
 Intermediate = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 def take_indices(depth: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
-    """timm's convention for `forward_intermediates`: None → every layer, an int n → the last n, a sequence →
-    those layers (negative from the end). Returns (sorted absolute indices, the largest)."""
-    if indices is None:
-        indices = depth
-    if isinstance(indices, int):
-        if not 0 < indices <= depth:
-            raise ValueError(f"last-n indices: {indices} is not in 1..{depth}")
-        take = list(range(depth - indices, depth))
-    else:
-        for i in indices:
-            if not -depth <= i < depth:
-                raise ValueError(f"layer index {i} is out of range for {depth} layers")
-        take = sorted({i % depth for i in indices})
-    return take, max(take)
+    """timm's `feature_take_indices` (None → every layer, n → the last n, a list → those layers, negative from the
+    end): (absolute indices, the largest). An index out of range is a ValueError, as our other input checks are."""
+    try:
+        return feature_take_indices(depth, indices)
+    except AssertionError as err:  # timm's torch._assert
+        raise ValueError(str(err)) from None
 
 
 def feature_info(depth: int, dim: int, patch_size: int) -> list[dict]:

@@ -112,10 +112,12 @@ def ncut(run: Run) -> None:
 
 
 def layers(run: Run) -> None:
+    from crate_mae.atomic import atomic_path
+
     rows = layer_measures(run.model, run.images, eps2=run.args.eps2)
     numbers = run.out.with_suffix(".json")
-    numbers.parent.mkdir(parents=True, exist_ok=True)
-    numbers.write_text(json.dumps(rows, indent=1))
+    with atomic_path(numbers) as tmp:
+        tmp.write_text(json.dumps(rows, indent=1))
     print(numbers)
     run.sink.save(layers_figure(rows), run.out, "layers")
 

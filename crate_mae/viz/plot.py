@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from crate_mae.atomic import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -119,7 +121,8 @@ class FigureSink:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not getattr(fig, "crate_fixed_layout", False):
             fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:  # a figure is whole or absent, as every file we write
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
         if self.tb is not None:
             self.tb.add_figure(tag, fig, close=False)
         pyplot().close(fig)
