@@ -68,7 +68,7 @@ class WriteError(CrateError, OSError):
         self.errno = errno
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep errno (and free/needed) through pickling, e.g. to other ranks
-        return type(self), (str(self),), dict(self.__dict__)
+        return type(self), (str(self),), {"errno": self.errno, **self.__dict__}
 
 
 class DiskFullError(WriteError):
