@@ -14,8 +14,6 @@ from typing import BinaryIO
 
 from crate_mae.errors import DiskFullError, WriteError
 
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
 
 def size_text(n: int) -> str:
     """1536 → '1.5 KiB' (powers of 1024, as `df -h` counts)."""
@@ -34,7 +32,7 @@ def write_error(path: str | os.PathLike, code: int | None, *, needed: int | None
     removed (the free bytes count its space); `needed`: about the bytes the file would have had."""
     path, cause = Path(path), os.strerror(code) if code is not None else "unknown error"
     cause = "the disk is full" if code == errno.ENOSPC else cause[:1].lower() + cause[1:]
-    if code not in DISK_FULL:
+    if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return WriteError(f"cannot write {path}: {cause}", errno=code)
     free = free_bytes(path.parent)
     sizes = ([f"{size_text(free)} free in {path.parent}"] if free is not None else []) + (
@@ -69,10 +67,9 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
     def failed(self, err: BaseException, needed: int | None) -> WriteError | None:
-        """Remove the temp file after `err`; the WriteError to raise instead, or None where `err` is not this write's
-        (an interrupt, another file's error, a bug). A writer may wrap the OSError (torch.save into a file object
-        raises a RuntimeError from it): it is looked for along the chain. A RuntimeError with none behind it
-        (torch.save to a path) is called a full disk when less than 1 MiB is free."""
+        """Remove the temp file after `err`; the WriteError to raise instead, or None when `err` is not this write's
+        (an interrupt, another file's error, a bug). The OSError is looked for along the chain (torch.save wraps it
+        in a RuntimeError); a RuntimeError with none (torch.save to a path) is a full disk below 1 MiB free."""
         cause, code = err, None
         while isinstance(cause, Exception) and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
