@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     any run checkpoint, as .pth or, for an OUT ending in .safetensors, as safetensors."""
     import argparse
 
+    from crate_mae.errors import report
+
     parser = argparse.ArgumentParser(prog="python -m crate_mae.model.files", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write the encoder alone (loads with weights_only=True)")
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = read_checkpoint(args.checkpoint)
         export_encoder(ckpt.state, ckpt.config, args.out, whole=args.whole)
     except CrateError as err:
-        parser.exit(2, f"error: {err}\n")
+        return report(err)
     print(f"{args.out}: {'all tensors' if args.whole else 'encoder'} of {args.checkpoint}")
     return 0
 

@@ -5,6 +5,8 @@ export; released: the CRATE-MAE, the supervised CRATE, the emergence notebooks' 
 --model TIMM_NAME with --pretrained-file FILE (any of those; without it, fresh weights). Images: files, folders,
 glob patterns, or one shard spec; the first --n, resized and centre-cropped to --size. Output: --out names the
 main figure (a .png) or a folder; per-image files go beside it; --tensorboard DIR writes the same figures there.
+An expected failure ends in one line `error: ...` and exit status 2 for an argument out of its range, 1 for the rest
+(crate_mae/errors.py: `report`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from crate_mae.errors import CrateError, InputError
+from crate_mae.engine.dist import resolve_device
+from crate_mae.errors import ConfigError, CrateError, InputError, report
 from crate_mae.viz import inputs
 from crate_mae.viz.attention import MSSAView, heads_figure, masks_grid_figure, mass_masks, most_attended, mssa_view
 from crate_mae.viz.measures import layer_measures, layers_figure
@@ -176,15 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     args.layer, args.stride = getattr(args, "layer", -1), getattr(args, "stride", None)
     if args.pretrained_file and not args.model:
         parser.error("--pretrained-file goes with --model")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     try:
+        device = resolve_device(args.device)
         if args.n < 1:
-            raise InputError(f"--n {args.n}: at least one image")
+            raise ConfigError(f"--n {args.n}: at least one image")
         if args.command == "attention" and not 0 < args.mass <= 1:
-            raise InputError(f"--mass {args.mass}: the share of attention a mask keeps must be in (0, 1]")
+            raise ConfigError(f"--mass {args.mass}: the share of attention a mask keeps must be in (0, 1]")
         if args.command == "ncut" and not -1 <= args.tau < 1:
-            raise InputError(f"--tau {args.tau}: a threshold on the cosine must be in [-1, 1)")
+            raise ConfigError(f"--tau {args.tau}: a threshold on the cosine must be in [-1, 1)")
         model = inputs.load_model(checkpoint=args.checkpoint, model_name=args.model, pretrained_file=args.pretrained_file,
                                   variant=args.variant, img_size=args.size, whole_mae=args.command == "recon")
         size = args.size or model.pos.grid[0] * model.patch_size
@@ -194,15 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                              f"{h * w} × {h * w} affinity of {8 * (h * w) ** 2 / 2**30:.1f} GiB in float64; "
                              f"take a larger --stride or a smaller --size")
         if not -len(model.encoder.layers) <= args.layer < len(model.encoder.layers):
-            raise InputError(f"--layer {args.layer}: the model has {len(model.encoder.layers)} encoder layers")
+            raise ConfigError(f"--layer {args.layer}: the model has {len(model.encoder.layers)} encoder layers")
         images, names = inputs.load_images(args.images, img_size=size, n=args.n, crop_pct=args.crop_pct)
+        run = Run(args, model.to(device), images.to(device), _unique(names))
+        try:
+            RUNNERS[args.command](run)
+        finally:
+            run.sink.close()
     except CrateError as err:
-        parser.exit(2, f"error: {err}\n")
-    run = Run(args, model.to(device), images.to(device), _unique(names))
-    try:
-        RUNNERS[args.command](run)
-    finally:
-        run.sink.close()
+        return report(err)
     return 0
 
 

@@ -163,9 +163,7 @@ def test_entry_points_list_every_key_in_help(script: str, capsys: pytest.Capture
         "model.pool", "model.num_classes", "model.drop_path")  # and only the keys it reads
     assert all((key in text) == (script == "pretrain.py") for key in mae_only), script
     assert all((key in text) == (script != "pretrain.py") for key in classifier_only), script
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(["--set", "optim.lrr=1"])
-    assert exit_info.value.code == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err
+    assert module.main(["--set", "optim.lrr=1"]) == 2 and "did you mean 'optim.lr'" in capsys.readouterr().err
 
 
 def test_config_and_the_command_lines_import_neither_torch_nor_timm() -> None:

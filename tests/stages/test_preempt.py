@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from crate_mae.engine.preempt import INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted, StopNow, StopSignals, at_step_boundaries
+from crate_mae.engine.preempt import (INTERRUPTED_EXIT, PREEMPTED_EXIT, StopNow, StopSignals, at_step_boundaries,
+                                      exit_status, requested_stop)
+from crate_mae.errors import Preempted
 from crate_mae.model import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +122,7 @@ def test_outside_a_training_loop_a_signal_stops_at_once_and_inside_it_is_a_reque
         with at_step_boundaries():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
-            assert stop.requested == "SIGINT" and stop.exit_status == INTERRUPTED_EXIT
+            assert stop.requested == requested_stop() == "SIGINT" and exit_status(stop.requested) == INTERRUPTED_EXIT
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
     with pytest.raises(ValueError, match="'SIGKILL' is not a signal a process can handle"):
         StopSignals(["SIGKILL"], grace=1)
