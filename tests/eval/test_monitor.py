@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from crate_mae.config import DataConfig, MAEConfig, MonitorConfig, OptimConfig
+from crate_mae.data import Batch
 from crate_mae.data.reader import eval_loader
 from crate_mae.engine.dist import Dist, rng_state, run_with
 from crate_mae.engine.optim import build_scheduler
@@ -49,17 +50,16 @@ def test_evaluate_never_changes_training(digits) -> None:
     batches = torch.randint(0, 256, (3, 8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     before = rng_state()
     mon = monitor(*digits, val_samples=32, bank_samples=64, layers_batch=4)
-    assert rng_state() == before  # building the twin drew its weights, then put the generators back
+    assert rng_state() == before  # the monitor draws nothing when it is made (its classifier: at evaluate, put back)
     weights = []
     for evaluate in (True, False):
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        trainer = Trainer(model=model, optimizer=opt, dist=CPU, loss_fn=lambda m, b: m(b).loss,  # masks: global RNG
-                          objective=MaskedObjective(model),
+        trainer = Trainer(MaskedObjective(model), optimizer=opt, dist=CPU,  # masks: the global generators
                           scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1))
         seed_everything(3)
         for batch in batches:
-            trainer.step([batch])
+            trainer.step([Batch(batch, torch.full((len(batch),), -1), [])])
             if evaluate:
                 mon.evaluate(model)
         weights.append(model.state_dict())

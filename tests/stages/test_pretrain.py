@@ -15,17 +15,42 @@ import torch
 import torch.multiprocessing as mp
 
 from crate_mae.config import ClassifierConfig, MAEConfig, OptimConfig, load_config
+from crate_mae.data import Batch
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine.dist import Dist
 from crate_mae.engine.trainer import NonFiniteLoss, Trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
 from crate_mae.model import build_classifier, build_mae, hub, read_checkpoint, resolve_config
 from crate_mae.model import files
+from crate_mae.model.classifier import ClassifierObjective
 from crate_mae.model.mae import CrateMAE, MaskedObjective
 from crate_mae.stages.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def images(x: torch.Tensor, noise: torch.Tensor | None = None) -> Batch:
+    """A micro-batch of images (no labels), or of images with their masking noise (FixedMasks reads it)."""
+    return Batch(x, noise if noise is not None else torch.full((len(x),), -1), [])
+
+
+class FixedMasks(MaskedObjective):
+    """The masked objective under given noise (carried where the labels go): the same masks in every run."""
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_masked(images, noise=noise).loss
+
+
+class Scaled(MaskedObjective):
+    """The masked objective times the next of `factors`: a loss made non-finite at a chosen step."""
+
+    def __init__(self, mae: CrateMAE, factors) -> None:
+        super().__init__(mae)
+        self.factors = factors
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(images, labels) * next(self.factors)
 
 
 def tiny(digits: tuple[str, str], out: Path, *extra: str):
@@ -107,10 +132,9 @@ def test_no_checkpoint_holds_weights_whose_loss_is_not_finite(digits, tmp_path: 
 def test_the_checkpoint_check_leaves_the_random_stream_alone() -> None:
     model = build_mae(MAEConfig(variant="nano"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0),
-                      opt, 1), dist=CPU, loss_fn=lambda m, b: m(b).loss,
-                      objective=MaskedObjective(model))
-    trainer.step([torch.randn(2, 3, 32, 32)])
+    trainer = Trainer(MaskedObjective(model), optimizer=opt, dist=CPU,
+                      scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1))
+    trainer.step([images(torch.randn(2, 3, 32, 32))])
     before = torch.get_rng_state()
     trainer.check_state_finite()  # draws a mask, then puts every generator back
     assert torch.equal(torch.get_rng_state(), before)
@@ -120,10 +144,10 @@ def test_trainer_names_the_first_non_finite_step() -> None:
     model = build_mae(MAEConfig(variant="nano"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     values = iter([1.0, 1.0, float("inf"), 1.0])
-    trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1),
-                      dist=CPU, loss_fn=lambda m, b: m(b).loss * next(values), objective=MaskedObjective(model))
+    trainer = Trainer(Scaled(model, values), optimizer=opt, dist=CPU,
+                      scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1))
     for _ in range(4):
-        trainer.step([torch.randn(2, 3, 32, 32)])
+        trainer.step([images(torch.randn(2, 3, 32, 32))])
     with pytest.raises(NonFiniteLoss, match="at step 3"):
         trainer.check_finite()
 
@@ -135,8 +159,8 @@ def test_every_stage_builds_its_trainer_from_the_config(stage: str) -> None:
     cfg = load_config(ROOT / f"configs/{stage}/demo.yaml", [
         "model.variant=nano", "data.batch_size=8", "optim.accum_steps=2", "optim.lr=null", "optim.blr=0.064",
         "optim.clip_grad=0.5", "run.precision=bf16"], stage=stage)
-    model = torch.nn.Linear(4, 3)
-    trainer = Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).sum(), batches_per_epoch=11)
+    objective = ClassifierObjective(torch.nn.Linear(4, 3), torch.nn.CrossEntropyLoss())
+    trainer = Trainer.from_config(cfg, objective, CPU, batches_per_epoch=11)
     assert (trainer.updates_per_epoch, trainer.global_batch, trainer.total_steps) == (5, 16, 5 * cfg.optim.epochs)
     assert max(g["initial_lr"] for g in trainer.optimizer.param_groups) == pytest.approx(0.064 * 16 / 256)
     assert (trainer.clip_grad, trainer.precision) == (0.5, "bf16")
@@ -151,10 +175,9 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch() -> None:
                   [(img[i:i + 2], noise[i:i + 2]) for i in range(0, 8, 2)]):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        trainer = Trainer(model=model, optimizer=opt, dist=CPU, loss_fn=lambda m, b: m(b[0], noise=b[1]).loss,
-                          objective=MaskedObjective(model),
+        trainer = Trainer(FixedMasks(model), optimizer=opt, dist=CPU,
                           scheduler=build_scheduler(OptimConfig(epochs=10_000, warmup_epochs=0), opt, 1))
-        trainer.step(micro)
+        trainer.step([images(x, n) for x, n in micro])
         after.append(model.state_dict())
     for key in after[0]:
         torch.testing.assert_close(after[1][key], after[0][key], atol=1e-6, rtol=1e-5, msg=key)
@@ -179,11 +202,11 @@ def test_compiled_step_equals_the_eager_step(device: str, mode: str) -> None:
         model = copy.deepcopy(base)
         cfg = OptimConfig(optimizer="sgd", epochs=1, warmup_epochs=0)
         opt = build_optimizer(cfg, model, 0.05, d.device)
-        trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b[0], noise=b[1]).loss,
-                          objective=MaskedObjective(model),
-                          scheduler=build_scheduler(cfg, opt, 100), compile=compile, compile_mode=mode)
+        trainer = Trainer(FixedMasks(model), optimizer=opt, dist=d, scheduler=build_scheduler(cfg, opt, 100),
+                          compile=compile, compile_mode=mode)
         assert hasattr(trainer.model, "_orig_mod") == compile  # torch.compile's wrapper
-        losses.append(torch.stack([trainer.step([(x[:4], n[:4]), (x[4:], n[4:])]) for x, n in batches]))  # accumulated
+        losses.append(torch.stack([trainer.step([images(x[:4], n[:4]), images(x[4:], n[4:])])
+                                   for x, n in batches]))  # accumulated
         weights.append(model.state_dict())
     tol = 1e-5 if device == "cpu" else 1e-4  # GPU kernels reduce in other orders
     torch.testing.assert_close(losses[1], losses[0], atol=tol, rtol=tol)
@@ -313,10 +336,10 @@ def test_cuda_train_step_never_waits_on_the_host() -> None:
     model = build_mae(MAEConfig(variant="nano")).to(d.device)
     cfg = OptimConfig(epochs=1, warmup_epochs=0.5)
     opt = build_optimizer(cfg, model, 1e-3, d.device)
-    trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b).loss, precision="bf16",
-                      objective=MaskedObjective(model),
+    trainer = Trainer(MaskedObjective(model), optimizer=opt, dist=d, precision="bf16",
                       scheduler=build_scheduler(cfg, opt, 10))
-    img = torch.randn(8, 3, 32, 32, device=d.device)
+    img = images(torch.randn(8, 3, 32, 32, device=d.device))
+    img = img._replace(labels=img.labels.to(d.device))
     trainer.step([img])  # the first step creates the optimiser state
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -351,12 +374,11 @@ def test_a_resume_trains_with_the_schedule_it_prints(digits, tmp_path: Path) -> 
                                  *overrides])
         torch.manual_seed(0)
         model = build_mae(resolve_config(cfg.model))
-        return Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).loss, batches_per_epoch=4,
-                                   objective=MaskedObjective(model))
+        return Trainer.from_config(cfg, MaskedObjective(model), CPU, batches_per_epoch=4)
 
     old = trainer_for("optim.lr=1e-3")
     for _ in range(6):
-        old.step([torch.randn(2, 3, 32, 32)])
+        old.step([images(torch.randn(2, 3, 32, 32))])
     saved = old.state_dict()
     same = trainer_for("optim.lr=1e-3")
     same.load_state_dict(saved)
