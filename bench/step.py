@@ -10,8 +10,8 @@ the CPU). MFU = analytic training FLOPs per image (crate_mae/model/flops.py: mat
 two-product form, backward = 2 × forward) × images/s ÷ the device's peak, which is *measured* at the start with
 a large matmul in the row's precision (so MFU is against what this card really does, as the speed issue's
 797 TFLOP/s for an H200 was). `--reference` adds rows of the plain path: explicit-softmax attention and
-three-product ISTA (the released model's), the oracle twins of the fast path. `--compile-mode reduce-overhead`
-replays the compiled step as CUDA graphs.
+three-product ISTA (the released model's), the reference forms the fast path is tested against.
+`--compile-mode reduce-overhead` replays the compiled step as CUDA graphs.
 
 `--profile N` runs N more steps of each row under the PyTorch profiler and prints where the time goes: the top
 ops or kernels (self time on the device on CUDA, on the host otherwise) and a split into matmul, attention,
@@ -129,7 +129,7 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
     micro = [Batch(images, labels, [])]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    set_fused(model, not reference)  # the plain twins: explicit softmax attention, three-product ISTA
+    set_fused(model, not reference)  # the reference forms: explicit softmax attention, three-product ISTA
     for _ in range(warmup):
         trainer.step(micro)
     sync(device)

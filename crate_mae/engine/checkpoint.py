@@ -2,9 +2,9 @@
 state (as torchtitan's checkpointer, it is handed `Stateful` objects).
 
 A run folder holds `ckpt-<step>.pth` every run.ckpt_every steps (the last run.keep_last kept) and `final.pth` at
-the end. A file holds the run's state (`Trainer.state_dict()`: model, optimiser, scaler, position), every rank's RNG
-states, the resolved config and a stage's own entries (an EMA, the best accuracy, the online probe); everything
-loads with weights_only=True. Reading a file is `crate_mae.model.files.read_checkpoint`'s, the one reader; what a
+the end. A file holds the run's state (`Trainer.state_dict()`: "model", "optimizer", "scaler", "state": step, epoch,
+batch_in_epoch), every rank's RNG states ("rng", by rank), the resolved config ("config") and a stage's own entries
+("ema", "best", "probe"); everything loads with weights_only=True. Reading a file is `crate_mae.model.files.read_checkpoint`'s, the one reader; what a
 resume may change is the stage's (stages/common.py), and which file a resume continues from is `model/files.py:
 latest`'s. A resume enters this module once: `Checkpointer.restore`, before the loop.
 """
@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypedDict
-
-import torch
+from typing import Any, Protocol
 
 from crate_mae.engine.dist import Dist, all_gather_object, broadcast_object, rng_state, set_rng_state
 from crate_mae.errors import WriteError
@@ -28,20 +26,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
-
-
-class CheckpointPayload(TypedDict, total=False):
-    """What a run checkpoint holds (every value loads with weights_only=True)."""
-
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scaler: dict[str, Any]
-    state: dict[str, int]  # TrainState: step, epoch, batch_in_epoch
-    rng: list[dict[str, Any]]  # every rank's generators, by rank
-    config: dict[str, Any]  # the run's resolved config
-    best: dict[str, float]  # fine-tuning: the best accuracy so far
-    ema: dict[str, torch.Tensor]  # fine-tuning: the weight EMA
-    probe: dict[str, Any]  # pretraining with monitor.probe: the online probe's head and optimiser
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
@@ -79,8 +63,8 @@ class Checkpointer:
         path = self.run_dir / name
         failure: Exception | None = None
         if self.dist.is_main:
-            payload: CheckpointPayload = {**state, "rng": rngs, "config": self.config,  # type: ignore[typeddict-item]
-                                          **{key: s.state_dict() for key, s in self.extra.items()}}
+            payload = {**state, "rng": rngs, "config": self.config,
+                       **{key: s.state_dict() for key, s in self.extra.items()}}
             try:
                 save(path, payload)
                 prune(self.run_dir, self.keep_last)

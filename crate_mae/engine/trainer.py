@@ -140,16 +140,11 @@ class Trainer:
         return mean
 
     def fit(self, loader: Any, *, log: RunLogger, log_every: int,
-            checkpointer: Checkpointer | None = None) -> Iterator[Iterator[Any]]:
+            checkpointer: Checkpointer) -> Iterator[Iterator[Any]]:
         """Train from `self.state` to the end of the last epoch, handing control back to the stage: one item per epoch,
-        itself an iterator with one item per optimiser step, the step's last micro-batch (the stage's per-step work:
-        an EMA, the online probe); after an epoch's iterator ends, the stage does its per-epoch work (evaluation,
-        pictures) before asking for the next. Each epoch must be iterated to its end.
-
-            for epoch in trainer.fit(loader, log=log, log_every=10, checkpointer=checkpointer):
-                for batch in epoch:
-                    ema.update(model)
-                evaluate(model)
+        itself an iterator with one item per optimiser step, the step's last micro-batch. The stage does its per-step
+        work (an EMA, the online probe) in the inner loop and its per-epoch work (evaluation, pictures) after it;
+        each epoch must be iterated to its end.
 
         Each epoch's loader is reseeded (and, after a resume, fast-forwarded) with `set_epoch`; every `accum_steps`
         micro-batches make one step. After each step (and the stage's work on it): every `log_every` steps the mean
@@ -168,7 +163,7 @@ class Trainer:
             vote.close()
 
     def _epoch(self, loader: Any, window: _Window, vote: StopVote, *, log: RunLogger, log_every: int,
-               checkpointer: Checkpointer | None) -> Iterator[Any]:
+               checkpointer: Checkpointer) -> Iterator[Any]:
         """One epoch of `fit` (from where a resume left it): its steps, each handed to the stage, logged and saved."""
         state = self.state
         loader.set_epoch(state.epoch, replay=state.batch_in_epoch)
@@ -185,7 +180,7 @@ class Trainer:
             last = state.step == self.total_steps
             if state.step % log_every == 0 or last:
                 self._log(window, log)
-            saved = checkpointer is not None and checkpointer.due(state.step, last=last)
+            saved = checkpointer.due(state.step, last=last)
             if saved:
                 self.save(checkpointer, f"ckpt-{state.step:08d}.pth")
             if vote.poll() and not last:
@@ -205,15 +200,12 @@ class Trainer:
                  f"{rate:.0f} img/s")
         window.reset()
 
-    def _stop(self, checkpointer: Checkpointer | None, vote: StopVote, log: RunLogger, *, saved: bool) -> None:
+    def _stop(self, checkpointer: Checkpointer, vote: StopVote, log: RunLogger, *, saved: bool) -> None:
         """Every rank agreed to stop after this step (a signal, or Ctrl-C): save here (unless a periodic checkpoint
         just did), then raise Preempted with where the run stopped and how to go on."""
         state, why = self.state, requested_stop() or "another rank's signal"
         vote.close()
         where = f"step {state.step}/{self.total_steps} (epoch {state.epoch}, batch {state.batch_in_epoch})"
-        if checkpointer is None:
-            raise Preempted(f"stopped by {why} after {where}; nothing saved (this stage keeps no checkpoints)",
-                            exit_status=exit_status(why))
         name = f"ckpt-{state.step:08d}.pth"
         if not saved:
             self.save(checkpointer, name)

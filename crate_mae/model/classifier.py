@@ -127,8 +127,8 @@ class ClassifierObjective(nn.Module):
     (model/layers.py: Normalize). The criterion must fit the targets: soft ones with `mix`, class indices without.
     """
 
-    def __init__(self, model: nn.Module, criterion: nn.Module,
-                 mix: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
+    def __init__(self, model: nn.Module, criterion: nn.Module, mix: Optional[Callable[
+            [torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         super().__init__()
         self.model, self.criterion, self.mix = model, criterion, mix
         self.normalize = Normalize()

@@ -114,7 +114,8 @@ def _config(row: TimmRow, kwargs: dict[str, Any]) -> ModelConfig:
 
 
 def _timm_loaded(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """timm's `pretrained_filter_fn` for weights timm fetches itself (local-dir, hf-hub): keys renamed once, filtered."""
+    """timm's `pretrained_filter_fn` for the weights timm fetches itself (local-dir, hf-hub): keys renamed once,
+    then filtered."""
     return checkpoint_filter(to_ours(state), model)
 
 

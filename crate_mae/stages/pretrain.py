@@ -63,7 +63,7 @@ def build_training(cfg: Config, dist: Dist, train: str | ShardList, weights: Che
     loader = train_loader(train, transform, data=cfg.data, rank=dist.rank, world_size=dist.world_size,
                           seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps, pin_memory=dist.device.type == "cuda",
                           labels=labels)
-    loader = DeviceLoader(loader, device=dist.device, depth=cfg.data.prefetch)  # to the device once, off the step's path
+    loader = DeviceLoader(loader, device=dist.device, depth=cfg.data.prefetch)  # to the device, off the step's path
     return Trainer.from_config(cfg, MaskedObjective(model), dist, len(loader)), loader
 
 
@@ -83,7 +83,7 @@ def _run(run: StageRun) -> PretrainResult:
     if run.resume is not None:
         checkpointer.restore(run.resume, trainer)
     with run.logger(trainer.total_steps, trainer.state.step) as log:
-        preview = Preview(cfg, run.val or run.train, model) if dist.is_main else None
+        preview = Preview(cfg, run.val if run.val is not None else run.train, model) if dist.is_main else None
         _say_what_runs(run, trainer, log)
         history = MonitorHistory(run, trainer, log, probe)
         history.catch_up()
@@ -200,8 +200,8 @@ class MonitorHistory:
                                probe=probe)
         for reason in self.monitor.skipped:
             log.info(f"monitor: {reason}")
-        if run.resume is not None:
-            self.history = read_events(run.run_dir, "monitor", until_step=trainer.state.step) if run.dist.is_main else []
+        if run.resume is not None and run.dist.is_main:
+            self.history = read_events(run.run_dir, "monitor", until_step=trainer.state.step)
 
     def due(self, epoch: int) -> bool:
         return self.monitor is not None and (epoch % self.every == 0 or epoch == self.trainer.epochs)

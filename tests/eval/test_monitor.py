@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 from crate_mae.config import DataConfig, MAEConfig, MonitorConfig, OptimConfig
@@ -25,6 +24,7 @@ from crate_mae.model import build_mae, resolve_config
 from crate_mae.model.mae import MaskedObjective
 from crate_mae.seeding import seed_everything
 from tests.helpers import image_bytes, write_tar_set
+from tests.spawn import spawn
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 NANO = resolve_config(MAEConfig(variant="nano"))
@@ -118,7 +118,7 @@ def _rank(rank: int, world: int, port: int, digits: tuple[str, str], out: str) -
 def test_two_ranks_measure_what_one_does(digits, free_port: int, tmp_path: Path) -> None:
     """val_samples=100 lies in the first val shard (split by sample over the ranks), the bank of 300 in the first two
     train shards (one per rank): the same subsets, losses and kNN counts on every rank as on one."""
-    mp.spawn(_rank, args=(2, free_port, digits, str(tmp_path)), nprocs=2, join=True)
+    spawn(_rank, args=(2, free_port, digits, str(tmp_path)), nprocs=2)
     one = monitor(*digits, val_samples=100, bank_samples=300, batch_size=16).evaluate(nano())
     assert one["heldout_images"] == 100 and one["knn_bank_images"] == 300 and KNN_KEYS <= set(one)
     for rank in (0, 1):
