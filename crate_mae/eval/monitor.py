@@ -207,8 +207,8 @@ class Monitor:
         self.cost.images[part] = len(keys)
         width = self.encoder.num_features
         return PassResult(keys, torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64),
-                       {f: torch.cat(v) if v else torch.zeros(0, width) for f, v in feats.items()},
-                       torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+                          {f: torch.cat(v) if v else torch.zeros(0, width) for f, v in feats.items()},
+                          torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
 
     def _heldout(self, val: PassResult) -> dict[str, float]:
         """The mean held-out loss over the first `val_samples` images in key order: every rank gathers every
