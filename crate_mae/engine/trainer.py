@@ -96,6 +96,7 @@ class Trainer:
         self.state, self.summary = TrainState(), LossSummary()
         self._first_bad = torch.full((), -1, dtype=torch.long, device=dist.device)
         self._last_batch: Any = None  # the last micro-batch, for `check_state_finite`
+        self._window()
 
     @classmethod
     def from_config(cls, cfg: Config, objective: nn.Module, dist: Dist, batches_per_epoch: int) -> Trainer:
@@ -152,17 +153,17 @@ class Trainer:
         collective); the ranks vote on a stop request (engine/preempt.py: a signal or Ctrl-C), and if one is agreed
         they save that step and raise Preempted. The loss of each logging interval goes to `self.summary`.
         """
-        window = _Window(self.dist.device)
+        self._window()
         with at_step_boundaries():  # the whole loop, the stage's per-epoch work too: a signal waits for a step's end
             vote = StopVote(self.dist)
             while self.state.epoch < self.epochs:
                 epoch = self.state.epoch
-                yield self._epoch(loader, window, vote, log=log, log_every=log_every, checkpointer=checkpointer)
+                yield self._epoch(loader, vote, log=log, log_every=log_every, checkpointer=checkpointer)
                 if self.state.epoch == epoch:
                     raise RuntimeError("Trainer.fit: an epoch was left before its end; iterate each one to its end")
             vote.close()
 
-    def _epoch(self, loader: Any, window: _Window, vote: StopVote, *, log: RunLogger, log_every: int,
+    def _epoch(self, loader: Any, vote: StopVote, *, log: RunLogger, log_every: int,
                checkpointer: Checkpointer) -> Iterator[Any]:
         """One epoch of `fit` (from where a resume left it): its steps, each handed to the stage, logged and saved."""
         state = self.state
@@ -172,14 +173,14 @@ class Trainer:
             micro.append(item)
             if len(micro) < self.accum_steps:
                 continue
-            window.add(self.step(micro))
+            self._losses, self._logged = self._losses + self.step(micro), self._logged + 1
             state.batch_in_epoch += len(micro)
             yield micro[-1]
             micro = []
             log.advance()
             last = state.step == self.total_steps
             if state.step % log_every == 0 or last:
-                self._log(window, log)
+                self._log(log)
             saved = checkpointer.due(state.step, last=last)
             if saved:
                 self.save(checkpointer, f"ckpt-{state.step:08d}.pth")
@@ -187,18 +188,22 @@ class Trainer:
                 self._stop(checkpointer, vote, log, saved=saved)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
-    def _log(self, window: _Window, log: RunLogger) -> None:
+    def _window(self) -> None:
+        """A new logging interval: its steps' losses are summed on the device (no host sync) until `_log`."""
+        self._losses, self._logged, self._tick = torch.zeros((), device=self.dist.device), 0, time.perf_counter()
+
+    def _log(self, log: RunLogger) -> None:
         """The interval's mean loss over ranks (a host sync: the non-finite flag is read here too), lr, throughput."""
         self.check_finite()
-        loss = all_reduce_sum(self.dist, window.total / window.steps).item() / self.dist.world_size
-        rate = window.steps * self.global_batch / window.seconds()
+        loss = all_reduce_sum(self.dist, self._losses / self._logged).item() / self.dist.world_size
+        rate = self._logged * self.global_batch / (time.perf_counter() - self._tick)
         self.summary.first = self.summary.first if self.summary.first is not None else loss
         self.summary.last = loss
         state = self.state
         log.scalars(state.step, {"loss": loss, "lr": self.lr, "epoch": state.epoch, "images_per_s": rate})
         log.info(f"step {state.step}/{self.total_steps} epoch {state.epoch} loss {loss:.4f} lr {self.lr:.3g} "
                  f"{rate:.0f} img/s")
-        window.reset()
+        self._window()
 
     def _stop(self, checkpointer: Checkpointer, vote: StopVote, log: RunLogger, *, saved: bool) -> None:
         """Every rank agreed to stop after this step (a signal, or Ctrl-C): save here (unless a periodic checkpoint
@@ -283,19 +288,3 @@ class Trainer:
             self.state = TrainState(self.state.step, self.state.epoch + 1, 0)
         self.scheduler.step_update(num_updates=self.state.step)  # the schedule is a function of the config and step
 
-
-class _Window:
-    """The losses of the steps since the last log line (summed on the device: no host sync) and the time they took."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.total, self.steps = self.total + loss, self.steps + 1
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.tick
-
-    def reset(self) -> None:
-        self.total, self.steps, self.tick = torch.zeros((), device=self.device), 0, time.perf_counter()

@@ -83,7 +83,7 @@ def _run(run: StageRun) -> PretrainResult:
     if run.resume is not None:
         checkpointer.restore(run.resume, trainer)
     with run.logger(trainer.total_steps, trainer.state.step) as log:
-        preview = Preview(cfg, run.val if run.val is not None else run.train, model) if dist.is_main else None
+        preview = _preview(cfg, run.val if run.val is not None else run.train, model) if dist.is_main else None
         _say_what_runs(run, trainer, log)
         history = MonitorHistory(run, trainer, log, probe)
         history.catch_up()
@@ -92,7 +92,8 @@ def _run(run: StageRun) -> PretrainResult:
                 if probe is not None:
                     probe.step(model, batch.images, batch.labels, dist)
             if preview is not None:
-                log.image("reconstruction", preview.grid(model), trainer.state.step)
+                images, noise = preview
+                log.image("reconstruction", reconstruction_grid(model, images, noise=noise), trainer.state.step)
             history.after_epoch(trainer.state.epoch)
         if loader.bad:
             log.info(f"data: {loader.bad} of {loader.seen} samples skipped as unusable (see the warnings above)")
@@ -130,12 +131,12 @@ def _say_what_runs(run: StageRun, trainer: Trainer, log: RunLogger) -> None:
                 if weights else ""))
 
 
-def _save_outputs(run: StageRun, trainer: Trainer, checkpointer: Checkpointer, preview: Preview,
-                  history: MonitorHistory, log: RunLogger) -> None:
+def _save_outputs(run: StageRun, trainer: Trainer, checkpointer: Checkpointer,
+                  preview: tuple[torch.Tensor, torch.Tensor], history: MonitorHistory, log: RunLogger) -> None:
     """Rank 0, after final.pth: encoder.pth, reconstructions.png, the monitor's figure and table, the closing lines."""
     run_dir, model, summary = run.run_dir, trainer.module, trainer.summary
     export_encoder(model.state_dict(), checkpointer.config, run_dir / "encoder.pth")  # the config it saves
-    preview.save(model, run_dir / "reconstructions.png")
+    _save_reconstructions(model, preview, run.cfg.model.img_size, run_dir / "reconstructions.png")
     history.save_figure()
     losses = f", loss {summary.first:.4f} → {summary.last:.4f}" if summary.first is not None else ""
     banner(log, f"{trainer.state.step} steps{losses}", [
@@ -150,34 +151,31 @@ def _save_outputs(run: StageRun, trainer: Trainer, checkpointer: Checkpointer, p
                                                   for s in ("linprobe.py", "finetune.py") if (REPO / s).exists()])
 
 
-class Preview:
-    """The reconstruction pictures' fixed inputs (rank 0): the first images of the val set (else of train), uint8,
-    and their masking noise, from a generator of run.seed alone: the same masks at every epoch and in every run."""
+def _preview(cfg: Config, shards: ShardList, model: CrateMAE, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reconstruction pictures' fixed inputs (rank 0), on the model's device: the first uint8 images (B, 3, S, S)
+    of `shards`, and their masking noise (B, N) from a generator of run.seed alone (the same masks at every epoch)."""
+    loader = eval_loader(shards, cfg.model.img_size, data=cfg.data, batch_size=n, max_bad_fraction=1.0, labels=False,
+                         num_workers=0)
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ShardError(f"{shards.spec}: no usable image for the reconstruction previews")
+    noise = torch.rand(len(batch.images), model.patch_embed.num_patches(cfg.model.img_size),
+                       generator=torch.Generator().manual_seed(cfg.run.seed))
+    device = next(model.parameters()).device
+    return batch.images.to(device), noise.to(device)
 
-    def __init__(self, cfg: Config, shards: ShardList, model: CrateMAE, n: int = 8) -> None:
-        loader = eval_loader(shards, cfg.model.img_size, data=cfg.data, batch_size=n, max_bad_fraction=1.0,
-                             labels=False, num_workers=0)
-        batch = next(iter(loader), None)
-        if batch is None:
-            raise ShardError(f"{shards.spec}: no usable image for the reconstruction previews")
-        device = next(model.parameters()).device
-        self.images, self.img_size = batch.images.to(device), cfg.model.img_size
-        self.noise = torch.rand(self.images.shape[0], model.patch_embed.num_patches(self.img_size),
-                                generator=torch.Generator().manual_seed(cfg.run.seed)).to(device)
 
-    def grid(self, model: CrateMAE) -> torch.Tensor:
-        """(3, H', W') in [0, 1]: one row per image, original | masked | reconstruction | with visible patches."""
-        return reconstruction_grid(model, self.images, noise=self.noise)
+def _save_reconstructions(model: CrateMAE, preview: tuple[torch.Tensor, torch.Tensor], img_size: int,
+                          path: Path) -> None:
+    """original | masked | reconstruction | with visible patches, one row per image, as a PNG written atomically;
+    small images enlarged (nearest) so that the patches can be seen."""
+    from torchvision.utils import save_image
 
-    def save(self, model: CrateMAE, path: Path) -> None:
-        """The grid as a PNG, written atomically; small images enlarged (nearest) so that the patches can be seen."""
-        from torchvision.utils import save_image
-
-        grid = self.grid(model)
-        if self.img_size < 96:
-            grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
-        with atomic_path(path) as tmp:
-            save_image(grid, tmp, format="png")
+    grid = reconstruction_grid(model, preview[0], noise=preview[1])
+    if img_size < 96:
+        grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")
 
 
 class MonitorHistory:
