@@ -32,7 +32,7 @@ from data import ensure_shards  # noqa: E402  (bench/data.py: the generated shar
 from step import sync  # noqa: E402  (bench/step.py)
 
 from crate_mae.config import load_config  # noqa: E402
-from crate_mae.data.reader import Batch  # noqa: E402
+from crate_mae.data import Batch  # noqa: E402
 from crate_mae.engine.dist import Dist, resolve_device  # noqa: E402
 from crate_mae.model import resolve_config  # noqa: E402
 from crate_mae.stages.pretrain import build_training  # noqa: E402
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shards", help="a shard spec to read (default: the generated set in --out)")
     p.add_argument("--out", type=Path, default=Path("/tmp/crate_mae_bench_data"), help="generated shard set folder")
     p.add_argument("--num-images", type=int, default=1000, help="images in the generated shard set")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else the CPU), cpu, cuda, cuda:1")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 6 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 2 on CPU)")
     p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")

@@ -6,12 +6,12 @@ on the bundled digits and for CRATE-MAE-B at 224 px on a small generated JPEG se
     python bench/monitor.py --json monitor.json
 
 One JSON row per model (printed, and with --json written together): the evaluation's seconds by part, this rank's
-`Monitor.cost` (weights: the MAE's encoder into the twin; data/val, data/bank: decode and to the device; heldout:
-the masked MAE pass and per-image loss; features/val, features/bank: the twin's clean passes, one per feature
-(CLS, mean: `eval/features.py: pooled`); gather; knn: the scoring; layers: `viz/measures.py: layer_measures`),
-the images each pass read, and per-image costs:
-  ms_per_heldout_image   data + masked pass + loss + the image's two feature passes (the queries are the held-out set)
-  ms_per_bank_image      data + the two feature passes
+`Monitor.cost` (weights: the MAE's encoder into the monitor's classifier, made at the first evaluation; data/val,
+data/bank: decode and to the device; heldout: the masked MAE pass and per-image loss; features/val, features/bank:
+the classifier's clean pass, one for both features (CLS, mean: `eval/features.py: pooled_features`); gather; knn:
+the scoring; layers: `viz/measures.py: layer_measures`), the images each pass read, and per-image costs:
+  ms_per_heldout_image   data + masked pass + loss + the image's feature pass (the queries are the held-out set)
+  ms_per_bank_image      data + the feature pass
   ms_per_layers_image    layer_measures over the layers batch, per image
   knn_ns_per_pair        the scoring's time per (query, bank image) pair, both features
 
@@ -39,22 +39,22 @@ from step import sync  # noqa: E402  (bench/step.py)
 
 from crate_mae.config import DataConfig, MAEConfig, MonitorConfig  # noqa: E402
 from crate_mae.data.shards import ensure_digits  # noqa: E402
-from crate_mae.engine.dist import Dist  # noqa: E402
+from crate_mae.engine.dist import Dist, resolve_device  # noqa: E402
 from crate_mae.engine.trainer import resolve_precision  # noqa: E402
 from crate_mae.eval.monitor import Monitor  # noqa: E402
-from crate_mae.model import build_model, resolve_config  # noqa: E402
+from crate_mae.model import create_model  # noqa: E402
 
 
 def bench_row(model: str, train: str, val: str, *, monitor: MonitorConfig, batch: int, device: torch.device,
               warmup: int) -> dict:
     """One model's evaluation: `warmup` untimed evaluations, then one timed, with its parts."""
-    cfg = resolve_config(MAEConfig(variant=model))
-    mae = build_model(cfg).to(device)
-    d = Dist(0, 1, device.index or 0, device)
+    mae, cfg = create_model(MAEConfig(variant=model))
+    mae = mae.to(device)
+    dist = Dist(0, 1, device.index or 0, device)
     precision = resolve_precision("auto", device)
     start = time.perf_counter()
     mon = Monitor(monitor, cfg, train_spec=train, val_spec=val, data=DataConfig(batch_size=batch, num_workers=0),
-                  dist=d, seed=0, precision=precision)
+                  dist=dist, seed=0, precision=precision)
     setup = time.perf_counter() - start
     for _ in range(warmup):
         mon.evaluate(mae)
@@ -86,9 +86,9 @@ def probe_cost(model: str, *, batch: int, device: torch.device, steps: int = 3) 
     against a training step (masked forward, backward, AdamW) on the same batch; ms per step."""
     from crate_mae.eval.linear import OnlineProbe
 
-    cfg = resolve_config(MAEConfig(variant=model))
-    mae = build_model(cfg).to(device)
-    d = Dist(0, 1, device.index or 0, device)
+    mae, cfg = create_model(MAEConfig(variant=model))
+    mae = mae.to(device)
+    dist = Dist(0, 1, device.index or 0, device)
     images = torch.randint(0, 256, (batch, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     probe = OnlineProbe(cfg.dim, 10, lr=1e-3, device=device, seed=0)
@@ -109,17 +109,17 @@ def probe_cost(model: str, *, batch: int, device: torch.device, steps: int = 3) 
         return 1000 * (time.perf_counter() - start) / steps
 
     train_ms = timed(train_step)
-    probe_ms = timed(lambda: probe.step(mae, images, labels, d))
+    probe_ms = timed(lambda: probe.step(mae, images, labels, dist))
     return {"model": model, "batch": batch, "train_ms_per_step": train_ms, "probe_ms_per_step": probe_ms,
             "probe_share_of_step": probe_ms / train_ms}
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["demo", "base"], choices=["nano", "demo", "base"],
                    help="demo (and nano): the digits at 32 px; base: the generated set at 224 px")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else the CPU), cpu, cuda, cuda:1")
     p.add_argument("--digits", default="shards/digits", help="the digits shards (written there if missing)")
     p.add_argument("--out", type=Path, default=Path("/tmp/crate_mae_bench_monitor"), help="generated set folder")
     p.add_argument("--base-val", type=int, default=None, help="base: held-out images (default: 32 on CPU, 2048 CUDA)")
@@ -129,8 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--warmup", type=int, default=None, help="untimed evaluations first (default: 1 on CUDA, 0 CPU)")
     p.add_argument("--json", type=Path, help="also write the rows here")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else int(cuda)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"

@@ -10,8 +10,8 @@ the CPU). MFU = analytic training FLOPs per image (crate_mae/model/flops.py: mat
 two-product form, backward = 2 × forward) × images/s ÷ the device's peak, which is *measured* at the start with
 a large matmul in the row's precision (so MFU is against what this card really does, as the speed issue's
 797 TFLOP/s for an H200 was). `--reference` adds rows of the plain path: explicit-softmax attention and
-three-product ISTA (the released model's), the oracle twins of the fast path. `--compile-mode reduce-overhead`
-replays the compiled step as CUDA graphs.
+three-product ISTA (the released model's), the reference forms the fast path is tested against.
+`--compile-mode reduce-overhead` replays the compiled step as CUDA graphs.
 
 `--profile N` runs N more steps of each row under the PyTorch profiler and prints where the time goes: the top
 ops or kernels (self time on the device on CUDA, on the host otherwise) and a split into matmul, attention,
@@ -31,13 +31,15 @@ import torch
 import torch.nn as nn
 
 from crate_mae.config import ClassifierConfig, MAEConfig, OptimConfig
-from crate_mae.engine.dist import Dist
-from crate_mae.engine.trainer import Trainer
+from crate_mae.data import Batch
+from crate_mae.engine.dist import Dist, resolve_device
 from crate_mae.engine.optim import build_optimizer, build_scheduler
+from crate_mae.engine.trainer import Trainer
 from crate_mae.model import create_model
+from crate_mae.model.classifier import ClassifierObjective
 from crate_mae.model.crate import set_fused
-from crate_mae.model.mae import MaskedObjective
 from crate_mae.model.flops import train_flops
+from crate_mae.model.mae import MaskedObjective
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -121,35 +123,30 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
     optimizer = build_optimizer(optim_cfg, model, 1e-4, device)
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    criterion = nn.CrossEntropyLoss()
-
-    def loss_fn(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
-        return m(b).loss if kind == "mae" else criterion(m(b), labels)
-
-    trainer = Trainer(model=model, optimizer=optimizer, scheduler=build_scheduler(optim_cfg, optimizer, 10**6),
-                      objective=MaskedObjective(model) if kind == "mae" else None,
-                      dist=Dist(0, 1, 0, device), loss_fn=loss_fn, precision=precision, compile=compile,
-                      compile_mode=compile_mode)
+    objective = MaskedObjective(model) if kind == "mae" else ClassifierObjective(model, nn.CrossEntropyLoss())
+    trainer = Trainer(objective.to(device), optimizer=optimizer, scheduler=build_scheduler(optim_cfg, optimizer, 10**6),
+                      dist=Dist(0, 1, 0, device), precision=precision, compile=compile, compile_mode=compile_mode)
+    micro = [Batch(images, labels, [])]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    set_fused(model, not reference)  # the plain twins: explicit softmax attention, three-product ISTA
+    set_fused(model, not reference)  # the reference forms: explicit softmax attention, three-product ISTA
     for _ in range(warmup):
-        trainer.step([images])
+        trainer.step(micro)
     sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            trainer.step([images])
+            trainer.step(micro)
         end.record()
         sync(device)
         seconds = start.elapsed_time(end) / 1000
     else:
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainer.step([images])
+            trainer.step(micro)
         seconds = time.perf_counter() - t0
-    profiled = profile_steps(lambda: trainer.step([images]), device, profile, top, trace) if profile else None
+    profiled = profile_steps(lambda: trainer.step(micro), device, profile, top, trace) if profile else None
     trainer.check_finite()
     shape = dict(dim=cfg.dim, encoder_depth=cfg.encoder_depth, decoder_depth=getattr(cfg, "decoder_depth", 0),
                  img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=None if kind == "mae" else 1000)
@@ -170,7 +167,7 @@ def print_profile(label: str, prof: dict, device: torch.device) -> None:
         print(f"    {t['ms_per_step']:>8.2f} ms {t['calls_per_step']:>6.0f}×  {category(t['name']):<18}{t['name'][:90]}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", nargs="+", default=["mae"], choices=["mae", "classifier"])
@@ -184,13 +181,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps of each row")
     parser.add_argument("--top", type=int, default=15, help="ops / kernels listed per profiled row")
     parser.add_argument("--trace", metavar="DIR", help="with --profile: write each row's Chrome trace here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else the CPU), cpu, cuda, cuda:1")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the rows and the machine to this file")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = args.variant or (["base"] if device.type == "cuda" else ["demo"])

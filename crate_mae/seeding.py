@@ -1,9 +1,12 @@
 """The one seeding site: every generator of a process from one seed, and stable seeds mixed from parts.
 
-    seed_everything(cfg.run.seed)                       # a stage: the same initial weights on every rank
-    seed_everything(mix_seed(seed, epoch, rank, role))  # a data worker: timm's transforms draw from the globals
+    seed_everything(cfg.run.seed)                          # a stage: the same initial weights on every rank
+    seed_everything(mix_seed(cfg.run.seed, "rank", rank))  # then: each rank its own masks and augmentations
+    seed_everything(mix_seed(seed, epoch, rank, role))     # a data worker: timm's transforms draw from the globals
 
-Data order and augmentation are seeded by (seed, epoch, rank, worker) only (DESIGN.md, rule 13).
+The data's order is a function of (seed, epoch, rank, worker) alone, and so is the augmentation drawn inside data
+workers. The main process's generators carry on from its rank's seed, and every checkpoint holds them: a resumed run
+draws what an uninterrupted one does.
 """
 from __future__ import annotations
 

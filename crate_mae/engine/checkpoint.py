@@ -1,27 +1,23 @@
-"""The Checkpointer: when a run saves, what it keeps, and the collective, atomic save and exact restore of the state
-it is handed (as torchtitan's checkpointer is handed `Stateful` objects; it never calls the trainer back).
+"""The Checkpointer: when a run saves, what it keeps, and the collective, atomic save and exact restore of a run's
+state (as torchtitan's checkpointer, it is handed `Stateful` objects).
 
 A run folder holds `ckpt-<step>.pth` every run.ckpt_every steps (the last run.keep_last kept) and `final.pth` at
-the end. A file holds the run's state (`Trainer.state_dict()`: model, optimiser, schedule, scaler, position), every
-rank's RNG states, the resolved config and a stage's own entries (an EMA, the best accuracy); everything loads with
-weights_only=True. Reading a file is `crate_mae.model.files.read_checkpoint`'s, the one reader; what a resume may
-change is the stage's (stages/common.py).
+the end. A file holds the run's state (`Trainer.state_dict()`: "model", "optimizer", "scaler", "state": step, epoch,
+batch_in_epoch), every rank's RNG states ("rng", by rank), the resolved config ("config") and a stage's own entries
+("ema", "best", "probe"); everything loads with weights_only=True. Reading a file is `crate_mae.model.files.read_checkpoint`'s, the one reader; what a
+resume may change is the stage's (stages/common.py), and which file a resume continues from is `model/files.py:
+latest`'s. A resume enters this module once: `Checkpointer.restore`, before the loop.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol
 
-import torch
-
-from crate_mae.atomic import WriteError
 from crate_mae.engine.dist import Dist, all_gather_object, broadcast_object, rng_state, set_rng_state
-from crate_mae.model.files import Checkpoint, save
-
-_PERIODIC = re.compile(r"ckpt-(\d+)\.pth$")
+from crate_mae.errors import WriteError
+from crate_mae.model.files import Checkpoint, periodic, save
 
 
 class Stateful(Protocol):
@@ -30,35 +26,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
-
-
-class CheckpointPayload(TypedDict, total=False):
-    """What a run checkpoint holds (every value loads with weights_only=True)."""
-
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    scaler: dict[str, Any]
-    state: dict[str, int]  # TrainState: step, epoch, batch_in_epoch
-    rng: list[dict[str, Any]]  # every rank's generators, by rank
-    config: dict[str, Any]  # the run's resolved config
-    best: dict[str, float]  # fine-tuning: the best accuracy so far
-    ema: dict[str, torch.Tensor]  # fine-tuning: the weight EMA
-
-
-def periodic(run_dir: str | Path) -> list[Path]:
-    """The run's periodic checkpoints, oldest first."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("ckpt-*.pth") if (m := _PERIODIC.search(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest(run_dir: str | Path) -> Path | None:
-    """What `--resume auto` continues from: final.pth if the run finished, else the newest periodic one."""
-    final = Path(run_dir) / "final.pth"
-    if final.exists():
-        return final
-    found = periodic(run_dir)
-    return found[-1] if found else None
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
@@ -70,12 +37,12 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 
 class Checkpointer:
     """Saves the state it is given, with every rank's RNG states, the config and the `extra` entries it keeps (an EMA,
-    the best accuracy: each a `Stateful` under its own key); restores them. It never calls the trainer.
+    the best accuracy, the online probe: each a `Stateful` under its own key); restores all of them in one call.
 
     `due(step, last=...)`: a periodic `ckpt-<step>.pth` every `every` steps (not at the last step: `final.pth`
-    follows it). `save(name, state)` is collective: every rank passes its state (`Trainer.state_dict()`, which
-    refuses weights whose loss is not finite on every rank together), every rank's RNG state is gathered, rank 0
-    writes atomically and prunes all but the newest `keep_last` periodic files.
+    follows it). `save(name, state)` is collective: every rank passes its state (`Trainer.save` passes
+    `Trainer.state_dict()` once the weights are checked finite on every rank together), every rank's RNG state is
+    gathered, rank 0 writes atomically and prunes all but the newest `keep_last` periodic files.
     """
 
     def __init__(self, run_dir: str | Path, *, every: int, keep_last: int, config: Mapping[str, Any], dist: Dist,
@@ -96,8 +63,8 @@ class Checkpointer:
         path = self.run_dir / name
         failure: Exception | None = None
         if self.dist.is_main:
-            payload: CheckpointPayload = {**state, "rng": rngs, "config": self.config,  # type: ignore[typeddict-item]
-                                          **{key: s.state_dict() for key, s in self.extra.items()}}
+            payload = {**state, "rng": rngs, "config": self.config,
+                       **{key: s.state_dict() for key, s in self.extra.items()}}
             try:
                 save(path, payload)
                 prune(self.run_dir, self.keep_last)
@@ -116,17 +83,17 @@ class Checkpointer:
             raise RuntimeError(told)
         return path
 
-    def restore(self, ckpt: Checkpoint) -> dict[str, Any]:
-        """This rank's RNG states and the extras from a run checkpoint (read once, by the stage); returns the run's
-        state (model, optimiser, schedule, scaler, position) for `Trainer.load_state_dict`."""
+    def restore(self, ckpt: Checkpoint, run: Stateful) -> None:
+        """Continue from a run checkpoint (read once, by the stage's `prepare`): `run` (the Trainer: model, optimiser,
+        scaler, position) and the extras get their state back, and this rank its generators."""
         payload = {"model": ckpt.state, **ckpt.payload}
         for key, stateful in self.extra.items():
             if key in payload:
                 stateful.load_state_dict(payload[key])
+        run.load_state_dict(payload)
         rngs = payload.get("rng", [])
         if len(rngs) == self.dist.world_size:  # the same ranks: every generator continues exactly
             set_rng_state(rngs[self.dist.rank])
-        return payload
 
 
 @dataclass

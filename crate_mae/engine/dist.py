@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from crate_mae.config import ConfigError
+from crate_mae.errors import ConfigError
 
 
 T = TypeVar("T")
@@ -70,9 +70,9 @@ def init(device: str = "auto") -> Dist:
 
 def run_with(device: str, fn: Callable[[Dist], T]) -> T:
     """fn(Dist) inside the process group (joined first, left afterwards, also on an error)."""
-    d = init(device)
+    dist = init(device)
     try:
-        return fn(d)
+        return fn(dist)
     finally:
         shutdown()
 
@@ -82,36 +82,36 @@ def shutdown() -> None:
         tdist.destroy_process_group()
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
         tdist.barrier()
 
 
-def all_reduce_sum(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (in place, and returned); exact counts for evaluation."""
-    if d.enabled:
+    if dist.enabled:
         tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
     return tensor
 
 
-def all_reduce_max(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_max(dist: Dist, tensor: torch.Tensor) -> torch.Tensor:
     """The maximum over ranks (in place, and returned)."""
-    if d.enabled:
+    if dist.enabled:
         tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
     return tensor
 
 
-def all_gather_object(d: Dist, obj: Any) -> list[Any]:
-    if not d.enabled:
+def all_gather_object(dist: Dist, obj: Any) -> list[Any]:
+    if not dist.enabled:
         return [obj]
-    out: list[Any] = [None] * d.world_size
+    out: list[Any] = [None] * dist.world_size
     tdist.all_gather_object(out, obj)
     return out
 
 
-def broadcast_object(d: Dist, obj: Any) -> Any:
+def broadcast_object(dist: Dist, obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
-    if not d.enabled:
+    if not dist.enabled:
         return obj
     box = [obj]
     tdist.broadcast_object_list(box, src=0)

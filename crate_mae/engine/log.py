@@ -66,12 +66,6 @@ class RunLogger:
             self.tb.close()
             self.jsonl.close()
 
-    def __enter__(self) -> "RunLogger":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
 
 def read_events(run_dir: str | Path, name: str, *, until_step: int | None = None) -> list[dict[str, Any]]:
     """The `name` events of a run's log.jsonl as they stand: a `resume` event at step s drops the events logged after

@@ -34,7 +34,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (torch; fused kernels on CUDA), Lion (lion-pytorch; our multi-tensor twin on CUDA), LARS (timm)
+    """AdamW (torch; fused kernels on CUDA), Lion (lion-pytorch; our multi-tensor version on CUDA), LARS (timm)
     or SGD, over `param_groups`.
 
     LARS follows MAE's linear probe: the trust ratio (and weight decay) apply to matrices only.

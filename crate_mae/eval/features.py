@@ -37,21 +37,22 @@ def pooled(model: CrateClassifier, images: torch.Tensor, feature: str) -> torch.
 
 
 @torch.no_grad()
-def extract(model: CrateClassifier, loader: Any, d: Dist, feature: str, precision: str) -> dict[str, torch.Tensor]:
+def extract(model: CrateClassifier, loader: Any, dist: Dist, feature: str, precision: str) -> dict[str, torch.Tensor]:
     """This rank's share of a set's features (n, d) in float32 and labels (n,), on the CPU. Each batch reaches the
     device by `to_device`, the one way."""
     model.eval()
     feats, labels = [], []
     for batch in loader:
-        with autocast(d.device, precision):
-            feats.append(pooled(model, to_device(batch, d.device).images, feature).float().cpu())
+        with autocast(dist.device, precision):
+            feats.append(pooled(model, to_device(batch, dist.device).images, feature).float().cpu())
         labels.append(batch.labels)  # the loader's, already on the CPU
     return {"x": torch.cat(feats) if feats else torch.zeros(0, model.num_features),
             "y": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)}
 
 
 def feature_cache_key(*parts: object) -> str:
-    """First 16 hex digits of the sha256 of the parts (e.g. checkpoint path, its mtime, split, layer).
+    """First 16 hex digits of the sha256 of the parts: everything the features depend on (the linear probe's: the
+    checkpoint's path, size and mtime; each set's shards; the model config; the feature; the crop; the precision).
 
     JSON with sorted keys, so a dict's order does not matter; anything JSON cannot write goes in by
     its repr, so parts should be plain values (a repr carrying a memory address would never match).

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crate_mae.engine.dist import resolve_device
 from crate_mae.eval.metrics import topk_correct
 
 log = logging.getLogger("crate_mae.eval")
@@ -122,8 +123,7 @@ def fit_logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, val_x:
     if solver == "sklearn":
         fit = _fit_sklearn
     elif solver == "torch":
-        dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        fit = partial(_fit_torch, device=dev)
+        fit = partial(_fit_torch, device=resolve_device("auto") if device is None else torch.device(device))
     else:
         raise ValueError(f"solver must be 'auto', 'sklearn' or 'torch', got {solver!r}")
     train_x, val_x = train_x.float(), val_x.float()

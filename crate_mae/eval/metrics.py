@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from crate_mae.data.device_decode import to_device
-from crate_mae.data.manifest import ShardError
 from crate_mae.engine.dist import Dist, all_reduce_sum
 from crate_mae.engine.trainer import autocast
+from crate_mae.errors import ShardError
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:

@@ -10,15 +10,16 @@ Legend: B batch, N = h·w patches, d width, K classes.
 # No `from __future__ import annotations` here: torch.fx writes the root `forward`'s annotations into the code
 # of a traced model, and TorchScript (timm's FX-then-script path) must read them as types, not strings.
 
-from typing import Literal
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
 
 from crate_mae.config.variants import FAMILIES
 from crate_mae.model.crate import Encoder, xavier_linear
-from crate_mae.model.layers import CrateStem
+from crate_mae.model.layers import CrateStem, Normalize
 from crate_mae.model.taps import EncoderTaps, feature_info
+
 
 class CrateClassifier(EncoderTaps, CrateStem):
     """stem + CLS + position table + CRATE encoder + pool + (LayerNorm, Linear) head.
@@ -114,3 +115,26 @@ class CrateClassifier(EncoderTaps, CrateStem):
         head = xavier_linear(self.num_features, num_classes, bias=True).to(like.device, like.dtype) \
             if num_classes > 0 else nn.Identity()
         self.head = head.train(self.training)
+
+
+class ClassifierObjective(nn.Module):
+    """Supervised training's objective as a module: `forward(images, labels)` is `criterion(model(x), y)`, a scalar.
+
+    `model` is any classifier (a CrateClassifier; the linear probe's head on a frozen encoder): the Trainer optimises
+    and checkpoints it, and wraps this module in DDP and torch.compile, which hook `forward` alone. With `mix` (timm's
+    Mixup / CutMix: (images, labels) → (mixed images, soft targets)) the images are normalised first and mixed, as in
+    timm's own pipeline: uint8 pixels cannot hold a mixture, and the model takes float input as normalised already
+    (model/layers.py: Normalize). The criterion must fit the targets: soft ones with `mix`, class indices without.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, mix: Optional[Callable[
+            [torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
+        super().__init__()
+        self.model, self.criterion, self.mix = model, criterion, mix
+        self.normalize = Normalize()
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W), labels (B,) → the loss (a () tensor)."""
+        if self.mix is not None:
+            images, labels = self.mix(self.normalize(images), labels)
+        return self.criterion(self.model(images), labels)

@@ -1,13 +1,14 @@
 """Weight files in and out: `read_checkpoint`, the one reader of every weight or run file, and the exports.
 
     ckpt = read_checkpoint("runs/demo/final.pth")   # Checkpoint: our key names, layout, saved config, shapes, payload
+    latest("runs/demo")                             # what --resume auto continues from: final.pth, else ckpt-*.pth
     export_encoder(ckpt.state, ckpt.config, "runs/demo/encoder.safetensors")   # the encoder, the config in its metadata
 
 Files: ours (`final.pth`, `ckpt-*.pth`, `best.pth`, `encoder.pth`, a `.safetensors` export with the config in its
 metadata), the released CRATE-MAE, the released supervised CRATE (`{"state_dict": ...}`, `module.` prefixes) and
 the emergence notebooks' files (`{"model": ...}`), all read with `weights_only=True`. The family comes from the
 keys, the sizes from the shapes; our files also carry the config they were written with. A run checkpoint's other
-entries (optimiser, schedule, position, RNG states) stay in `Checkpoint.payload`, for a resume.
+entries (optimiser, scaler, position, RNG states, a stage's own) stay in `Checkpoint.payload`, for a resume.
 
     python -m crate_mae.model.files export CKPT OUT [--whole]
 
@@ -29,6 +30,7 @@ from crate_mae.errors import CheckpointError, CrateError, MissingFileError
 from crate_mae.model.convert import MAE_ONLY_PREFIXES, Layout, layout_of, to_ours, unwrap
 
 SAFETENSORS_CONFIG_KEY = "crate_mae_config"  # the metadata entry of our .safetensors exports
+_PERIODIC = re.compile(r"ckpt-(\d+)\.pth$")  # a run's periodic checkpoints (engine/checkpoint.py writes them)
 
 
 @dataclass(frozen=True)
@@ -112,10 +114,31 @@ def shapes_of(state: Mapping[str, torch.Tensor], family: str) -> dict[str, Any]:
     return out
 
 
+def periodic(run_dir: str | Path) -> list[Path]:
+    """A run folder's periodic checkpoints (`ckpt-<step>.pth`), oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("ckpt-*.pth") if (m := _PERIODIC.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """What `--resume auto` continues from: final.pth if the run finished, else the newest periodic checkpoint."""
+    final = Path(run_dir) / "final.pth"
+    if final.exists():
+        return final
+    found = periodic(run_dir)
+    return found[-1] if found else None
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """A weight or run file of any supported layout, read once, its tensors renamed to ours; errors name the file."""
-    path = str(path)
-    stored, config = _load(path)
+    stored, config = _load(str(path))
+    return checkpoint_of(stored, str(path), config)
+
+
+def checkpoint_of(stored: Any, path: str, config: dict[str, Any] | None = None) -> Checkpoint:
+    """What `read_checkpoint` makes of a loaded object (a state dict, bare or wrapped, or a run file's dict), under the
+    name `path`: its tensors renamed to ours (the one conversion, `convert.to_ours`), its layout, config and shapes.
+    `config`: a .safetensors export's (a run file carries its own under "config")."""
     if isinstance(stored, Mapping) and isinstance(stored.get("config"), Mapping):
         config = dict(stored["config"])
     try:

@@ -5,10 +5,11 @@
     model = build_model(cfg)                                          # CrateMAE(...) or CrateClassifier(...)
     load_weights(model, ckpt.state, new_head=ckpt.num_classes != 10)  # one strict load_state_dict
 
-or the four lines at once: `model, cfg = create_model(ClassifierConfig(num_classes=10), "runs/demo/encoder.pth")`.
+or the four lines at once, the one way every part of the package makes a model (the stages, pretrain.init_from, the
+monitor, timm's entry points in model/timm_models.py, the viz commands):
+`model, cfg = create_model(ClassifierConfig(num_classes=10), "runs/demo/encoder.pth")`.
 What you get is told by the config alone: its type (`MAEConfig` → a CrateMAE, `ClassifierConfig` → a
-CrateClassifier), its family and its sizes. Every stage, the viz commands and timm's entry points
-(model/timm_models.py) come through here.
+CrateClassifier), its family and its sizes.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from crate_mae.config import FUNCTION_FIELDS, SIZE_FIELDS, ClassifierConfig, ConfigError, MAEConfig, ModelConfig
+from crate_mae.config import FUNCTION_FIELDS, SIZE_FIELDS, ClassifierConfig, MAEConfig, ModelConfig
 from crate_mae.config.variants import FAMILIES, VARIANTS, match_variant
-from crate_mae.errors import CheckpointError
+from crate_mae.errors import CheckpointError, ConfigError
 from crate_mae.model.classifier import CrateClassifier
 from crate_mae.model.convert import HEAD_PREFIXES, MAE_ONLY_PREFIXES, layout_of, to_ours
 from crate_mae.model.files import Checkpoint, read_checkpoint
@@ -32,14 +33,15 @@ DEFAULT_CLASSES = 1000  # a classifier's head when neither the stage's data nor 
 
 
 def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, default_family: str = "mae",
-                   resume: bool = False) -> ModelConfig:
+                   resume: bool = False, default_classes: int = DEFAULT_CLASSES) -> ModelConfig:
     """The one function that resolves a model config: `cfg` with every unset field filled, checked against `source`.
 
     For each field, in order: the value set in `cfg`; else the file's (our files' saved `model` section; for a
     released file, which records no config, what its tensor shapes tell: family, width, depths, patch, image
     size); else the `variant` row (`cfg`'s, else the file's, else the row matching the file's width and depth, else
     base); else the family's default (η 0.1; λ 0.5 for mae, 0.1 for supervised); the family itself defaults to the
-    file's, else `default_family`. A classifier's `num_classes` defaults to the file's head, else 1000.
+    file's, else `default_family`. A classifier's `num_classes` defaults to the file's head, else `default_classes`
+    (1000; a timm name's own).
 
     Checked, each an error naming the field (and the file): a field that changes the function of what `cfg` builds
     (`FUNCTION_FIELDS`, the decoder's depth for a CRATE-MAE only), set in `cfg` and recorded otherwise in the file;
@@ -48,22 +50,16 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
     size the user did not set takes the file's value.
     """
     where = f"{source.path}: " if source is not None else ""
-    is_mae = isinstance(cfg, MAEConfig)
-    if source is not None:
-        _check_family(cfg, source, is_mae)
-    elif is_mae and cfg.family not in (None, "mae"):
-        raise ConfigError(f"model.family: a CRATE-MAE is of family mae, got {cfg.family!r}")
-    own = [f.name for f in dataclasses.fields(cfg)]
+    _check_family(cfg, source)
+    own = {f.name for f in dataclasses.fields(cfg)}
     recorded = source.saved_model if source is not None else None  # our files' config; None: released or no file
     saved = (recorded if recorded is not None else source.shapes) if source is not None else {}
     saved = {k: v for k, v in saved.items() if v is not None and k in own and k in (*FUNCTION_FIELDS, "img_size")}
     given = {f: getattr(cfg, f) for f in (*FUNCTION_FIELDS, "img_size") if f in own and getattr(cfg, f) is not None}
     from_row: set[str] = set()
-    if cfg.variant is not None and "variant" not in saved:
-        for name in SIZE_FIELDS:
-            if name in own and name not in given:
-                given[name] = getattr(VARIANTS[cfg.variant], name)
-                from_row.add(name)
+    if cfg.variant is not None and "variant" not in saved:  # the row's sizes stand for the set variant
+        from_row = {name for name in SIZE_FIELDS if name in own and name not in given}
+        given |= {name: getattr(VARIANTS[cfg.variant], name) for name in from_row}
     check = [f for f in FUNCTION_FIELDS if f in own] + (["img_size"] if resume else [])
     if source is not None and recorded is None:
         check = ["family"]  # a released file: its sizes are checked by the strict load, tensor by tensor
@@ -72,7 +68,18 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
             how = f" (from model.variant {cfg.variant!r})" if name in from_row else ""
             raise ConfigError(f"{where}model.{name} is {saved[name]!r} in the checkpoint but {given[name]!r} in the "
                               f"config{how}; leave it unset to use the checkpoint's value")
-    values = {**saved, **given}
+    values = _defaults({**saved, **given}, saved, own, where, default_family)
+    if isinstance(cfg, ClassifierConfig) and cfg.num_classes is None:
+        values["num_classes"] = source.num_classes if source is not None and source.num_classes else default_classes
+    try:
+        return dataclasses.replace(cfg, **values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+
+
+def _defaults(values: dict[str, Any], saved: dict[str, Any], own: set[str], where: str,
+              default_family: str) -> dict[str, Any]:
+    """`values` (set or the file's) completed: sizes from the variant row, the family and its η and λ, the variant."""
     variant = values.get("variant")
     if variant is None and "dim" in saved and "encoder_depth" in saved:  # a released file: its heads from the row
         variant = match_variant(saved["dim"], saved["encoder_depth"])
@@ -81,23 +88,21 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
                           f"size table has d={values.get('dim')} with {values.get('encoder_depth')} layers; set "
                           f"model.heads (or model.variant)")
     row = VARIANTS[variant or "base"]
-    for name in SIZE_FIELDS:
-        if name in own:
-            values.setdefault(name, getattr(row, name))
+    values |= {name: getattr(row, name) for name in SIZE_FIELDS if name in own and name not in values}
     family = FAMILIES[values.setdefault("family", default_family)]
     values.setdefault("eta", family.eta)
     values.setdefault("lambd", family.lambd)
     values["variant"] = variant if variant is not None else (None if saved else "base")
-    if not is_mae and isinstance(cfg, ClassifierConfig) and cfg.num_classes is None:
-        values["num_classes"] = source.num_classes if source is not None and source.num_classes else DEFAULT_CLASSES
-    try:
-        return dataclasses.replace(cfg, **values)
-    except ConfigError as err:
-        raise ConfigError(f"{where}{err}") from None
+    return values
 
 
-def _check_family(cfg: ModelConfig, source: Checkpoint, is_mae: bool) -> None:
+def _check_family(cfg: ModelConfig, source: Checkpoint | None) -> None:
     """A CRATE-MAE needs a file with a decoder; a set family must be the file's. Errors name the key that tells."""
+    is_mae = isinstance(cfg, MAEConfig)
+    if source is None:
+        if is_mae and cfg.family not in (None, "mae"):
+            raise ConfigError(f"model.family: a CRATE-MAE is of family mae, got {cfg.family!r}")
+        return
     if is_mae and source.layout.family != "mae":
         raise CheckpointError(f"{source.path}: holds {source.describe()} (key '{source.layout.telltale}'), which has no "
                               f"decoder; reconstructions need a CRATE-MAE (final.pth, ckpt-*.pth or the released CRATE-MAE)")
@@ -135,11 +140,11 @@ def _strict(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], 
         raise CheckpointError(f"missing key '{missing[0]}'{more}: the checkpoint does not fill the model")
 
 
-def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_head: bool = False,
+def checkpoint_filter(state: Mapping[str, torch.Tensor], model: nn.Module, *, new_head: bool = False,
                       fresh_decoder: bool = False) -> dict[str, torch.Tensor]:
-    """Any supported layout → exactly `model`'s state dict, checked strictly (timm's `pretrained_filter_fn` too).
+    """A state dict under our key names (`Checkpoint.state`; `convert.to_ours` of any other layout) → exactly `model`'s
+    state dict, checked strictly. Pure: it reads the model's own tensors' names and shapes and changes nothing.
 
-    Pure: it reads the model's own tensors' names and shapes and changes nothing.
     - the family must be the model's (an error naming the key that tells);
     - a CrateClassifier sets the CRATE-MAE's decoder side aside; a CrateMAE needs it (an encoder export has none),
       unless `fresh_decoder`: then a file without one fills the encoder and leaves the decoder side as initialised;
@@ -148,7 +153,6 @@ def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_he
       (a dataset of another class count), otherwise one of another shape is an error;
     - then every tensor must fit: an unexpected key, another shape or a missing key is named.
     """
-    state = to_ours(state_dict)
     own = model.state_dict()
     family = layout_of(state).family if state else "mae"
     own_family = "mae" if isinstance(model, CrateMAE) else model.family
@@ -166,7 +170,7 @@ def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_he
             _strict(own, state, {k for k in own if k.startswith(MAE_ONLY_PREFIXES)})
         else:
             raise CheckpointError("holds no decoder (an exported encoder?); a CRATE-MAE needs final.pth or ckpt-*.pth")
-        return state
+        return dict(state)
     state = {k: v for k, v in state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
     head_keys = {k for k in own if k.startswith(HEAD_PREFIXES)}
     allow = head_keys if not any(k.startswith(HEAD_PREFIXES) for k in state) else set()
@@ -181,24 +185,31 @@ def checkpoint_filter(state_dict: Mapping[str, Any], model: nn.Module, *, new_he
 
 def load_weights(model: nn.Module, state: Mapping[str, Any], *, new_head: bool = False,
                  fresh_decoder: bool = False) -> None:
-    """Fill `model` from a state dict of any supported layout: `checkpoint_filter`, then one `load_state_dict`."""
-    filtered = checkpoint_filter(state, model, new_head=new_head, fresh_decoder=fresh_decoder)
+    """Fill `model` from a state dict of any supported layout (bare or wrapped, released or ours): its keys renamed
+    to ours (`to_ours`, once), `checkpoint_filter`, then one `load_state_dict`."""
+    filtered = checkpoint_filter(to_ours(state), model, new_head=new_head, fresh_decoder=fresh_decoder)
     model.load_state_dict(filtered, strict=False)  # strict: checked by the filter, which names the key at fault
 
 
 def create_model(cfg: ModelConfig, checkpoint: str | os.PathLike | Checkpoint | None = None, *,
-                 default_family: str = "mae") -> tuple[CrateMAE | CrateClassifier, ModelConfig]:
-    """The model and the config it was built from: read (once), resolve (once), build, load (once, strictly).
+                 default_family: str = "mae", default_classes: int = DEFAULT_CLASSES,
+                 fresh_decoder: bool = False) -> tuple[CrateMAE | CrateClassifier, ModelConfig]:
+    """The one way a model is made (the stages, pretrain.init_from, the monitor's classifier on the MAE's encoder,
+    timm's entry points, the viz commands): the file read (once, unless handed read), the config resolved
+    (`resolve_config`: a config a stage resolved already against the same file comes back as it was), the class
+    built, the file's tensors loaded (once, strictly). Returns the model and the config it was built from.
 
-    A classifier whose class count differs from the file's head gets a new head (the rest is loaded strictly).
+    A classifier whose class count differs from the file's head gets a new head (the rest is loaded strictly);
+    `fresh_decoder` lets an encoder alone fill a CrateMAE (pretrain.init_from), its decoder side as initialised.
     """
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    resolved = resolve_config(cfg, ckpt, default_family=default_family)
+    resolved = resolve_config(cfg, ckpt, default_family=default_family, default_classes=default_classes)
     model = build_model(resolved)
     if ckpt is not None:
         new_head = isinstance(resolved, ClassifierConfig) and ckpt.num_classes not in (None, resolved.num_classes)
-        try:
-            load_weights(model, ckpt.state, new_head=new_head)
+        try:  # the Checkpoint's tensors are under our names already: no second conversion
+            state = checkpoint_filter(ckpt.state, model, new_head=new_head, fresh_decoder=fresh_decoder)
         except CheckpointError as err:
             raise CheckpointError(f"{ckpt.path}: {err}") from None
+        model.load_state_dict(state, strict=False)  # strict: checked by the filter, which names the key at fault
     return model, resolved

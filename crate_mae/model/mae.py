@@ -25,7 +25,7 @@ from crate_mae.model.taps import EncoderTaps, feature_info
 
 
 class MAEOutput(NamedTuple):
-    """What `CrateMAE.forward` returns."""
+    """What `CrateMAE.forward_masked` returns (`forward` returns the reconstruction alone)."""
 
     loss: torch.Tensor  # () mean squared error over the masked patches
     pred: torch.Tensor  # (B, N, P) predicted pixels (normalised per patch if norm_pix_loss)
@@ -197,17 +197,18 @@ class CrateMAE(EncoderTaps, CrateStem):
 
 
 class MaskedObjective(nn.Module):
-    """The pretraining pass as a module of its own: `forward(img, mask_ratio, noise)` is `mae.forward_masked`.
+    """Pretraining's objective as a module: `forward(images, labels)` is the masked loss of the images (a scalar).
 
-    DDP and torch.compile wrap a module's `forward`; the Trainer wraps this one, so the CrateMAE's own `forward`
-    keeps timm's tensor contract while the training step keeps its named outputs. It owns no tensors: its
-    parameters are the MAE's, and checkpoints save the MAE.
+    The Trainer wraps this module in DDP and torch.compile, which hook `forward` alone: so the CrateMAE's own `forward`
+    keeps timm's tensor contract while the training step gets its loss. It owns no tensors of its own: its parameters
+    are the MAE's (`model`), which the Trainer optimises and checkpoints save. Pretraining reads no labels (the loader
+    hands -1s, or an online probe's labels): they are taken, to give every objective one signature, and not used.
     """
 
     def __init__(self, mae: CrateMAE) -> None:
         super().__init__()
-        self.mae = mae
+        self.model = mae
 
-    def forward(self, img: torch.Tensor, mask_ratio: float | None = None,
-                noise: torch.Tensor | None = None) -> MAEOutput:
-        return self.mae.forward_masked(img, mask_ratio, noise)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) → the loss of `forward_masked` under a fresh uniform mask (a () tensor)."""
+        return self.model.forward_masked(images).loss

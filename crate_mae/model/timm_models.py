@@ -13,14 +13,15 @@ fields (num_classes, img_size, heads, lambd, ...), plus timm's `global_pool` ("t
 
     timm.create_model("crate_small_21k_patch8", pretrained=True, pretrained_cfg_overlay=dict(file="small_21k.pth"))
 
-which is read once by the one reader (its saved config checked by the one resolver against the keywords: unset
-ones take the checkpoint's), then loaded through timm's own path with the pure `hub.checkpoint_filter`. `timm.models.save_for_hf(model, DIR)` and
-`timm.create_model("local-dir:DIR")` round-trip every model offline.
+which is read once by the one reader and made by `hub.create_model`, the one way a model is made (its saved config
+checked by the one resolver against the keywords: unset ones take the checkpoint's). timm's builder then adds its
+`pretrained_cfg` and, with `features_only`, its feature wrapper. Weights that timm itself fetches (`local-dir:`,
+`hf-hub:`) are loaded by timm's own path, their keys renamed once (`convert.to_ours`) for the pure
+`hub.checkpoint_filter`. `timm.models.save_for_hf(model, DIR)` and `timm.create_model("local-dir:DIR")` round-trip
+every model offline.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -30,8 +31,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from crate_mae.config import ClassifierConfig, MAEConfig, ModelConfig
 from crate_mae.config.variants import IMAGE_MEAN, IMAGE_STD, VARIANTS
-from crate_mae.model.hub import build_model, checkpoint_filter, resolve_config
+from crate_mae.model.convert import to_ours
 from crate_mae.model.files import read_checkpoint
+from crate_mae.model.hub import checkpoint_filter, create_model
 
 _TIMM_POOL = {"token": "cls", "avg": "mean"}
 # timm's feature-extraction keywords, handed to its builder: features_only wraps the model in timm's FeatureGetterNet
@@ -80,12 +82,10 @@ def _pretrained_cfg(row: TimmRow) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({name: _pretrained_cfg(row) for name, row in MODELS.items()})
 
 
-def _config(row: TimmRow, kwargs: dict[str, Any], head: int | None) -> ModelConfig:
+def _config(row: TimmRow, kwargs: dict[str, Any]) -> ModelConfig:
     """The (unresolved) config a row and timm's keywords ask for: timm's names translated to ours. A classifier's
-    class count is the keyword's, else the head of the file loaded (`head`), else the row's."""
+    class count is the keyword's, else (`hub.resolve_config`) the head of the file loaded, else the row's."""
     kwargs = dict(kwargs)
-    if row.kind == "classifier" and "num_classes" not in kwargs:
-        kwargs["num_classes"] = head if head is not None else row.num_classes
     if row.kind == "mae" and "num_classes" in kwargs:  # timm's rule for a headless model: the keyword is dropped
         if kwargs.pop("num_classes"):
             warnings.warn(f"crate_mae_{row.variant}: the CRATE-MAE has no classifier, so num_classes is ignored; "
@@ -113,44 +113,36 @@ def _config(row: TimmRow, kwargs: dict[str, Any], head: int | None) -> ModelConf
     return row.config_class(**{"family": row.family, "variant": row.variant, **row.overrides, **kwargs})
 
 
-def _build(kind: str) -> Callable[..., nn.Module]:
-    """The constructor timm's `build_model_with_cfg` calls: a resolved config's fields in, the model out."""
-    config_class = MAEConfig if kind == "mae" else ClassifierConfig
-
-    def build(*, in_chans: int = 3, size_variant: str | None = None, **config_fields: Any) -> nn.Module:
-        return build_model(config_class(variant=size_variant, **config_fields))
-    return build
+def _timm_loaded(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """timm's `pretrained_filter_fn` for the weights timm fetches itself (local-dir, hf-hub): keys renamed once,
+    then filtered."""
+    return checkpoint_filter(to_ours(state), model)
 
 
 def _entrypoint(name: str, row: TimmRow) -> Callable[..., nn.Module]:
-    """`timm.create_model(name, pretrained, **kwargs)`: the one resolver and builder, under timm's own loading path."""
+    """`timm.create_model(name, pretrained, **kwargs)`: `hub.create_model`, handed to timm's builder."""
     def create(pretrained: bool = False, *, pretrained_cfg: Any = None, pretrained_cfg_overlay: dict | None = None,
                cache_dir: Any = None, device: Any = None, dtype: Any = None, **kwargs: Any) -> nn.Module:
         features = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}  # timm's builder's, not the model's
         overlay = dict(pretrained_cfg_overlay or {})
         ckpt = read_checkpoint(overlay.pop("file")) if pretrained and overlay.get("file") else None
-        try:
-            cfg = resolve_config(_config(row, kwargs, ckpt.num_classes if ckpt else None), ckpt)
-        except TypeError as err:
-            raise TypeError(f"{name}: {err}") from None
         source = {**(pretrained_cfg if isinstance(pretrained_cfg, dict) else {}), **overlay}
         if pretrained and ckpt is None and not any(source.get(k) is not None for k in ("state_dict", "file", "url",
                                                                                          "hf_hub_id")):
             raise ValueError(f"{name}: no hosted weights; pass pretrained_cfg_overlay=dict(file='path/to/checkpoint')")
-        new_head = False
-        if ckpt is not None:  # timm loads the tensors read here; the head follows the keywords' class count
-            new_head = row.kind == "classifier" and ckpt.num_classes not in (None, cfg.num_classes)
-            overlay.update(state_dict=ckpt.state, num_classes=getattr(cfg, "num_classes", 0))
-        args = dataclasses.asdict(cfg)
-        args["size_variant"] = args.pop("variant")  # timm's own second argument is called `variant` (the name)
-        model = build_model_with_cfg(_build(row.kind), name, pretrained, pretrained_cfg=pretrained_cfg,
-                                     pretrained_cfg_overlay=overlay,
-                                     pretrained_filter_fn=functools.partial(checkpoint_filter, new_head=new_head),
-                                     pretrained_strict=False,
+        try:
+            model, cfg = create_model(_config(row, kwargs), ckpt, default_classes=row.num_classes)
+        except TypeError as err:
+            raise TypeError(f"{name}: {err}") from None
+        if ckpt is not None:  # the pretrained_cfg describes the model built: its head follows the keywords
+            overlay["num_classes"] = getattr(cfg, "num_classes", 0)
+        # timm's builder calls the constructor (the model made above), loads only what timm fetches itself, and adds
+        # its pretrained_cfg and feature wrapper; `img_size` is its record of the input size
+        model = build_model_with_cfg(lambda **_: model, name, pretrained and ckpt is None,
+                                     pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay,
+                                     pretrained_filter_fn=_timm_loaded, pretrained_strict=False,
                                      feature_cfg={"feature_cls": "getter", "out_indices": min(3, cfg.encoder_depth)},
-                                     kwargs_filter=("num_classes", "global_pool") if row.kind == "mae" else None,
-                                     **features, **args)
-        model.pretrained_cfg.pop("state_dict", None)  # the tensors are in the model now; keep no second copy
+                                     img_size=cfg.img_size, **features)
         return model.to(device=device, dtype=dtype)
 
     create.__name__ = create.__qualname__ = name

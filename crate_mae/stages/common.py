@@ -10,8 +10,9 @@ naming the run that holds it, on every rank together; the lock is released howev
 `prepare` is the only place a stage's files are read and its config settled, in this order: the resume file
 (`--resume`) and the weight file, each read once by the one reader; the model config resolved once by the one
 resolver (against the resume file when resuming, else the weights); the data the stage reads (written once at the
-model's image size when it is the bundled demo); a classifier's head set to the data's classes; the config frozen.
-Everything after it reads `StageRun`, which never changes. No stage imports another; they all import this.
+model's image size when it is the bundled demo), each set's shards checked once (`resolve_shards`: the stage hands
+the resolved sets on, and nothing checks them again); a classifier's head set to the data's classes; the config
+frozen. Everything after it reads `StageRun`, which never changes. No stage imports another; they all import this.
 """
 from __future__ import annotations
 
@@ -23,17 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from crate_mae.atomic import remove_stale_temp_files
-from crate_mae.config import ClassifierConfig, Config, ConfigError, config_to_dict, save_config
-from crate_mae.data import ShardError, ShardList, resolve_shards
+from crate_mae.atomic import atomic_path, remove_stale_temp_files
+from crate_mae.config import ClassifierConfig, Config, config_to_dict, save_config
+from crate_mae.data import ShardList, resolve_shards
 from crate_mae.data.reader import unlabelled
 from crate_mae.data.shards import DIGITS_DIR, ensure_digits, ensure_torchvision
-from crate_mae.engine import dist
-from crate_mae.engine.checkpoint import Checkpointer, Stateful, latest
+from crate_mae.engine.checkpoint import Checkpointer, Stateful
+from crate_mae.engine.dist import Dist, barrier, broadcast_object, run_with
 from crate_mae.engine.log import RunLogger
 from crate_mae.engine.runlock import RunLock
-from crate_mae.errors import MissingFileError, RunFolderError
+from crate_mae.errors import ConfigError, MissingFileError, RunFolderError, ShardError
 from crate_mae.model import Checkpoint, read_checkpoint, resolve_config
+from crate_mae.model.files import latest
 
 R = TypeVar("R")
 REPO = Path(__file__).resolve().parents[2]  # where the entry points live
@@ -45,19 +47,19 @@ class StageRun:
     """One run of a stage on this process, settled by `prepare`: nothing here changes afterwards."""
 
     cfg: Config  # resolved (every model field set) and frozen
-    d: dist.Dist
+    dist: Dist
     run_dir: Path
     resume: Checkpoint | None  # the run checkpoint it continues from, read once
     weights: Checkpoint | None  # the pretrained weights it starts from (None when resuming: the resume holds them)
-    train_spec: str
-    val_spec: str | None
+    train: ShardList  # the training set, its shards checked once (`.spec`: as configured)
+    val: ShardList | None  # the validation set, likewise (None: pretraining without one)
     changes: tuple[str, ...] = ()  # 'optim.lr 0.0001 → 0.0002' for each schedule key a resume changes
     lock: RunLock | None = None  # rank 0's hold on run_dir (run_stage's; None on other ranks, or a bare prepare)
 
     def checkpointer(self, extra: Mapping[str, Stateful] | None = None) -> Checkpointer:
         """The run's Checkpointer (keeping `extra`): cfg.run's interval and pruning, the config in every file."""
         return Checkpointer(self.run_dir, every=self.cfg.run.ckpt_every, keep_last=self.cfg.run.keep_last,
-                            config=config_to_dict(self.cfg), dist=self.d, extra=extra)
+                            config=config_to_dict(self.cfg), dist=self.dist, extra=extra)
 
     @contextmanager
     def logger(self, total_steps: int = 0, step: int = 0) -> Iterator[RunLogger]:
@@ -65,10 +67,10 @@ class StageRun:
         removes the temp files a killed write left behind, and marks a resume in log.jsonl (the steps between the
         checkpoint and the kill are logged again after it)."""
         stale: list[Path] = []
-        if self.d.is_main:
+        if self.dist.is_main:
             stale = remove_stale_temp_files(self.run_dir)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        log = RunLogger(self.run_dir, enabled=self.d.is_main, total_steps=total_steps, initial_step=step)
+        log = RunLogger(self.run_dir, enabled=self.dist.is_main, total_steps=total_steps, initial_step=step)
         if stale:
             log.info(f"removed {len(stale)} temp file(s) left by an interrupted write: {', '.join(p.name for p in stale)}")
         if self.lock is not None and self.lock.took_over:  # printed when it happened; kept in the run's own log too
@@ -91,31 +93,31 @@ def run_stage(cfg: Config, body: Callable[[StageRun], R], *, weights: str | None
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     stage = body.__module__.rsplit(".", 1)[-1]  # 'pretrain', 'linear_probe', 'finetune': named in a refusal
 
-    def per_process(d: dist.Dist) -> R:
-        with hold_run_folder(run_dir, d, stage=stage) as lock:
-            return body(prepare(cfg, d, weights=weights, default_family=default_family, lock=lock))
+    def per_process(dist: Dist) -> R:
+        with hold_run_folder(run_dir, dist, stage=stage) as lock:
+            return body(prepare(cfg, dist, weights=weights, default_family=default_family, lock=lock))
 
-    return dist.run_with(cfg.run.device, per_process)
+    return run_with(cfg.run.device, per_process)
 
 
 @contextmanager
-def hold_run_folder(run_dir: Path, d: dist.Dist, *, stage: str) -> Iterator[RunLock | None]:
+def hold_run_folder(run_dir: Path, dist: Dist, *, stage: str) -> Iterator[RunLock | None]:
     """Rank 0 takes `run_dir`'s lock (RunLock.acquire: made atomically, a dead run's taken over with a printed line);
     its answer goes to every rank, so that a refusal stops them all together with rank 0's one line (a
     RunFolderError) and none waits in a collective for a rank that left. Rank 0 releases the lock when the block
     ends, however it ends: a normal end, an error, SystemExit (a preempted run's exit), KeyboardInterrupt.
     Yields rank 0's lock (None on the other ranks)."""
     lock, refusal = None, None
-    if d.is_main:
+    if dist.is_main:
         try:
             lock = RunLock.acquire(run_dir, stage=stage)
         except RunFolderError as err:
             refusal = str(err)
         except BaseException as err:  # anything else still answers the other ranks before it goes up
-            dist.broadcast_object(d, f"{run_dir}: rank 0 could not take the run folder's lock "
-                                     f"({type(err).__name__}: {err})")
+            broadcast_object(dist, f"{run_dir}: rank 0 could not take the run folder's lock "
+                                   f"({type(err).__name__}: {err})")
             raise
-    refusal = dist.broadcast_object(d, refusal)
+    refusal = broadcast_object(dist, refusal)
     if refusal is not None:
         raise RunFolderError(refusal)
     if lock is not None and lock.took_over:
@@ -127,16 +129,15 @@ def hold_run_folder(run_dir: Path, d: dist.Dist, *, stage: str) -> Iterator[RunL
             lock.release()
 
 
-def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_family: str = "mae",
+def prepare(cfg: Config, dist: Dist, *, weights: str | None = None, default_family: str = "mae",
             lock: RunLock | None = None) -> StageRun:
-    """The resolve-once phase (module docstring): files read once, the config resolved once and frozen. `lock`:
-    the run folder's, held by run_stage (kept in the StageRun so that the logger records a takeover)."""
+    """The resolve-once phase (module docstring): files read once, the config resolved once and frozen, each set's
+    shards checked once. `lock`: the run folder's, held by run_stage (kept in the StageRun so that the logger records
+    a takeover)."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     resume_file = resume_path(run_dir, cfg.run.resume)
     resume = read_checkpoint(resume_file) if resume_file is not None else None
-    changes: tuple[str, ...] = ()
-    if resume is not None:
-        changes = resume_changes(resume, cfg)
+    changes = resume_changes(resume, cfg) if resume is not None else ()
     pretrained = None
     if weights is not None and resume is None:
         try:
@@ -145,18 +146,17 @@ def prepare(cfg: Config, d: dist.Dist, *, weights: str | None = None, default_fa
             hint = " (the demo's encoder comes from `python pretrain.py`)" if "runs/demo" in str(weights) else ""
             raise MissingFileError(f"{err}{hint}") from None
     model = resolve_config(cfg.model, resume or pretrained, default_family=default_family, resume=resume is not None)
-    train_spec, val_spec = stage_data(cfg, d, img_size=model.img_size)
+    train_spec, val_spec = stage_data(cfg, dist, img_size=model.img_size)
+    if isinstance(model, ClassifierConfig) and val_spec is None:
+        raise ConfigError("data.val_shards: accuracy is measured on a validation set; set one")
+    train = resolve_shards(train_spec)  # each set's shards checked here, once: the stage hands these on
+    val = resolve_shards(val_spec) if val_spec is not None else None
     if isinstance(model, ClassifierConfig):  # the head follows the data's classes where its manifest lists them
-        if val_spec is None:
-            raise ConfigError("data.val_shards: accuracy is measured on a validation set; set one")
-        train = resolve_shards(train_spec)  # each set's shards checked once
-        for shards in (train, resolve_shards(val_spec)):
+        for shards in (train, val):
             refuse_unlabelled(shards)
-        manifest = train.manifest
-        if manifest is not None and manifest.num_classes:
-            model = dataclasses.replace(model, num_classes=manifest.num_classes)
-    return StageRun(dataclasses.replace(cfg, model=model), d, run_dir, resume, pretrained, train_spec, val_spec, changes,
-                    lock)
+        if train.manifest is not None and train.manifest.num_classes:
+            model = dataclasses.replace(model, num_classes=train.manifest.num_classes)
+    return StageRun(dataclasses.replace(cfg, model=model), dist, run_dir, resume, pretrained, train, val, changes, lock)
 
 
 def refuse_unlabelled(shards: ShardList) -> None:
@@ -198,24 +198,25 @@ def resume_changes(resume: Checkpoint, cfg: Config) -> tuple[str, ...]:
     return tuple(f"optim.{k} {saved[k]!r} → {v!r}" for k, v in now.items() if k in saved and saved[k] != v)
 
 
-def stage_data(cfg: Config, d: dist.Dist, *, img_size: int) -> tuple[str, str | None]:
+def stage_data(cfg: Config, dist: Dist, *, img_size: int) -> tuple[str, str | None]:
     """The (train, val) shard specs a stage reads: the configured shards, a torchvision set written to shards
     once, or the bundled digits demo (at the model's image size). Rank 0 writes what is missing; the others wait."""
     data = cfg.data
     if data.train_shards:
         return data.train_shards, data.val_shards
-    if d.is_main:
+    if dist.is_main:
         if data.dataset:
             ensure_torchvision(data.dataset, data.root, download=data.download)
         else:
             ensure_digits(DIGITS_DIR, size=img_size)
-    dist.barrier(d)
+    barrier(dist)
     folder = f"shards/{data.dataset}" if data.dataset else DIGITS_DIR
     return f"{folder}/train.json", data.val_shards or f"{folder}/val.json"
 
 
 def write_results(run_dir: Path, result: Any) -> Path:
-    """results.json from a result dataclass: its plain fields (paths as strings; models and tensors left out)."""
+    """results.json from a result dataclass, written atomically: its plain fields (paths as strings; models and
+    tensors left out)."""
     def plain(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
@@ -226,7 +227,8 @@ def write_results(run_dir: Path, result: Any) -> Path:
     fields = {f.name: plain(getattr(result, f.name)) for f in dataclasses.fields(result)
               if isinstance(getattr(result, f.name), (str, int, float, bool, dict, list, tuple, Path, type(None)))}
     path = run_dir / "results.json"
-    path.write_text(json.dumps(fields, indent=1))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(fields, indent=1))
     return path
 
 

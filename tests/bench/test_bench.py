@@ -18,7 +18,7 @@ def test_step_bench_rows_mfu_and_profile(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "bench/step.py"), "--kind", "mae", "classifier", "--variant", "nano",
                     "--batch", "8", "--steps", "2", "--warmup", "1", "--reference", "--profile", "1", "--top", "3",
                     "--trace", str(tmp_path / "traces"), "--device", "cpu", "--json", str(out)],
-                   check=True, env=ENV, capture_output=True, cwd=tmp_path)
+                   check=True, env=ENV, capture_output=True, timeout=600, cwd=tmp_path)
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["kind"], r["path"]) for r in rows] == [("mae", "fast"), ("classifier", "fast"), ("mae", "reference"),
@@ -38,7 +38,7 @@ def test_e2e_bench_times_the_pretraining_pipeline(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(ROOT / "bench/e2e.py"), "--num-images", "24", "--out", str(tmp_path / "set"),
                           "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out), "--set",
                           "data.batch_size=4", "data.num_workers=0", "model.encoder_depth=1", "model.decoder_depth=1"],
-                         check=True, env=ENV, capture_output=True, text=True, cwd=tmp_path)
+                         check=True, env=ENV, capture_output=True, timeout=600, text=True, cwd=tmp_path)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["decode_on"], r["row"]) for r in rows] == [("device", "step"), ("device", "input"), ("device", "e2e"),
                                                           ("cpu", "input"), ("cpu", "e2e")]
@@ -50,7 +50,7 @@ def test_e2e_bench_times_the_pretraining_pipeline(tmp_path: Path) -> None:
 def test_write_bench_rows_and_identical_sets(tmp_path: Path) -> None:
     out = tmp_path / "write.json"
     subprocess.run([sys.executable, str(ROOT / "bench/write.py"), "--images", "12", "--workers", "1", "2", "--json",
-                    str(out)], check=True, env=ENV, capture_output=True, cwd=tmp_path)
+                    str(out)], check=True, env=ENV, capture_output=True, timeout=600, cwd=tmp_path)
     rows = json.loads(out.read_text())
     assert [r["workers"] for r in rows] == [1, 2] and all(r["images"] == 12 and r["images_per_s"] > 0 for r in rows)
     assert all(r["identical_to_first"] for r in rows) and rows[0]["speedup"] == 1.0
@@ -61,7 +61,7 @@ def test_write_bench_by_source(tmp_path: Path) -> None:
     out = tmp_path / "sources.json"
     subprocess.run([sys.executable, str(ROOT / "bench/write.py"), "--images", "12", "--sources", "folder", "imagefolder",
                     "hf", "parquet", "imagenet", "--workers", "1", "--resize", "64", "--json", str(out)], check=True,
-                   env=ENV, capture_output=True, cwd=tmp_path)
+                   env=ENV, capture_output=True, timeout=600, cwd=tmp_path)
     rows = json.loads(out.read_text())
     assert [(r["source"], r["resize"]) for r in rows] == [(k, size) for k in ("folder", "imagefolder", "hf", "parquet",
                                                                             "imagenet") for size in (None, 64)]
@@ -72,7 +72,7 @@ def test_monitor_bench_rows(tmp_path: Path) -> None:
     out = tmp_path / "monitor.json"
     subprocess.run([sys.executable, str(ROOT / "bench/monitor.py"), "--models", "nano", "--digits", str(tmp_path / "digits"),
                     "--layers-batch", "4", "--device", "cpu", "--json", str(out)], check=True, env=ENV, capture_output=True,
-                   cwd=tmp_path)
+                   timeout=600, cwd=tmp_path)
     [row] = json.loads(out.read_text())["rows"]
     assert (row["model"], row["val_images"], row["bank_images"], row["layers_batch"]) == ("nano", 300, 1497, 4)
     assert all(row[k] > 0 for k in ("ms_per_heldout_image", "ms_per_bank_image", "ms_per_layers_image", "knn_ns_per_pair"))

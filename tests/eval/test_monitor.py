@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 from crate_mae.config import DataConfig, MAEConfig, MonitorConfig, OptimConfig
+from crate_mae.data import Batch
 from crate_mae.data.reader import eval_loader
 from crate_mae.engine.dist import Dist, rng_state, run_with
 from crate_mae.engine.optim import build_scheduler
@@ -24,6 +24,7 @@ from crate_mae.model import build_mae, resolve_config
 from crate_mae.model.mae import MaskedObjective
 from crate_mae.seeding import seed_everything
 from tests.helpers import image_bytes, write_tar_set
+from tests.spawn import spawn
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 NANO = resolve_config(MAEConfig(variant="nano"))
@@ -49,17 +50,16 @@ def test_evaluate_never_changes_training(digits) -> None:
     batches = torch.randint(0, 256, (3, 8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     before = rng_state()
     mon = monitor(*digits, val_samples=32, bank_samples=64, layers_batch=4)
-    assert rng_state() == before  # building the twin drew its weights, then put the generators back
+    assert rng_state() == before  # the monitor draws nothing when it is made (its classifier: at evaluate, put back)
     weights = []
     for evaluate in (True, False):
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        trainer = Trainer(model=model, optimizer=opt, dist=CPU, loss_fn=lambda m, b: m(b).loss,  # masks: global RNG
-                          objective=MaskedObjective(model),
+        trainer = Trainer(MaskedObjective(model), optimizer=opt, dist=CPU,  # masks: the global generators
                           scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1))
         seed_everything(3)
         for batch in batches:
-            trainer.step([batch])
+            trainer.step([Batch(batch, torch.full((len(batch),), -1), [])])
             if evaluate:
                 mon.evaluate(model)
         weights.append(model.state_dict())
@@ -118,7 +118,7 @@ def _rank(rank: int, world: int, port: int, digits: tuple[str, str], out: str) -
 def test_two_ranks_measure_what_one_does(digits, free_port: int, tmp_path: Path) -> None:
     """val_samples=100 lies in the first val shard (split by sample over the ranks), the bank of 300 in the first two
     train shards (one per rank): the same subsets, losses and kNN counts on every rank as on one."""
-    mp.spawn(_rank, args=(2, free_port, digits, str(tmp_path)), nprocs=2, join=True)
+    spawn(_rank, args=(2, free_port, digits, str(tmp_path)), nprocs=2)
     one = monitor(*digits, val_samples=100, bank_samples=300, batch_size=16).evaluate(nano())
     assert one["heldout_images"] == 100 and one["knn_bank_images"] == 300 and KNN_KEYS <= set(one)
     for rank in (0, 1):

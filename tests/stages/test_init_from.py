@@ -53,7 +53,7 @@ def test_the_weights_are_the_files_and_the_optimiser_is_fresh(digits, tmp_path: 
     run = prepare(tiny(digits, tmp_path, f"pretrain.init_from={files[layout]}", *extra), CPU,
                   weights=str(files[layout]))
     assert (run.cfg.model.variant, run.cfg.model.heads, run.cfg.model.lambd) == ("nano", 2, 0.3)  # from the file
-    trainer, _ = build_training(run.cfg, CPU, run.train_spec, run.weights)
+    trainer, _ = build_training(run.cfg, CPU, run.train, run.weights)
     source = read_checkpoint(files["final"]).state
     got = trainer.module.state_dict()
     assert torch.equal(got["encoder.layers.1.ista.D"], source["encoder.layers.1.ista.D"])

@@ -1,5 +1,5 @@
-"""The monitor inside a pretraining run (stages/pretrain.py: _Watch): it never changes training, a resume continues
-its history with no evaluation duplicated or missing, and the run leaves its figure, table and events."""
+"""The monitor inside a pretraining run (stages/pretrain.py: MonitorHistory): it never changes training, a resume
+continues its history with no evaluation duplicated or missing, and the run leaves its figure, table and events."""
 from __future__ import annotations
 
 import json

@@ -12,20 +12,45 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from crate_mae.config import ClassifierConfig, MAEConfig, OptimConfig, load_config
+from crate_mae.data import Batch
 from crate_mae.engine import checkpoint as ckpt
 from crate_mae.engine.dist import Dist
 from crate_mae.engine.trainer import NonFiniteLoss, Trainer
 from crate_mae.engine.optim import build_optimizer, build_scheduler
 from crate_mae.model import build_classifier, build_mae, hub, read_checkpoint, resolve_config
 from crate_mae.model import files
+from crate_mae.model.classifier import ClassifierObjective
 from crate_mae.model.mae import CrateMAE, MaskedObjective
 from crate_mae.stages.pretrain import run_pretrain
+from tests.spawn import spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def images(x: torch.Tensor, noise: torch.Tensor | None = None) -> Batch:
+    """A micro-batch of images (no labels), or of images with their masking noise (FixedMasks reads it)."""
+    return Batch(x, noise if noise is not None else torch.full((len(x),), -1), [])
+
+
+class FixedMasks(MaskedObjective):
+    """The masked objective under given noise (carried where the labels go): the same masks in every run."""
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_masked(images, noise=noise).loss
+
+
+class Scaled(MaskedObjective):
+    """The masked objective times the next of `factors`: a loss made non-finite at a chosen step."""
+
+    def __init__(self, mae: CrateMAE, factors) -> None:
+        super().__init__(mae)
+        self.factors = factors
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(images, labels) * next(self.factors)
 
 
 def tiny(digits: tuple[str, str], out: Path, *extra: str):
@@ -107,10 +132,9 @@ def test_no_checkpoint_holds_weights_whose_loss_is_not_finite(digits, tmp_path: 
 def test_the_checkpoint_check_leaves_the_random_stream_alone() -> None:
     model = build_mae(MAEConfig(variant="nano"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0),
-                      opt, 1), dist=CPU, loss_fn=lambda m, b: m(b).loss,
-                      objective=MaskedObjective(model))
-    trainer.step([torch.randn(2, 3, 32, 32)])
+    trainer = Trainer(MaskedObjective(model), optimizer=opt, dist=CPU,
+                      scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1))
+    trainer.step([images(torch.randn(2, 3, 32, 32))])
     before = torch.get_rng_state()
     trainer.check_state_finite()  # draws a mask, then puts every generator back
     assert torch.equal(torch.get_rng_state(), before)
@@ -120,12 +144,75 @@ def test_trainer_names_the_first_non_finite_step() -> None:
     model = build_mae(MAEConfig(variant="nano"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     values = iter([1.0, 1.0, float("inf"), 1.0])
-    trainer = Trainer(model=model, optimizer=opt, scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1),
-                      dist=CPU, loss_fn=lambda m, b: m(b).loss * next(values), objective=MaskedObjective(model))
+    trainer = Trainer(Scaled(model, values), optimizer=opt, dist=CPU,
+                      scheduler=build_scheduler(OptimConfig(epochs=10, warmup_epochs=0), opt, 1))
     for _ in range(4):
-        trainer.step([torch.randn(2, 3, 32, 32)])
+        trainer.step([images(torch.randn(2, 3, 32, 32))])
     with pytest.raises(NonFiniteLoss, match="at step 3"):
         trainer.check_finite()
+
+
+class Loader:
+    """Fixed micro-batches behind the training loader's epoch interface (`set_epoch` with a resume's replay)."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches, self.calls, self.replay = batches, [], 0
+
+    def set_epoch(self, epoch: int, replay: int = 0) -> None:
+        self.calls.append((epoch, replay))
+        self.replay = replay
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches[self.replay:])
+
+
+class Work:
+    """A stage's per-step work (an EMA, the online probe), kept in checkpoints as they are: a count of steps seen."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+
+def test_fit_hands_each_step_to_the_stage_before_it_is_saved(tmp_path: Path) -> None:
+    """Trainer.fit: each optimiser step (2 micro-batches) comes back to the stage as its last micro-batch, and the
+    stage's work on it is in that step's checkpoint; each epoch ends in the stage, after its last step's save; an
+    epoch the stage leaves before its end is an error, not a silent skip."""
+    from crate_mae.engine.log import RunLogger
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        model = build_mae(MAEConfig(variant="nano"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        return Trainer(MaskedObjective(model), optimizer=opt, dist=CPU, epochs=2, accum_steps=2, updates_per_epoch=3,
+                       scheduler=build_scheduler(OptimConfig(epochs=2, warmup_epochs=0), opt, 3))
+
+    pixels = torch.randint(0, 256, (6, 2, 3, 32, 32), dtype=torch.uint8)
+    loader = Loader([Batch(x, torch.full((2,), -1), [f"b{i}"]) for i, x in enumerate(pixels)])
+    work, log = Work(), RunLogger(tmp_path, enabled=False, total_steps=6)
+    checkpointer = ckpt.Checkpointer(tmp_path, every=2, keep_last=9, config={}, dist=CPU, extra={"work": work})
+    seen: list = []
+    training = trainer()
+    for epoch in training.fit(loader, log=log, log_every=100, checkpointer=checkpointer):
+        for batch in epoch:
+            work.steps += 1
+            seen.append(batch.keys[0])
+        seen.append(training.state.epoch)
+    assert seen == ["b1", "b3", "b5", 1, "b1", "b3", "b5", 2] and loader.calls == [(0, 0), (1, 0)]
+    saved = {p.name: torch.load(p, weights_only=True)["work"] for p in ckpt.periodic(tmp_path)}
+    assert saved == {"ckpt-00000002.pth": {"steps": 2}, "ckpt-00000004.pth": {"steps": 4}}
+    epochs = trainer().fit(loader, log=log, log_every=100, checkpointer=checkpointer)
+    next(epochs)  # the first epoch, left unread
+    with pytest.raises(RuntimeError, match="left before its end"):
+        next(epochs)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "linprobe", "finetune"])
@@ -135,8 +222,8 @@ def test_every_stage_builds_its_trainer_from_the_config(stage: str) -> None:
     cfg = load_config(ROOT / f"configs/{stage}/demo.yaml", [
         "model.variant=nano", "data.batch_size=8", "optim.accum_steps=2", "optim.lr=null", "optim.blr=0.064",
         "optim.clip_grad=0.5", "run.precision=bf16"], stage=stage)
-    model = torch.nn.Linear(4, 3)
-    trainer = Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).sum(), batches_per_epoch=11)
+    objective = ClassifierObjective(torch.nn.Linear(4, 3), torch.nn.CrossEntropyLoss())
+    trainer = Trainer.from_config(cfg, objective, CPU, batches_per_epoch=11)
     assert (trainer.updates_per_epoch, trainer.global_batch, trainer.total_steps) == (5, 16, 5 * cfg.optim.epochs)
     assert max(g["initial_lr"] for g in trainer.optimizer.param_groups) == pytest.approx(0.064 * 16 / 256)
     assert (trainer.clip_grad, trainer.precision) == (0.5, "bf16")
@@ -151,10 +238,9 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch() -> None:
                   [(img[i:i + 2], noise[i:i + 2]) for i in range(0, 8, 2)]):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        trainer = Trainer(model=model, optimizer=opt, dist=CPU, loss_fn=lambda m, b: m(b[0], noise=b[1]).loss,
-                          objective=MaskedObjective(model),
+        trainer = Trainer(FixedMasks(model), optimizer=opt, dist=CPU,
                           scheduler=build_scheduler(OptimConfig(epochs=10_000, warmup_epochs=0), opt, 1))
-        trainer.step(micro)
+        trainer.step([images(x, n) for x, n in micro])
         after.append(model.state_dict())
     for key in after[0]:
         torch.testing.assert_close(after[1][key], after[0][key], atol=1e-6, rtol=1e-5, msg=key)
@@ -171,19 +257,19 @@ def test_compiled_step_equals_the_eager_step(device: str, mode: str) -> None:
     fp32 and SGD with momentum: an update linear in the gradient, so the comparison measures the model's maths
     (AdamW's first steps are sign-like and would magnify rounding in gradients near zero)."""
     torch.manual_seed(0)
-    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    base = build_mae(MAEConfig(variant="nano", encoder_depth=1, decoder_depth=1)).to(d.device)
-    batches = [(torch.randn(8, 3, 32, 32, device=d.device), torch.rand(8, 64, device=d.device)) for _ in range(3)]
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+    base = build_mae(MAEConfig(variant="nano", encoder_depth=1, decoder_depth=1)).to(dist.device)
+    batches = [(torch.randn(8, 3, 32, 32, device=dist.device), torch.rand(8, 64, device=dist.device)) for _ in range(3)]
     losses, weights = [], []
     for compile in (False, True):
         model = copy.deepcopy(base)
         cfg = OptimConfig(optimizer="sgd", epochs=1, warmup_epochs=0)
-        opt = build_optimizer(cfg, model, 0.05, d.device)
-        trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b[0], noise=b[1]).loss,
-                          objective=MaskedObjective(model),
-                          scheduler=build_scheduler(cfg, opt, 100), compile=compile, compile_mode=mode)
+        opt = build_optimizer(cfg, model, 0.05, dist.device)
+        trainer = Trainer(FixedMasks(model), optimizer=opt, dist=dist, scheduler=build_scheduler(cfg, opt, 100),
+                          compile=compile, compile_mode=mode)
         assert hasattr(trainer.model, "_orig_mod") == compile  # torch.compile's wrapper
-        losses.append(torch.stack([trainer.step([(x[:4], n[:4]), (x[4:], n[4:])]) for x, n in batches]))  # accumulated
+        losses.append(torch.stack([trainer.step([images(x[:4], n[:4]), images(x[4:], n[4:])])
+                                   for x, n in batches]))  # accumulated
         weights.append(model.state_dict())
     tol = 1e-5 if device == "cpu" else 1e-4  # GPU kernels reduce in other orders
     torch.testing.assert_close(losses[1], losses[0], atol=tol, rtol=tol)
@@ -201,7 +287,7 @@ def _ddp_rank(rank: int, world: int, port: int, digits: tuple[str, str], out: st
 
 
 def test_two_process_gloo_ddp_ranks_end_identical(digits, free_port: int, tmp_path: Path) -> None:
-    mp.spawn(_ddp_rank, args=(2, free_port, digits, str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_rank, args=(2, free_port, digits, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["steps"] == r1["steps"] == 1497 // (16 * 2)
     for key, value in r0["model"].items():
@@ -218,7 +304,7 @@ def _pretrain_cmd(digits: tuple[str, str], out: Path, name: str) -> list[str]:
 
 def test_resume_after_sigkill_ends_with_the_same_weights(digits, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_pretrain_cmd(digits, tmp_path, "whole"), check=True, env=env, capture_output=True)
+    subprocess.run(_pretrain_cmd(digits, tmp_path, "whole"), check=True, env=env, capture_output=True, timeout=300)
 
     proc = subprocess.Popen(_pretrain_cmd(digits, tmp_path, "cut"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -227,11 +313,11 @@ def test_resume_after_sigkill_ends_with_the_same_weights(digits, tmp_path: Path)
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=60)
     assert first.exists() and not (tmp_path / "cut" / "final.pth").exists(), "the run was not cut mid-way"
 
     subprocess.run([*_pretrain_cmd(digits, tmp_path, "cut"), "--resume", "auto"], check=True, env=env,
-                   capture_output=True)
+                   capture_output=True, timeout=300)
     whole, cut = (read_checkpoint(tmp_path / n / "final.pth") for n in ("whole", "cut"))
     assert whole.payload["state"] == cut.payload["state"]
     for key, value in whole.state.items():
@@ -309,14 +395,14 @@ def test_bf16_step_keeps_fp32_where_precision_needs_it(device: str) -> None:
 def test_cuda_train_step_never_waits_on_the_host() -> None:
     """No host sync inside a bf16 step (fused AdamW, masking, loss, non-finite flag): CUDA's sync debug mode
     turns any synchronising call into an error."""
-    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
-    model = build_mae(MAEConfig(variant="nano")).to(d.device)
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+    model = build_mae(MAEConfig(variant="nano")).to(dist.device)
     cfg = OptimConfig(epochs=1, warmup_epochs=0.5)
-    opt = build_optimizer(cfg, model, 1e-3, d.device)
-    trainer = Trainer(model=model, optimizer=opt, dist=d, loss_fn=lambda m, b: m(b).loss, precision="bf16",
-                      objective=MaskedObjective(model),
+    opt = build_optimizer(cfg, model, 1e-3, dist.device)
+    trainer = Trainer(MaskedObjective(model), optimizer=opt, dist=dist, precision="bf16",
                       scheduler=build_scheduler(cfg, opt, 10))
-    img = torch.randn(8, 3, 32, 32, device=d.device)
+    img = images(torch.randn(8, 3, 32, 32, device=dist.device))
+    img = img._replace(labels=img.labels.to(dist.device))
     trainer.step([img])  # the first step creates the optimiser state
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -351,12 +437,11 @@ def test_a_resume_trains_with_the_schedule_it_prints(digits, tmp_path: Path) -> 
                                  *overrides])
         torch.manual_seed(0)
         model = build_mae(resolve_config(cfg.model))
-        return Trainer.from_config(cfg, model, CPU, lambda m, b: m(b).loss, batches_per_epoch=4,
-                                   objective=MaskedObjective(model))
+        return Trainer.from_config(cfg, MaskedObjective(model), CPU, batches_per_epoch=4)
 
     old = trainer_for("optim.lr=1e-3")
     for _ in range(6):
-        old.step([torch.randn(2, 3, 32, 32)])
+        old.step([images(torch.randn(2, 3, 32, 32))])
     saved = old.state_dict()
     same = trainer_for("optim.lr=1e-3")
     same.load_state_dict(saved)

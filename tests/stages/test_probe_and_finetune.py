@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from crate_mae.config import ClassifierConfig, MAEConfig, load_config
 from crate_mae.data import eval_loader
@@ -18,6 +17,7 @@ from crate_mae.engine.optim import build_optimizer
 from crate_mae.stages.finetune import run_finetune
 from crate_mae.model import build_classifier, build_mae
 from crate_mae.stages.linear_probe import run_linprobe
+from tests.spawn import spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,6 +58,37 @@ def test_linprobe_logreg_end_to_end_with_cached_features(digits, encoder, tmp_pa
     mean = run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={encoder}", "probe.feature=mean",
                                 "probe.Cs=[1.0]", "probe.knn_k=0", "run.name=mean"))
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 4 and mean.top1 > 60  # another feature, another key
+    run_linprobe(cfg_for("linprobe", digits, tmp_path, f"probe.checkpoint={encoder}", "probe.feature=mean",
+                         "probe.Cs=[1.0]", "probe.knn_k=0", "run.name=mean-bf16", "run.precision=bf16"))
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 6  # features extracted in another precision: another key
+
+
+def test_results_json_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """results.json goes through a temp file: a write that fails half-way leaves the file as it was."""
+    import errno
+    from dataclasses import dataclass
+
+    from crate_mae.stages.common import write_results
+
+    @dataclass
+    class Figures:
+        top1: float
+        details: dict
+
+    write_results(tmp_path, Figures(1.0, {"C": 0.1}))
+    before = (tmp_path / "results.json").read_text()
+    real = Path.write_text
+
+    def half_then_fail(self: Path, text: str, *args, **kwargs) -> int:
+        real(self, text[: len(text) // 2])
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError):
+        write_results(tmp_path, Figures(2.0, {"C": 1.0}))
+    monkeypatch.undo()
+    assert (tmp_path / "results.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # the temp file removed
 
 
 def test_linprobe_mae_protocol_trains_a_head(digits, encoder, tmp_path: Path) -> None:
@@ -174,17 +205,17 @@ def _eval_rank(rank: int, port: int, val: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    d = dist.init("cpu")
+    ranks = dist.init("cpu")
     torch.manual_seed(0)
     model = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
     loader = eval_loader(val, 32, eval_crop_pct=1.0, batch_size=32, rank=rank, world_size=2, num_workers=2)
-    scores = evaluate(model, loader, d)
+    scores = evaluate(model, loader, ranks)
     torch.save(scores, Path(out) / f"eval{rank}.pt")
     dist.shutdown()
 
 
 def test_evaluation_is_exact_over_2_gloo_ranks(digits, free_port: int, tmp_path: Path) -> None:
-    mp.spawn(_eval_rank, args=(free_port, digits[1], str(tmp_path)), nprocs=2, join=True)
+    spawn(_eval_rank, args=(free_port, digits[1], str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"eval{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
     model = build_classifier(ClassifierConfig(variant="nano", num_classes=10))
