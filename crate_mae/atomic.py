@@ -69,15 +69,12 @@ class AtomicFile:
     def failed(self, err: BaseException, needed: int | None) -> WriteError | None:
         """Remove the temp file after `err`; the WriteError to raise instead, or None when `err` is not this write's
         (an interrupt, another file's error, a bug). The OSError is looked for along the chain (torch.save wraps it
-        in a RuntimeError); a RuntimeError with none (torch.save to a path) is a full disk below 1 MiB free."""
+        in a RuntimeError)."""
         cause, code = err, None
         while isinstance(cause, Exception) and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
         if isinstance(cause, OSError) and not isinstance(cause, WriteError):
             code = cause.errno if cause.filename in (None, str(self.tmp), self.tmp) else None
-        elif cause is None and isinstance(err, RuntimeError):
-            free = free_bytes(self.path.parent)  # before the temp file goes
-            code = errno.ENOSPC if free is not None and free < 1 << 20 else None
         self.abort()
         return write_error(self.path, code, needed=needed) if code is not None else None
 

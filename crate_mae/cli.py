@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from crate_mae.config import add_config_args, config_from_args
-from crate_mae.engine.preempt import StopNow, StopSignals
-from crate_mae.errors import CrateError, report
+from crate_mae.engine.preempt import StopSignals
+from crate_mae.errors import CrateError, StopNow, report
 
 
 def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: str, config: str,

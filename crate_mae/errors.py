@@ -81,6 +81,24 @@ class DiskFullError(WriteError):
         self.free, self.needed = free, needed
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the job stopped early and can be run again (with --resume auto)
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports after Ctrl-C
+
+
+def exit_status(signal_name: str | None) -> int:
+    """The status of a run stopped by `signal_name`: 130 after Ctrl-C (SIGINT), else 75 (resumable)."""
+    return INTERRUPTED_EXIT if signal_name == "SIGINT" else PREEMPTED_EXIT
+
+
+class StopNow(BaseException):
+    """A stop signal outside a training loop: the run stops where it is. A BaseException, as KeyboardInterrupt, so
+    that nothing on the way out swallows it (`atomic_path` removes its temp file; the lock and logger are closed)."""
+
+    def __init__(self, message: str, *, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 class Preempted(CrateError):
     """The run stopped at a step boundary on request (a signal or Ctrl-C), after saving a checkpoint there;
     `exit_status` 75 (resumable) or 130 (Ctrl-C)."""

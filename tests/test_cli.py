@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crate_mae.cli import stage_main
-from crate_mae.engine.preempt import StopNow
+from crate_mae.errors import StopNow
 from crate_mae.errors import CheckpointError, ConfigError, Preempted
 
 

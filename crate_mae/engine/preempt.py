@@ -13,30 +13,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from crate_mae import errors
 from crate_mae.atomic import remove_stale_temp_files
 from crate_mae.config.sections import stop_signals
+from crate_mae.errors import StopNow, exit_status
 
 if TYPE_CHECKING:  # torch is imported where a vote is taken, so that the entry points' --help stays light
     from crate_mae.engine.dist import Dist
-
-Preempted = errors.Preempted  # what the trainer raises (it lives in crate_mae/errors.py)
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the job stopped early and can be run again (with --resume auto)
-INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports after Ctrl-C
-
-
-def exit_status(signal_name: str | None) -> int:
-    """130 after Ctrl-C (SIGINT), else 75 (resumable)."""
-    return INTERRUPTED_EXIT if signal_name == "SIGINT" else PREEMPTED_EXIT
-
-
-class StopNow(BaseException):
-    """A signal outside a training loop: the run stops where it is (a BaseException, as KeyboardInterrupt, so that
-    nothing on the way out swallows it; `atomic_path` removes its temp file, the lock and the logger are closed)."""
-
-    def __init__(self, message: str, *, exit_status: int) -> None:
-        super().__init__(message)
-        self.exit_status = exit_status
 
 
 class StopSignals:

@@ -21,8 +21,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from crate_mae.engine.dist import Dist, all_reduce_max, all_reduce_sum, rng_state, set_rng_state
-from crate_mae.engine.preempt import Preempted, StopVote, at_step_boundaries, exit_status, requested_stop
-from crate_mae.errors import NonFiniteLoss
+from crate_mae.engine.preempt import StopVote, at_step_boundaries, requested_stop
+from crate_mae.errors import NonFiniteLoss, Preempted, exit_status
 
 if TYPE_CHECKING:
     from crate_mae.config import Config

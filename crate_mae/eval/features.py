@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from crate_mae.atomic import atomic_path
+from crate_mae.atomic import atomic_write
 from crate_mae.data.device_decode import to_device
 from crate_mae.engine.dist import Dist
 from crate_mae.engine.trainer import autocast
@@ -80,5 +80,5 @@ def save_cached(path: str | os.PathLike, features: dict[str, torch.Tensor]) -> N
     """Save features (name → tensor) to `path` atomically: a crash leaves the old file or none, never half of one."""
     # torch.save writes a view's whole storage; a copy saves a slice of a large buffer as only itself.
     compact = {name: t.detach().to("cpu", copy=True) for name, t in features.items()}
-    with atomic_path(path) as tmp:
-        torch.save(compact, tmp)
+    with atomic_write(path) as f:  # torch writes into our file: a full disk is its one line
+        torch.save(compact, f)

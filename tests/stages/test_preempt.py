@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from crate_mae.engine.preempt import (INTERRUPTED_EXIT, PREEMPTED_EXIT, StopNow, StopSignals, at_step_boundaries,
-                                      exit_status, requested_stop)
-from crate_mae.errors import Preempted
+from crate_mae.engine.preempt import StopSignals, at_step_boundaries, requested_stop
+from crate_mae.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT, Preempted, StopNow, exit_status
 from crate_mae.model import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
