@@ -328,8 +328,7 @@ def test_manifest_and_check_commands(tmp_path: Path, capsys) -> None:
     assert "21 samples, 0 bad" in capsys.readouterr().out
     bad_set(tmp_path / "bad")
     assert shards_main(["check", str(tmp_path / "bad" / "val.json")]) == 1
-    with pytest.raises(SystemExit):
-        shards_main(["check", str(tmp_path / "missing.json")])
+    assert shards_main(["check", str(tmp_path / "missing.json")]) == 1
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -506,9 +505,8 @@ def test_keys_with_dots_are_never_written_and_are_named_when_read(tmp_path: Path
     with pytest.raises(DataError, match=r"val-000000\.tar/img: holds the members 0\.cls, 0\.jpg, 1\.cls, 1\.jpg: samples "
                                         r"whose keys contain a dot were merged"):
         list(eval_loader(shard, 16, data=LOCAL, batch_size=4, max_bad_fraction=1.0))
-    with pytest.raises(SystemExit) as exit_info:  # the manifest tool refuses to count "1 samples" for 8
-        shards_main(["manifest", shard])
-    assert exit_info.value.code == 2 and not (tmp_path / "d" / "val.json").exists()
+    assert shards_main(["manifest", shard]) == 1  # the manifest tool refuses to count "1 samples" for 8
+    assert not (tmp_path / "d" / "val.json").exists()
     del spec
 
 
