@@ -1,7 +1,5 @@
-"""Shard sets: the manifest beside them, a published set's `_info.json`, and a user's shard spec made a checked list.
-
-A split's manifest (`<folder>/<split>.json`, written last and atomically by the writer) records each shard's name,
-sample count and byte size, the classes and the image size if fixed. A shard spec (`data.train_shards`) is one of:
+"""Shard sets: the manifest beside them (`<split>.json`: each shard's name, samples and bytes, the classes), a
+published set's `_info.json`, and a user's shard spec made a checked list. A spec (`data.train_shards`) is one of:
 
   shards/imagenet/train.json                    a manifest (recommended)
   shards/imagenet/train-{000000..001023}.tar    brace pattern (its sibling train.json is used if present)
@@ -10,14 +8,12 @@ sample count and byte size, the classes and the image size if fixed. A shard spe
   pipe:curl -s https://host/train-{0..9}.tar    webdataset URLs (not checked here; counts from a manifest or _info.json)
 
 A pattern without a sibling manifest takes its counts (and classes) from the `_info.json` / `_info.yaml` beside the
-shards (timm's layout: `{"splits": {"train": {"filenames": [...], "shard_lengths": [...]}}, "classes": [...]}`),
-read from the folder, the same http(s) folder, or by the same `pipe:` command with the shard's address replaced.
+shards (timm's layout), read from the folder, the http(s) folder, or by the `pipe:` command with the address replaced.
 A shard is compressed when its first bytes say so (gzip; bzip2, xz), whatever its name, as tarfile's "r|*" decides.
 """
 from __future__ import annotations
 
 import bz2
-import dataclasses
 import glob
 import gzip
 import json
@@ -28,7 +24,7 @@ import subprocess
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
@@ -49,8 +45,8 @@ log = logging.getLogger("crate_mae.data")
 
 
 def is_remote(url: str) -> bool:
-    """Whether `url` is read through a command (`pipe:`) or a transfer (`http(s)://`, any scheme but `file:`): the one
-    test of the package. A plain path or a `file:` URL is a local file: checked before reading, never read again."""
+    """Whether `url` is read by a command (`pipe:`) or a transfer (any scheme but `file:`): the package's one test. A
+    path or a `file:` URL is a local file, checked before reading and never read again."""
     return url.startswith("pipe:") or ("://" in url and not url.startswith("file:"))
 
 
@@ -60,8 +56,8 @@ def local_path(url: str) -> str:
 
 
 def compression(head: bytes) -> str | None:
-    """"gzip", "bzip2", "xz" or None (a plain tar) for a stream whose first MAGIC_BYTES bytes are `head`. bzip2 needs
-    its level digit and a block (or end) magic too: "BZh" alone could begin a plain tar's first member name."""
+    """"gzip", "bzip2", "xz" or None (a plain tar) for a stream that begins with `head`. bzip2 needs its level digit
+    and a block (or end) magic too: "BZh" alone could begin a plain tar's first member name."""
     if head.startswith(b"\x1f\x8b"):
         return "gzip"
     if head.startswith(b"\xfd7zXZ\x00"):
@@ -77,9 +73,8 @@ def decompressing(kind: str, stream: Any) -> BinaryIO:
 
 
 def tar_is_complete(size: int, tail: bytes) -> bool:
-    """Whether a tar stream of `size` bytes whose last (up to) 1024 are `tail` ends with its end-of-archive marker:
-    tarfile (and so webdataset) ends silently at a missing or cut header, so a cut shard would just be shorter. The
-    pre-check here and the reader (data/stream.py) judge a shard's end by this one rule."""
+    """Whether a tar stream of `size` bytes whose last 1024 are `tail` ends with its end-of-archive marker (two zero
+    blocks): the one rule of the pre-check here and of the reader (data/stream.py)."""
     return size % BLOCK == 0 and size >= 2 * BLOCK and len(tail) == 2 * BLOCK and tail.count(0) == len(tail)
 
 
@@ -157,14 +152,13 @@ class ShardList:
         total, k = 0, 0
         while k < len(self.urls) and total < n:
             total, k = total + self.samples[k], k + 1
-        return dataclasses.replace(self, urls=self.urls[:k], samples=self.samples[:k])
+        return replace(self, urls=self.urls[:k], samples=self.samples[:k])
 
 
 def _compressed_problem(path: str, kind: str, size: int) -> str | None:
-    """What is wrong with a compressed local shard (None: nothing found). Cheap first (its first tar block, and the
-    end of the file: gzip's last 4 bytes are the content's size, which a tar's is a multiple of 512; xz ends with
-    "YZ"); where these leave a doubt, the whole stream is decompressed. bzip2 ends at a bit, so its end is not looked
-    at: the reader checks every shard whole as it reads it (data/stream.py)."""
+    """What is wrong with a compressed local shard (None: nothing found), cheaply: its first tar block and its end
+    (gzip's last 4 bytes are the content's size, a multiple of 512 for a tar; xz ends with "YZ"); where these leave a
+    doubt, the whole stream is decompressed. The reader checks every shard whole as it reads it."""
     try:
         with decompressing(kind, path) as f:
             head = f.read(BLOCK)
@@ -258,8 +252,8 @@ def resolve_shards(spec: str | ShardList) -> ShardList:
 # ---------------------------------------------------------------------------- a published set's _info.json
 
 def _shard_path(url: str) -> str:
-    """The path or URL of the shard file `url` reads: itself, or for a `pipe:` command the last word of it that names
-    a shard file (`pipe:curl -s -L -H '…' https://host/set/train-0001.tar` → the URL); "" where none does."""
+    """The path or URL of the shard file `url` reads: itself, or a `pipe:` command's last word that names a shard
+    file (`pipe:curl -s -L -H '…' https://host/set/train-0001.tar` → the URL); "" where none does."""
     if not url.startswith("pipe:"):
         return url
     words = [w.strip("'\"") for w in url[len("pipe:"):].split()]
@@ -276,8 +270,7 @@ def where_of(url: str, name: str) -> str:
 
 
 def _fetch(where: str) -> str | None:
-    """The text at `where` (a path, a URL, or a `pipe:` command's output); None where it is not there. A transfer
-    that fails is an OSError."""
+    """The text at `where` (a path, a URL, or a `pipe:` command's output); None where it is not there."""
     if where.startswith("pipe:"):
         try:
             done = subprocess.run(where[len("pipe:"):], shell=True, capture_output=True, timeout=60)
@@ -295,84 +288,70 @@ def _fetch(where: str) -> str | None:
     return Path(where).read_text(encoding="utf-8") if os.path.isfile(where) else None
 
 
-def _parse_info(text: str, where: str) -> dict:
-    try:
-        info = json.loads(text) if where.rstrip("'\" ").endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as err:
-        raise ShardError(f"{where}: not a readable dataset info file ({type(err).__name__}: {err})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-        raise ShardError(f"{where}: a dataset info file needs a 'splits' mapping (timm's _info.json layout)")
-    return info
-
-
 def read_info(url: str) -> tuple[dict, str] | None:
-    """The info file beside the shard `url` and where it was read, or None. A remote one that cannot be fetched, or
-    whose answer is no info file (a `curl -s` of a missing file prints an error page), is logged and taken as absent;
-    a local one that is not readable is an error naming it."""
-    if not _shard_path(url):
-        return None  # a command that names no shard file: nothing to put the info file's name in place of
-    for name in INFO_NAMES:
-        where = where_of(url, name)
+    """(the info file beside the shard `url`, where it was read), or None. A remote one that cannot be fetched or is
+    no info file (a `curl -s` of a missing file prints an error page) is logged and passed over; a local one that is
+    not readable is an error naming it."""
+    for where in [where_of(url, name) for name in INFO_NAMES] if _shard_path(url) else []:
         try:
             text = _fetch(where)
-            if text is not None:
-                return _parse_info(text, where), where
+            info = None if text is None else json.loads(text) if where.rstrip("'\" ").endswith(".json") else \
+                yaml.safe_load(text)
         except OSError as err:  # no network, a timeout, a server error: give up
             log.info("%s: not fetched (%s); the shards are read without its counts", where, err)
             return None
-        except ShardError:
-            if not is_remote(url):
-                raise
-            log.info("%s: the answer is no dataset info file; the shards are read without its counts", where)
+        except (ValueError, yaml.YAMLError) as err:
+            problem = f"not a readable dataset info file ({type(err).__name__}: {err})"
+        else:
+            if text is None:
+                continue
+            if isinstance(info, dict) and isinstance(info.get("splits"), dict):
+                return info, where
+            problem = "a dataset info file needs a 'splits' mapping (timm's _info.json layout)"
+        if not is_remote(url):
+            raise ShardError(f"{where}: {problem}")
+        log.info("%s: %s; the shards are read without its counts", where, problem)
     return None
 
 
-def _split_counts(info: dict, where: str, names: list[str]) -> tuple[str, dict[str, int]] | None:
-    """(the split whose files include every name, its count per file); None where no split lists names[0], or where
-    the split gives no count per file."""
+def _split_of(info: dict, where: str, name: str) -> tuple[str, dict] | None:
+    """The split of `info` (and its entry) whose files include `name`; None where none does (other shards')."""
     for split, entry in info["splits"].items():
-        if not isinstance(entry, dict):
-            raise ShardError(f"{where}: split '{split}' is not a mapping")
-        files = [os.path.basename(f) for f in entry.get("filenames") or []]
-        if names[0] not in files:
-            continue
-        missing = [n for n in names if n not in files]
-        if missing:
-            raise ShardError(f"{where}: split '{split}' does not list {missing[0]}"
-                             + (f" (nor {len(missing) - 1} more of the spec's shards)" if len(missing) > 1 else ""))
-        lengths = entry.get("shard_lengths") or []
-        if len(lengths) != len(files):
-            log.info("%s: split '%s' gives no count per shard (%d counts for %d files); its shards are read without "
-                     "counts", where, split, len(lengths), len(files))
-            return None
-        try:
-            count = {f: int(n) for f, n in zip(files, lengths)}
-        except (TypeError, ValueError):
-            raise ShardError(f"{where}: split '{split}' has shard_lengths that are not whole numbers") from None
-        if entry.get("num_samples") is not None and int(entry["num_samples"]) != sum(count.values()):
-            raise ShardError(f"{where}: split '{split}' says num_samples {entry['num_samples']} but its shard_lengths "
-                             f"add up to {sum(count.values())}")
-        return split, count
-    log.info("%s: no split lists %s (splits: %s); the shards are read without its counts", where, names[0],
+        if isinstance(entry, dict) and name in [os.path.basename(f) for f in entry.get("filenames") or []]:
+            return split, entry
+    log.info("%s: no split lists %s (splits: %s); the shards are read without its counts", where, name,
              ", ".join(info["splits"]))
     return None
 
 
 def _with_info(spec: str, urls: list[str]) -> ShardList:
-    """The shards `urls` with the counts and classes of the info file beside them, where one lists them (all the
-    shards in one folder, or read by one command); else without counts."""
-    if len({where_of(u, INFO_NAMES[0]) for u in urls}) != 1 or (is_remote(urls[0]) and not
-                                                                  urls[0].startswith(("http://", "https://", "pipe:"))):
-        return ShardList(spec, urls)
-    found = read_info(urls[0])
+    """The shards `urls` with the counts and classes of the info file beside them (one folder or command), from the
+    split that lists them; else without counts."""
+    remote = is_remote(urls[0]) and not urls[0].startswith(("http://", "https://", "pipe:"))  # no way to fetch it
+    found = None if remote or len({where_of(u, INFO_NAMES[0]) for u in urls}) != 1 else read_info(urls[0])
     names = [os.path.basename(_shard_path(u)) for u in urls]
-    counted = _split_counts(found[0], found[1], names) if found else None
-    if counted is None:
+    entry = _split_of(*found, names[0]) if found else None
+    if entry is None:
         return ShardList(spec, urls)
-    split, count = counted
+    (split, entry), where = entry, found[1]
+    files, lengths = [os.path.basename(f) for f in entry["filenames"]], entry.get("shard_lengths") or []
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise ShardError(f"{where}: split '{split}' does not list {missing[0]}"
+                         + (f" (nor {len(missing) - 1} more of the spec's shards)" if len(missing) > 1 else ""))
+    if len(lengths) != len(files):
+        log.info("%s: split '%s' gives no count per shard (%d counts for %d files); its shards are read without "
+                 "counts", where, split, len(lengths), len(files))
+        return ShardList(spec, urls)
+    try:
+        count = {f: int(n) for f, n in zip(files, lengths)}
+    except (TypeError, ValueError):
+        raise ShardError(f"{where}: split '{split}' has shard_lengths that are not whole numbers") from None
+    if entry.get("num_samples") is not None and int(entry["num_samples"]) != sum(count.values()):
+        raise ShardError(f"{where}: split '{split}' says num_samples {entry['num_samples']} but its shard_lengths "
+                         f"add up to {sum(count.values())}")
     classes = next((c for c in (found[0].get("classes"), found[0].get("class_names"))
                     if isinstance(c, list) and all(isinstance(n, str) for n in c)), [])
-    samples = [count[n] for n in names]
-    manifest = Manifest(split=split, shards=[ShardInfo(u if is_remote(u) else os.path.basename(u), n)
-                                             for u, n in zip(urls, samples)], classes=classes, source=found[1])
-    return ShardList(spec, urls, samples, manifest)
+    manifest = Manifest(split=split, shards=[ShardInfo(u if is_remote(u) else os.path.basename(u), count[n])
+                                             for u, n in zip(urls, names)], classes=classes, source=where)
+    return ShardList(spec, urls, [count[n] for n in names], manifest)

@@ -1,14 +1,9 @@
-"""Reading shards and their samples: the read step of the loader's pipeline (data/reader.py), the sample rules, and
-the `Batch` it yields.
+"""Reading shards: the read step of the loader's pipeline (data/reader.py), and the rules of one sample.
 
-`read_samples(urls)` gives each shard's samples in turn, each once and in order. One read of a shard
-(`_read_once`) opens it with webdataset's `gopen` (a path, `file:`, a `pipe:` command, an http(s) URL), decompresses
-a compressed stream itself, and hands the bytes to webdataset's tar expander, which groups a sample's members by
-key. It checks what the tar reader does not: that the tar reaches its end-of-archive marker, and that a reader
-process exits cleanly; the shard's last sample is held back until both have passed. `_read_shard` is the retry
-wrapper: a remote shard (`manifest.is_remote`) whose read fails in a way another read may not is read again from its
-start after a wait, the samples already delivered passed over; a local file is read once (a corrupt file stays
-corrupt). Each shard's count is checked against the manifest's when it has been read.
+`read_samples(urls)` gives each shard's samples in turn, each once and in order. One read (`_read_once`) opens a
+shard with webdataset's `gopen`, decompresses it itself if compressed, and hands the bytes to webdataset's tar
+expander; it checks what that does not (the tar's end-of-archive marker, a reader process's exit status). Around it,
+`_read_shard` reads a failed remote shard again from its start, passing over the samples already delivered.
 """
 from __future__ import annotations
 
@@ -30,12 +25,11 @@ from crate_mae.data.manifest import BLOCK, DECOMPRESS_ERRORS, MAGIC_BYTES, compr
 from crate_mae.errors import DataError, ShardError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-RETRY_CAP = 60.0  # seconds: the longest wait between two reads of a shard, however many retries
-# What another read may not meet again: the transport's faults (an OSError: a command's non-zero exit, a reset, a
-# timeout) and a stream cut or garbled on the way (tarfile's and the decompressors' errors). Not a duplicate member
-# name, nor an unknown URL scheme: those come back the same.
+RETRY_CAP = 60.0  # seconds: the longest wait between two reads of a shard
+# What another read may not meet again: the transport's faults and a stream cut or garbled on the way (not, say, a
+# duplicate member name or an unknown URL scheme).
 RETRYABLE = (OSError, tarfile.TarError, *DECOMPRESS_ERRORS)
-NOT_RUNNABLE = (126, 127)  # a shell's exit status for a command it cannot run or find: a typo, not a hiccup
+NOT_RUNNABLE = (126, 127)  # a shell's status for a command it cannot run or find: a typo, not a hiccup
 log = logging.getLogger("crate_mae.data")
 
 
@@ -50,9 +44,8 @@ class BadSample(Exception):
 
 
 class _CountingReader:
-    """A readable over `stream` that counts the bytes read and keeps the last 1024 (for `tar_is_complete`);
-    `peeked`, bytes already taken from `stream` (the look at its magic), come first. Its str is the url, which
-    webdataset's tar reader appends to its errors (" @ <stream>"), so that `_reason` can take it off again."""
+    """A readable over `stream` that counts the bytes read and keeps the last 1024 (for `tar_is_complete`), giving
+    `peeked` (bytes already taken from `stream`) first. Its str, which the tar reader appends to errors, is the url."""
 
     def __init__(self, stream: Any, url: str, peeked: bytes = b"") -> None:
         self.stream, self.url, self.peeked, self.size, self.tail = stream, url, peeked, 0, b""
@@ -73,10 +66,8 @@ class _CountingReader:
 
 
 def _stop(raw: Any, grace: float = 0.0) -> int | None:
-    """Ends a read that did not reach its clean end, never raising; the reader process's exit status if it ended by
-    itself within `grace` seconds (else it is killed; None). Its stream is closed first, so that a process still
-    writing ends at once (SIGPIPE) and webdataset's Pipe.close, which waits for its process, has nothing to wait for.
-    A failed read gives a grace (the status says more than the tar reader's "empty file"); an early stop none."""
+    """Ends a read short of its clean end, never raising: the stream closed (a process still writing ends by SIGPIPE),
+    its process given `grace` seconds, then killed. The process's exit status if it ended by itself."""
     proc = getattr(raw, "proc", None)
     with contextlib.suppress(Exception):
         getattr(raw, "stream", raw).close()
@@ -95,13 +86,12 @@ def _stop(raw: Any, grace: float = 0.0) -> int | None:
 
 
 def _failed(status: int | None) -> bool:
-    """A reader process's own failure: a positive status but a shell's 141 (SIGPIPE after we closed its stream)."""
+    """A reader process's own failure: a positive status, but not a shell's 141 (SIGPIPE after we closed it)."""
     return status is not None and status > 0 and status != 141
 
 
 def _reason(err: BaseException, url: str, status: int | None) -> str:
-    """Why a read failed, in one line: a reader process's exit status where it ended badly, else the error's type and
-    first line, without what webdataset appends to it."""
+    """Why a read failed, in one line: a reader process's failing status, else the error's type and first line."""
     if _failed(status):
         what = {126: " (cannot run it)", 127: " (command not found)"}.get(status, "")
         return f"{'the command' if url.startswith('pipe:') else 'the download'} exited with status {status}{what}"
@@ -120,10 +110,9 @@ class _ReadFault(Exception):
 
 
 def _read_once(url: str) -> Iterator[dict]:
-    """One read of a shard from its start: its complete samples in order, or a _ReadFault. A compressed stream is
-    decompressed here (tarfile's own decompression would hide a cut tar inside it); the tar must reach its
-    end-of-archive marker, and a Pipe's close raises for its command's non-zero exit. The tar reader gives the
-    sample it was grouping when its stream ends, so the last sample waits until those checks pass."""
+    """One read of a shard: its samples in order, or a _ReadFault. A compressed stream is decompressed here (tarfile's
+    own decompression would hide a cut tar inside it); the tar must reach its end-of-archive marker (tarfile ends
+    silently at a cut header) and a Pipe's close raises for a failed command. The last sample waits for both."""
     raw, closed, pending = None, False, None
     try:
         raw = gopen(url, "rb")
@@ -154,16 +143,14 @@ def _read_once(url: str) -> Iterator[dict]:
 
 
 def _backoff(retry: int, wait: float) -> float:
-    """Seconds before retry number `retry` (1, 2, ...): `wait` doubled at each, at most RETRY_CAP (or `wait`), times a
-    factor in [0.5, 1] from the system's entropy, so that workers that lost the same store do not come back at once
-    (and the seeded data order is not touched)."""
+    """Seconds before retry `retry` (1, 2, ...): `wait` doubled at each, at most RETRY_CAP (or `wait`), times a factor
+    in [0.5, 1] from the system's entropy (workers that lost the same store come back apart; no seed is touched)."""
     return min(wait * 2 ** (retry - 1), max(RETRY_CAP, wait)) * random.SystemRandom().uniform(0.5, 1.0)
 
 
 def _read_shard(url: str, retries: int, wait: float) -> Generator[dict, None, int]:
-    """The samples of one shard, each once and in order however many reads it takes; returns their number. A later
-    read passes over the samples delivered, the last of which must come back with the same key (else the shard
-    changed between reads: a ShardError)."""
+    """The samples of one shard, each once and in order however many reads (a local file: one); returns their number.
+    A later read passes over the samples delivered; the last of them must come back with the same key."""
     attempts = 1 + (retries if is_remote(url) else 0)
     count, last_key = 0, None
     for attempt in range(1, attempts + 1):
@@ -196,10 +183,9 @@ def _read_shard(url: str, retries: int, wait: float) -> Generator[dict, None, in
 
 def read_samples(urls: Iterable[str], *, spec: str, shards: int, expected: dict[str, int] | None = None,
                  retries: int = 0, wait: float = 1.0) -> Iterator[dict]:
-    """The samples of each shard in turn, a remote shard read again up to `retries` times (`wait` seconds before the
-    first, doubling). A shard that cannot be read, or that holds another number of samples than the manifest's
-    (`expected`, by url: the epoch length comes from it), is a ShardError naming it; so is a run of more empty shards
-    than the set holds (an endless training order over empty shards), naming the set."""
+    """The samples of each shard in turn, a remote one read again up to `retries` times (`wait` seconds before the
+    first, doubling). A ShardError names a shard that cannot be read, or whose count is not the manifest's
+    (`expected`, by url), and the set when more shards in a row than it holds are empty."""
     empty_run = 0
     for url in urls:
         count = yield from _read_shard(url, retries, wait)
@@ -217,16 +203,15 @@ def sample_key(sample: dict) -> str:
 
 
 def merged_members(sample: dict) -> list[str]:
-    """The member suffixes that show samples merged into one: webdataset splits a member name at its first dot, so
-    samples keyed `img.1`, `img.2` land in one sample `img` as `1.jpg`, `2.jpg`. Empty for one true sample."""
+    """The members that show samples merged into one: webdataset splits member names at the first dot, so samples
+    keyed `img.1`, `img.2` become one sample `img` with `1.jpg`, `2.jpg`. Empty for a true sample."""
     return sorted(k for k in sample if not k.startswith("__") and "." in k
                   and k.rsplit(".", 1)[1] in (*IMAGE_KEYS, "cls"))
 
 
 def label(sample: dict, num_classes: int, classes_of: str) -> int:
-    """The sample's class. Missing or not an integer: a BadSample. Negative, or outside `num_classes` (0: unknown):
-    a DataError naming shard, key and value and where the classes come from (`classes_of`): 1-based labels or a wrong
-    class list would otherwise drop a whole class silently."""
+    """The sample's class; missing or no integer: a BadSample. Outside `num_classes` (0: unknown) from `classes_of`:
+    a DataError naming shard, key and value (1-based labels would otherwise drop a whole class silently)."""
     if "cls" not in sample:
         raise BadSample("no label (cls): an unlabelled set? fine-tuning and the probes need labels")
     try:
@@ -242,9 +227,8 @@ def label(sample: dict, num_classes: int, classes_of: str) -> int:
 
 def decode_sample(sample: dict, transform: Callable, rng: random.Random, *, labels: bool, num_classes: int,
                   classes_of: str, dry: bool) -> tuple[Any, int]:
-    """(`transform(image bytes, rng)`, label) of a sample, or a BadSample; `dry` (a replayed sample) makes only the
-    transform's random draws (`transform.draw`) and gives None. Without `labels` (pretraining) the label is -1, unread.
-    Members of samples merged by a dotted key are a DataError: the set's naming is wrong, not one sample."""
+    """(`transform(image bytes, rng)`, label), or a BadSample; `dry` (a replayed sample) makes only the random draws
+    (`transform.draw`) and gives None. Without `labels` (pretraining) the label is -1, unread."""
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
         merged = merged_members(sample)
