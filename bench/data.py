@@ -201,7 +201,8 @@ def _cases(args: argparse.Namespace, manifests: dict[str, Path], data: dict[str,
         cases[f"transform/{col}"] = lambda t=pre, b=blobs: rate_fn(t, b, n)
         cases[f"eval/{col}"] = lambda t=ev, b=blobs: rate_fn(t, b, n)
         if fast:  # a plain full-size decode: the same with fast decode on or off, so once per kind
-            cases[f"decode/{col}"] = lambda b=blobs: rate_fn(lambda d, r: Image.open(io.BytesIO(d)).convert("RGB"), b, n)
+            cases[f"decode/{col}"] = lambda b=blobs: rate_fn(lambda d, r: Image.open(io.BytesIO(d)).convert("RGB"),
+                                                             b, n)
             # data.decode_on=device: the worker only draws crops; the device decodes and crops the batch
             cases[f"device-worker/{col}"] = lambda m=manifest: rate_loader(m, DeviceCropTransform(size), n,
                                                                            args.batch_size, args.shuffle_buffer)
@@ -238,8 +239,8 @@ def _print_table(args: argparse.Namespace, runs: dict[str, list[float]], columns
           f"batch {args.device_batch or args.batch_size})\n")
     for kind in kinds:
         best = statistics.median(runs[f"loader/{kind}/fast"])
-        print(f"target ≥ 400 images/s per worker (set at 224 px), {kind}: loader at {args.img_size} px with fast decode "
-              f"{best:.0f} → {'MET' if best >= 400 else 'NOT MET'}")
+        print(f"target ≥ 400 images/s per worker (set at 224 px), {kind}: loader at {args.img_size} px with fast "
+              f"decode {best:.0f} → {'MET' if best >= 400 else 'NOT MET'}")
         if device.type == "cuda":  # the speed issue's target for the batched GPU decode
             gpu = statistics.median(runs[f"device-decode/{kind}/fast"])
             print(f"target ≥ 10,000 images/s decoded and cropped on one GPU, {kind}: {gpu:.0f} → "

@@ -177,7 +177,7 @@ class ShardStream(IterableDataset):
             yield err, count.hand_over()
 
 
-def _ignore(numbers: list[int], worker: int) -> None:
+def _ignore_stop_signals(numbers: list[int], worker: int) -> None:
     """A worker ignores the run's stop signals, which a terminal or a cluster sends the whole process group: the
     parent stops at a step boundary (engine/preempt.py) and ends its workers itself. The resource sharer's thread,
     which loses its connection when the parent stops at once, reports nothing (the parent's line says it)."""
@@ -216,12 +216,12 @@ class ShardLoader:
 
     def __init__(self, stream: ShardStream, *, pin_memory: bool = False, stop_signals: Sequence[str] = STOP_SIGNALS,
                  named: int | None = NAMED) -> None:
-        workers = stream.data.num_workers
+        workers, ignored = stream.data.num_workers, signal_numbers(list(stop_signals))
         self.stream, self.named, self.steps_per_epoch = stream, named, stream.steps_per_epoch
         # Its own generator: creating an iterator must not draw from the global RNG (the model's masking uses it).
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None, generator=torch.Generator(),
-                                 worker_init_fn=functools.partial(_ignore, signal_numbers(list(stop_signals))))
+                                 worker_init_fn=functools.partial(_ignore_stop_signals, ignored))
         self.seen, self.bad, self.last, self.logged = 0, 0, "", 0
 
     def __len__(self) -> int:
@@ -299,8 +299,9 @@ def eval_loader(spec: str | ShardList, img_size: int, *, data: DataConfig | None
     that hold the set's first n samples."""
     data = _settings(data, batch_size=batch_size, num_workers=num_workers, eval_crop_pct=eval_crop_pct,
                      max_bad_fraction=max_bad_fraction)
-    stream = ShardStream(resolve_shards(spec).first(first_samples), EvalTransform(img_size, crop_pct=data.eval_crop_pct),
-                         data, train=False, rank=rank, world_size=world_size, labels=labels, num_classes=num_classes)
+    transform = EvalTransform(img_size, crop_pct=data.eval_crop_pct)
+    stream = ShardStream(resolve_shards(spec).first(first_samples), transform, data, train=False, rank=rank,
+                         world_size=world_size, labels=labels, num_classes=num_classes)
     return ShardLoader(stream, pin_memory=pin_memory, stop_signals=stop_signals)
 
 

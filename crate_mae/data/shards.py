@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from crate_mae.config import DataConfig
-from crate_mae.data.manifest import INFO_NAMES, Manifest, ShardError, ShardInfo, is_remote, resolve_shards, write_manifest
+from crate_mae.data.manifest import (INFO_NAMES, Manifest, ShardError, ShardInfo, is_remote, resolve_shards,
+                                    write_manifest)
 from crate_mae.data.reader import ShardLoader, ShardStream
 from crate_mae.data.stream import merged_members, read_samples
 from crate_mae.errors import CrateError, report
@@ -157,22 +158,25 @@ def _write(args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m crate_mae.data.shards", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
     _write_arguments(sub.add_parser("write", help="write a shard set and its manifest"))
-    m = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
-    m.add_argument("spec", help="brace pattern or glob of local shards (.tar, or gzip-compressed .tar.gz / .tgz)")
-    m.add_argument("--split", help="split name (default: the shard name before its last '-')")
-    m.add_argument("--merge", action="store_true", help="SPEC is a folder: join the part manifests that "
-                                                         "`write --num-nodes K` left there into <split>.json")
-    m.add_argument("--verify", action="store_true", help="count every shard of SPEC (a manifest) against the "
-                                                          "manifest and report the shards that disagree; write nothing")
-    c = sub.add_parser("check", help="read every sample of a shard set and report the bad ones")
-    c.add_argument("spec")
+    counting = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
+    counting.add_argument("spec", help="brace pattern or glob of local shards (.tar, or gzip-compressed .tar.gz / "
+                                       ".tgz)")
+    counting.add_argument("--split", help="split name (default: the shard name before its last '-')")
+    counting.add_argument("--merge", action="store_true", help="SPEC is a folder: join the part manifests that "
+                                                                "`write --num-nodes K` left there into <split>.json")
+    counting.add_argument("--verify", action="store_true", help="count every shard of SPEC (a manifest) against the "
+                                                                 "manifest and report the shards that disagree; write "
+                                                                 "nothing")
+    sub.add_parser("check", help="read every sample of a shard set and report the bad ones").add_argument("spec")
     return parser
 
 
 def _write_arguments(w: argparse.ArgumentParser) -> None:
+    """The options of `write`."""
     w.add_argument("source", choices=["digits", "cifar10", "cifar100", "imagefolder", "folder", "hf", "imagenet"])
     w.add_argument("--root", help="dataset folder (cifar: torchvision's root; imagefolder: root/<class>/<image>; "
                                   "folder: unlabelled images at any depth)")

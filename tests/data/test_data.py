@@ -232,7 +232,7 @@ def test_the_bad_fraction_is_judged_over_the_whole_run_in_every_epoch(tmp_path: 
 @pytest.mark.parametrize("limit, stops", [(0.04, False), (0.02, True)])
 def test_the_end_of_a_pass_is_judged_over_every_worker_together(tmp_path: Path, limit: float, stops: bool) -> None:
     """Two workers, one shard each: 1 bad of 20 (5 %) and 0 of 20. Judged alone, the first would stop at a 4 % limit;
-    the pass is judged over both (1 of 40, 2.5 %), through the tally the workers share."""
+    the pass is judged over both (1 of 40, 2.5 %), in the main process, from the counts each worker hands over."""
     samples = [good_sample(i) for i in range(40)]
     samples[5] = {"__key__": "broken", "jpg": b"\xff\xd8 not a jpeg", "cls": b"0"}
     spec = write_tar_set(tmp_path, "val", [samples[:20], samples[20:]])
