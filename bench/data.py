@@ -38,7 +38,7 @@ import statistics
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +169,7 @@ def machine() -> dict[str, object]:
             "numpy": np.__version__, "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("/tmp/crate_mae_bench_data"), help="shard set folder (made once)")
     p.add_argument("--num-images", type=int, default=1000, help="images in the generated shard set")
@@ -185,19 +185,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the device-decode rows decode (default: cuda if present)")
     p.add_argument("--device-batch", type=int, help="batch of the device-decode rows (default: --batch-size)")
     p.add_argument("--device-measure", type=int, help="images timed per device-decode run (default: --measure)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)  # one worker = one core
-    device = torch.device(args.device)
+    return p.parse_args(argv)
 
+
+def _cases(args: argparse.Namespace, manifests: dict[str, Path], data: dict[str, list[bytes]],
+           columns: dict[str, str], device: torch.device) -> dict[str, Callable[[], float]]:
+    """What is timed, by "<row>/<column>": each a call that measures one run and gives images/s."""
     size, n = args.img_size, args.measure
-    manifests = {"original": ensure_shards(args.out, args.num_images)}
-    if args.write_resize:
-        manifests["resized"] = ensure_shards(args.out / f"resize{args.write_resize}", args.num_images,
-                                             resize=args.write_resize, original=manifests["original"])
-    data = {kind: list(load_bytes(m).values()) for kind, m in manifests.items()}
-    columns = {"original/fast": "original, fast decode", "original/full": "original, full decode",
-               "resized/fast": f"resized {args.write_resize}, fast decode"}
-    columns = {c: title for c, title in columns.items() if c.split("/")[0] in data}
     cases: dict[str, Callable[[], float]] = {}
     for col in columns:
         kind, fast = col.split("/")[0], col.endswith("fast")
@@ -207,24 +201,18 @@ def main(argv: list[str] | None = None) -> None:
         cases[f"transform/{col}"] = lambda t=pre, b=blobs: rate_fn(t, b, n)
         cases[f"eval/{col}"] = lambda t=ev, b=blobs: rate_fn(t, b, n)
         if fast:  # a plain full-size decode: the same with fast decode on or off, so once per kind
-            cases[f"decode/{col}"] = lambda b=blobs: rate_fn(lambda d, r: Image.open(io.BytesIO(d)).convert("RGB"), b, n)
+            cases[f"decode/{col}"] = lambda b=blobs: rate_fn(lambda d, r: Image.open(io.BytesIO(d)).convert("RGB"),
+                                                             b, n)
             # data.decode_on=device: the worker only draws crops; the device decodes and crops the batch
             cases[f"device-worker/{col}"] = lambda m=manifest: rate_loader(m, DeviceCropTransform(size), n,
                                                                            args.batch_size, args.shuffle_buffer)
             cases[f"device-decode/{col}"] = lambda m=manifest: rate_device_decode(
                 m, args.device_measure or n, args.device_batch or args.batch_size, size, device)
+    return cases
 
-    runs: dict[str, list[float]] = {name: [] for name in cases}
-    start = time.perf_counter()
-    for _ in range(args.repeats):  # interleaved, so that noise from the shared machine hits every case alike
-        for name, case in cases.items():
-            runs[name].append(case())
-    elapsed = time.perf_counter() - start
 
-    info = machine()
-    print(f"\n{info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), GPU: {info['gpu']}; python "
-          f"{info['python']}, torch {info['torch']}, Pillow {info['pillow']}, libjpeg {info['libjpeg']}; 1 thread")
-    print(f"at {size} px, batch {args.batch_size}, {n} images × {args.repeats} runs ({elapsed:.0f} s)")
+def _describe_sets(data: dict[str, list[bytes]], size: int) -> dict[str, dict]:
+    """Each data kind's images: count, mean size in KB and sides, and the share a reduced decode serves; printed."""
     sets = {}
     for kind, blobs in data.items():
         sides = [sorted(Image.open(io.BytesIO(d)).size) for d in blobs]  # (shorter, longer)
@@ -235,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{kind + ':':<10}{len(blobs)} JPEGs, {sets[kind]['mean_kb']:.0f} KB and "
               f"{'×'.join(map(str, sets[kind]['mean_sides']))} px mean (shorter×longer side); reduced decode for "
               f"{crop_share:.0%} of pretrain crops, {eval_share:.0%} of eval images")
+    return sets
+
+
+def _print_table(args: argparse.Namespace, runs: dict[str, list[float]], columns: dict[str, str],
+                 kinds: Iterable[str], device: torch.device) -> None:
+    """The table of medians [min-max], then each target met or not."""
     print(f"\n{'images/s per worker (median [min-max])':<40}" + "".join(f"{t:>26}" for t in columns.values()))
     for what in ("loader", "transform", "eval", "decode", "device-worker", "device-decode"):
         cells = [f"{statistics.median(r):.0f} [{min(r):.0f}-{max(r):.0f}]" if (r := runs.get(f"{what}/{col}")) else "-"
@@ -243,14 +237,43 @@ def main(argv: list[str] | None = None) -> None:
     print("(decode: a full-size decode to RGB, whatever the column's decode setting; device-worker: the loader with "
           f"data.decode_on=device, where a worker only draws crops; device-decode: decode_batch on {device}, "
           f"batch {args.device_batch or args.batch_size})\n")
-    for kind in data:
+    for kind in kinds:
         best = statistics.median(runs[f"loader/{kind}/fast"])
-        print(f"target ≥ 400 images/s per worker (set at 224 px), {kind}: loader at {size} px with fast decode "
-              f"{best:.0f} → {'MET' if best >= 400 else 'NOT MET'}")
+        print(f"target ≥ 400 images/s per worker (set at 224 px), {kind}: loader at {args.img_size} px with fast "
+              f"decode {best:.0f} → {'MET' if best >= 400 else 'NOT MET'}")
         if device.type == "cuda":  # the speed issue's target for the batched GPU decode
             gpu = statistics.median(runs[f"device-decode/{kind}/fast"])
             print(f"target ≥ 10,000 images/s decoded and cropped on one GPU, {kind}: {gpu:.0f} → "
                   f"{'MET' if gpu >= 10_000 else 'NOT MET'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
+    torch.set_num_threads(1)  # one worker = one core
+    device = torch.device(args.device)
+    manifests = {"original": ensure_shards(args.out, args.num_images)}
+    if args.write_resize:
+        manifests["resized"] = ensure_shards(args.out / f"resize{args.write_resize}", args.num_images,
+                                             resize=args.write_resize, original=manifests["original"])
+    data = {kind: list(load_bytes(m).values()) for kind, m in manifests.items()}
+    columns = {"original/fast": "original, fast decode", "original/full": "original, full decode",
+               "resized/fast": f"resized {args.write_resize}, fast decode"}
+    columns = {c: title for c, title in columns.items() if c.split("/")[0] in data}
+    cases = _cases(args, manifests, data, columns, device)
+    runs: dict[str, list[float]] = {name: [] for name in cases}
+    start = time.perf_counter()
+    for _ in range(args.repeats):  # interleaved, so that noise from the shared machine hits every case alike
+        for name, case in cases.items():
+            runs[name].append(case())
+    elapsed = time.perf_counter() - start
+
+    info = machine()
+    print(f"\n{info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), GPU: {info['gpu']}; python "
+          f"{info['python']}, torch {info['torch']}, Pillow {info['pillow']}, libjpeg {info['libjpeg']}; 1 thread")
+    print(f"at {args.img_size} px, batch {args.batch_size}, {args.measure} images × {args.repeats} runs "
+          f"({elapsed:.0f} s)")
+    sets = _describe_sets(data, args.img_size)
+    _print_table(args, runs, columns, data, device)
     if args.json:
         args.json.write_text(json.dumps({
             "machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "sets": sets,

@@ -1,23 +1,15 @@
-"""Shard sets: the manifest beside them, and turning a user's shard spec into a checked list.
+"""Shard sets: the manifest beside them (`<split>.json`: each shard's name, samples and bytes, the classes), a
+published set's `_info.json`, and a user's shard spec made a checked list. A spec (`data.train_shards`) is one of:
 
-A split's manifest (`<folder>/<split>.json`, written last and atomically by the writer) records each
-shard's name, sample count and byte size, the total, the classes and the image size if fixed. Readers
-take the epoch length from it and, before training starts, check every local shard against it.
-
-A shard spec (`data.train_shards`) is one of:
   shards/imagenet/train.json                    a manifest (recommended)
   shards/imagenet/train-{000000..001023}.tar    brace pattern (its sibling train.json is used if present)
   shards/imagenet/train-*.tar                   glob
   shards/imagenet/train-*.tar.gz                gzip-compressed shards (.tar.gz, .tgz) in any of the forms above
-  pipe:curl -s https://host/train-{0..9}.tar    webdataset URLs (not checked; give a manifest for counts)
+  pipe:curl -s https://host/train-{0..9}.tar    webdataset URLs (not checked here; counts from a manifest or _info.json)
 
-A brace pattern or glob without a sibling manifest takes its counts (and classes) from a published set's
-`_info.json` / `_info.yaml` beside the shards where there is one (data/info.py: timm's convention, also fetched for
-http(s) URLs and through `pipe:` commands).
-
-A shard is compressed when its first bytes say so, whatever its name, as webdataset's tar reader (tarfile's "r|*")
-decides too: a `.tar.gz` holding a plain tar is read as a plain tar. Gzip is the WebDataset format; bzip2 and xz,
-which the same reader takes, are read and checked the same way.
+A pattern without a sibling manifest takes its counts (and classes) from the `_info.json` / `_info.yaml` beside the
+shards (timm's layout), read from the folder, the http(s) folder, or by the `pipe:` command with the address replaced.
+A shard is compressed when its first bytes say so (gzip; bzip2, xz), whatever its name, as tarfile's "r|*" decides.
 """
 from __future__ import annotations
 
@@ -25,16 +17,20 @@ import bz2
 import glob
 import gzip
 import json
+import logging
 import lzma
 import os
-import dataclasses
+import subprocess
+import urllib.error
+import urllib.request
 import zlib
-from collections.abc import Callable
-from typing import Any, BinaryIO
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlparse
 
 import braceexpand
+import yaml
 
 from crate_mae.atomic import atomic_path
 from crate_mae.errors import ShardError  # here too: the data layer's own error, by its old name
@@ -42,30 +38,44 @@ from crate_mae.errors import ShardError  # here too: the data layer's own error,
 FORMAT = "crate-mae-shards/1"
 BLOCK = 512  # a tar block; an archive ends with two zero blocks (the end-of-archive marker), then zero padding
 MAGIC_BYTES = 10  # as many first bytes as `compression` looks at
-# The errors of a compressed stream that is cut short (EOFError) or garbled (the rest; gzip's BadGzipFile and bz2's
-# "Invalid data stream" are OSErrors).
+# The errors of a compressed stream cut short (EOFError) or garbled (the rest; gzip's and bz2's are OSErrors).
 DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
-_OPENERS: dict[str, Callable[..., BinaryIO]] = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+INFO_NAMES = ("_info.json", "_info.yaml", "_info.yml", "info.json", "info.yaml")  # in this order, as timm looks
+log = logging.getLogger("crate_mae.data")
+
+
+def is_remote(url: str) -> bool:
+    """Whether `url` is read by a command (`pipe:`) or a transfer (any scheme but `file:`): the package's one test. A
+    path or a `file:` URL is a local file, checked before reading and never read again."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file:"))
+
+
+def local_path(url: str) -> str:
+    """The file a local `url` names (a `file:` URL's path)."""
+    return urlparse(url).path if url.startswith("file:") else url
 
 
 def compression(head: bytes) -> str | None:
-    """The compression of a stream whose first bytes are `head` (MAGIC_BYTES of them): "gzip", "bzip2", "xz", or
-    None for a plain tar. The bzip2 test takes its level digit and the magic of its first block (or of its end, for
-    an empty stream) too: "BZh" alone could begin the name of a plain tar's first member."""
-    if head.startswith(b"\x1f\x8b"):  # RFC 1952
+    """"gzip", "bzip2", "xz" or None (a plain tar) for a stream that begins with `head`. bzip2 needs its level digit
+    and a block (or end) magic too: "BZh" alone could begin a plain tar's first member name."""
+    if head.startswith(b"\x1f\x8b"):
         return "gzip"
     if head.startswith(b"\xfd7zXZ\x00"):
         return "xz"
-    if head[:3] == b"BZh" and head[3:4] in b"123456789" and len(head) >= 10 and head[4:10] in (b"1AY&SY",
-                                                                                              b"\x17rE8P\x90"):
+    if head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
         return "bzip2"
     return None
 
 
 def decompressing(kind: str, stream: Any) -> BinaryIO:
-    """A readable of the decompressed bytes of `stream` (a file object or path; non-seekable streams work), of the
-    compression `kind` named by `compression`."""
-    return _OPENERS[kind](stream, "rb")  # each takes a path or a readable
+    """A readable of the decompressed bytes of `stream` (a path or a readable, seekable or not)."""
+    return {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}[kind](stream, "rb")
+
+
+def tar_is_complete(size: int, tail: bytes) -> bool:
+    """Whether a tar stream of `size` bytes whose last 1024 are `tail` ends with its end-of-archive marker (two zero
+    blocks): the one rule of the pre-check here and of the reader (data/stream.py)."""
+    return size % BLOCK == 0 and size >= 2 * BLOCK and len(tail) == 2 * BLOCK and tail.count(0) == len(tail)
 
 
 @dataclass
@@ -122,10 +132,6 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise ShardError(f"{path}: not a shard manifest ({type(err).__name__}: {err})") from None
 
 
-def is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
 @dataclass
 class ShardList:
     """The shards a spec names, in a fixed order, with per-shard sample counts when a manifest gives them."""
@@ -139,115 +145,66 @@ class ShardList:
     def total(self) -> int | None:
         return sum(self.samples) if self.samples is not None else None
 
-    def first(self, n: int | None) -> "ShardList":
-        """The leading shards that hold the set's first n samples (by the manifest's counts; without counts, or for
-        None, every shard): what a reader of the first n samples needs, and nothing after."""
+    def first(self, n: int | None) -> ShardList:
+        """The leading shards that hold the set's first n samples (all of them without counts, or for None)."""
         if n is None or self.samples is None:
             return self
         total, k = 0, 0
         while k < len(self.urls) and total < n:
             total, k = total + self.samples[k], k + 1
-        return dataclasses.replace(self, urls=self.urls[:k], samples=self.samples[:k])
+        return replace(self, urls=self.urls[:k], samples=self.samples[:k])
 
 
-def tar_is_complete(size: int, tail: bytes) -> bool:
-    """Whether a tar stream of `size` bytes whose last (up to) 1024 bytes are `tail` ends with its end-of-archive
-    marker: whole blocks, at least two of them, the last two zero. Python's tarfile (and so webdataset) ends a stream
-    silently at a missing or cut header, so a shard cut at a member boundary would otherwise just yield fewer
-    samples; the pre-check and the reader (data/stream.py) both judge a shard's end by this one rule."""
-    return size % BLOCK == 0 and size >= 2 * BLOCK and len(tail) >= 2 * BLOCK and tail.count(0) == len(tail)
-
-
-def compressed_tar_problem(path: str | os.PathLike, kind: str) -> str | None:
-    """What is wrong with a compressed tar file (`kind`: gzip, bzip2, xz), read whole (None: a complete stream, its
-    checksums right, whose content is a complete tar with a member). Its cost is a full decompression, so the
-    pre-check calls it only when its cheap checks (`_check_compressed`) leave a doubt."""
-    size, tail, head = 0, b"", b""
+def _compressed_problem(path: str, kind: str, size: int) -> str | None:
+    """What is wrong with a compressed local shard (None: nothing found), cheaply: its first tar block and its end
+    (gzip's last 4 bytes are the content's size, a multiple of 512 for a tar; xz ends with "YZ"); where these leave a
+    doubt, the whole stream is decompressed. The reader checks every shard whole as it reads it."""
     try:
         with decompressing(kind, path) as f:
-            while chunk := f.read(1 << 20):
-                head = head or chunk[:BLOCK]
-                size, tail = size + len(chunk), (tail + chunk)[-2 * BLOCK:]
+            head = f.read(BLOCK)
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 4))
+            end = f.read(4)
+        whole, tail = len(head), b""
+        if len(head) < BLOCK or (kind == "gzip" and int.from_bytes(end, "little") % BLOCK) or \
+                (kind == "xz" and end[-2:] != b"YZ"):
+            whole = 0
+            with decompressing(kind, path) as f:
+                while chunk := f.read(1 << 20):
+                    whole, tail = whole + len(chunk), (tail + chunk)[-2 * BLOCK:]
+            if whole == 0:
+                return f"an empty {kind} stream: it holds no tar"
+            if not tar_is_complete(whole, tail):
+                return f"the {kind} stream holds {whole} bytes that are no complete tar (no end-of-archive marker): " \
+                       f"not a tar, or one cut short before it was compressed?"
     except EOFError:
         return f"the {kind} stream is cut short (no end-of-stream marker): truncated?"
     except DECOMPRESS_ERRORS as err:
         return f"not a valid {kind} stream ({type(err).__name__}: {err}): corrupt?"
-    if size == 0:
-        return f"an empty {kind} stream: it holds no tar"
-    if not tar_is_complete(size, tail):
-        return f"the {kind} stream holds {size} bytes that are no complete tar (no end-of-archive marker): not a " \
-               f"tar, or one cut short before it was compressed?"
-    if head.count(0) == len(head):
-        return "the shard holds no samples (an empty tar)"
-    return None
-
-
-def _check_compressed(url: str, size: int, kind: str) -> None:
-    """The pre-check of a local compressed shard, cheap as the plain tar's (its first and last bytes, not a full
-    decompression, which would cost seconds per shard at every evaluation): its header and first tar block
-    decompress, and the tar holds a member. Its end, where the format allows a cheap look: gzip's trailer holds the
-    content's length mod 2^32 (ISIZE), a whole number of tar blocks for a complete tar, while a file cut short ends
-    with deflate data instead (passing by chance once in 512); xz ends with the footer magic "YZ". Where these fail,
-    the whole file is decompressed to say what is wrong (a valid file of several gzip members, or with xz padding,
-    then passes). A bzip2 stream ends at a bit, not a byte: its end is not looked at here. The reader checks every
-    shard completely as it reads it (data/stream.py), so what slips through here is named there."""
-    try:
-        with decompressing(kind, url) as f:
-            head = f.read(BLOCK)
-    except EOFError:
-        raise ShardError(f"{url}: the {kind} stream is cut short (no end-of-stream marker): truncated?") from None
-    except DECOMPRESS_ERRORS as err:
-        raise ShardError(f"{url}: not a valid {kind} stream ({type(err).__name__}: {err}): corrupt?") from None
-    if not head:
-        raise ShardError(f"{url}: an empty {kind} stream: it holds no tar")
-    if len(head) == BLOCK and head.count(0) == len(head):  # the first header block is the end-of-archive marker
-        raise ShardError(f"{url}: the shard holds no samples (an empty tar)")
-    with open(url, "rb") as f:
-        f.seek(max(0, size - 4))
-        end = f.read(4)
-    doubt = len(head) < BLOCK or (kind == "gzip" and int.from_bytes(end, "little") % BLOCK) or \
-        (kind == "xz" and end[-2:] != b"YZ")
-    if doubt:
-        problem = compressed_tar_problem(url, kind)
-        if problem is not None:
-            raise ShardError(f"{url}: {problem}")
+    return "the shard holds no samples (an empty tar)" if head.count(0) == len(head) else None
 
 
 def _check_local(url: str, expected_bytes: int | None) -> None:
-    """A local shard exists, has the manifest's size, ends with a tar end-of-archive marker, and holds a member
-    (a compressed one: `_check_compressed`).
-
-    The marker check matters: Python's tarfile (and so webdataset) ends a stream silently at a
-    truncated header, so a shard cut short would otherwise just yield fewer samples.
-    """
-    if not os.path.exists(url):
+    """A local shard exists, has the manifest's size, holds a member and ends with a tar end-of-archive marker."""
+    path = local_path(url)
+    if not os.path.exists(path):
         raise ShardError(f"{url}: no such shard file")
-    if os.path.isdir(url):
+    if os.path.isdir(path):
         raise ShardError(f"{url}: a folder, not a shard file")
-    size = os.path.getsize(url)
+    size = os.path.getsize(path)
     if expected_bytes is not None and size != expected_bytes:
         raise ShardError(f"{url}: {size} bytes but the manifest says {expected_bytes}: truncated or rewritten")
-    with open(url, "rb") as f:
+    with open(path, "rb") as f:
         head = f.read(BLOCK)
         f.seek(max(0, size - 2 * BLOCK))
         tail = f.read()
     kind = compression(head[:MAGIC_BYTES])
-    if kind is not None:
-        _check_compressed(url, size, kind)
-        return
-    if not tar_is_complete(size, tail):
-        raise ShardError(f"{url}: not a complete tar file (no end-of-archive marker): truncated?")
-    if head.count(0) == len(head):  # the first header block is the end-of-archive marker: no member at all
-        raise ShardError(f"{url}: the shard holds no samples (an empty tar)")
-
-
-def _sibling_manifest(url: str) -> Path | None:
-    """`<folder>/<split>.json` for a shard named `<split>-NNNNNN.tar` (or `.tar.gz`, `.tgz`, ...), if it exists."""
-    name = os.path.basename(url)
-    if "-" not in name:
-        return None
-    path = Path(os.path.dirname(url) or ".") / f"{name.rsplit('-', 1)[0]}.json"
-    return path if path.exists() else None
+    problem = _compressed_problem(path, kind, size) if kind else \
+        None if tar_is_complete(size, tail) else "not a complete tar file (no end-of-archive marker): truncated?"
+    if problem is None and not kind and head.count(0) == len(head):  # the first header is the end-of-archive marker
+        problem = "the shard holds no samples (an empty tar)"
+    if problem is not None:
+        raise ShardError(f"{url}: {problem}")
 
 
 def resolve_shards(spec: str | ShardList) -> ShardList:
@@ -262,56 +219,139 @@ def resolve_shards(spec: str | ShardList) -> ShardList:
         manifest = read_manifest(spec)
         if not manifest.shards:
             raise ShardError(f"{spec}: the manifest lists no shards")
-        folder = os.path.dirname(spec)
-        urls = [s.name if is_remote(s.name) else os.path.join(folder, s.name) for s in manifest.shards]
+        urls = [s.name if is_remote(s.name) else os.path.join(os.path.dirname(spec), s.name) for s in manifest.shards]
         for url, info in zip(urls, manifest.shards):
             if info.samples == 0:
                 raise ShardError(f"{url}: the manifest {spec} lists it with no samples")
             if not is_remote(url):
                 _check_local(url, info.bytes)
         return ShardList(spec, urls, [s.samples for s in manifest.shards], manifest)
-
     urls = []
     for item in braceexpand.braceexpand(spec):
-        if not is_remote(item) and glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise ShardError(f"{item}: the pattern matches no file")
-            urls.extend(matches)
-        else:
-            urls.append(item)
-    if not urls:
-        raise ShardError(f"{spec}: names no shards")
+        matches = sorted(glob.glob(item)) if not is_remote(item) and glob.has_magic(item) else [item]
+        if not matches:
+            raise ShardError(f"{item}: the pattern matches no file")
+        urls.extend(matches)
     if is_remote(urls[0]):
-        return _with_info(spec, urls) if urls[0].startswith(("http://", "https://", "pipe:")) else ShardList(spec, urls)
+        return _with_info(spec, urls)
     for url in urls:
         _check_local(url, None)
-    manifest_path = _sibling_manifest(urls[0])
-    if manifest_path is None:
+    name = os.path.basename(urls[0])
+    sibling = Path(os.path.dirname(urls[0]) or ".") / f"{name.rsplit('-', 1)[0]}.json"
+    if "-" not in name or not sibling.exists():
         return _with_info(spec, urls)
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(sibling)
     by_name = {s.name: s for s in manifest.shards}
-    infos = []
     for url in urls:
-        info = by_name.get(os.path.basename(url))
-        if info is None:
-            raise ShardError(f"{url}: not listed in {manifest_path}")
-        _check_local(url, info.bytes)
-        infos.append(info)
-    return ShardList(spec, urls, [i.samples for i in infos], manifest)
+        if os.path.basename(url) not in by_name:
+            raise ShardError(f"{url}: not listed in {sibling}")
+        _check_local(url, by_name[os.path.basename(url)].bytes)
+    return ShardList(spec, urls, [by_name[os.path.basename(u)].samples for u in urls], manifest)
+
+
+# ---------------------------------------------------------------------------- a published set's _info.json
+
+def _shard_path(url: str) -> str:
+    """The path or URL of the shard file `url` reads: itself, or a `pipe:` command's last word that names a shard
+    file (`pipe:curl -s -L -H '…' https://host/set/train-0001.tar` → the URL); "" where none does."""
+    if not url.startswith("pipe:"):
+        return url
+    words = [w.strip("'\"") for w in url[len("pipe:"):].split()]
+    return next((w for w in reversed(words) if w.endswith((".tar", ".tar.gz", ".tgz"))), "")
+
+
+def where_of(url: str, name: str) -> str:
+    """How to read the file `name` beside the shard `url`: a path, a URL, or the `pipe:` command with the shard's
+    address replaced by the file's."""
+    path = _shard_path(url)
+    beside = f"{path.rsplit('/', 1)[0]}/{name}" if "://" in path else os.path.join(os.path.dirname(path) or ".", name)
+    cut = url.rfind(path)
+    return url[:cut] + beside + url[cut + len(path):] if url.startswith("pipe:") else beside
+
+
+def _fetch(where: str) -> str | None:
+    """The text at `where` (a path, a URL, or a `pipe:` command's output); None where it is not there."""
+    if where.startswith("pipe:"):
+        try:
+            done = subprocess.run(where[len("pipe:"):], shell=True, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise OSError(f"no answer in 60 s from {where}") from None
+        return done.stdout.decode("utf-8", "replace") if done.returncode == 0 and done.stdout.strip() else None
+    if "://" in where:
+        try:
+            with urllib.request.urlopen(where, timeout=30) as response:
+                return response.read().decode("utf-8")
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+    return Path(where).read_text(encoding="utf-8") if os.path.isfile(where) else None
+
+
+def read_info(url: str) -> tuple[dict, str] | None:
+    """(the info file beside the shard `url`, where it was read), or None. A remote one that cannot be fetched or is
+    no info file (a `curl -s` of a missing file prints an error page) is logged and passed over; a local one that is
+    not readable is an error naming it."""
+    for where in [where_of(url, name) for name in INFO_NAMES] if _shard_path(url) else []:
+        try:
+            text = _fetch(where)
+            info = None if text is None else json.loads(text) if where.rstrip("'\" ").endswith(".json") else \
+                yaml.safe_load(text)
+        except OSError as err:  # no network, a timeout, a server error: give up
+            log.info("%s: not fetched (%s); the shards are read without its counts", where, err)
+            return None
+        except (ValueError, yaml.YAMLError) as err:
+            problem = f"not a readable dataset info file ({type(err).__name__}: {err})"
+        else:
+            if text is None:
+                continue
+            if isinstance(info, dict) and isinstance(info.get("splits"), dict):
+                return info, where
+            problem = "a dataset info file needs a 'splits' mapping (timm's _info.json layout)"
+        if not is_remote(url):
+            raise ShardError(f"{where}: {problem}")
+        log.info("%s: %s; the shards are read without its counts", where, problem)
+    return None
+
+
+def _split_of(info: dict, where: str, name: str) -> tuple[str, dict] | None:
+    """The split of `info` (and its entry) whose files include `name`; None where none does (other shards')."""
+    for split, entry in info["splits"].items():
+        if isinstance(entry, dict) and name in [os.path.basename(f) for f in entry.get("filenames") or []]:
+            return split, entry
+    log.info("%s: no split lists %s (splits: %s); the shards are read without its counts", where, name,
+             ", ".join(info["splits"]))
+    return None
 
 
 def _with_info(spec: str, urls: list[str]) -> ShardList:
-    """The shards `urls` with the counts and classes of the published set's info file beside them (`_info.json`,
-    data/info.py), where there is one that lists them; else without counts."""
-    from crate_mae.data.info import INFO_NAMES, info_counts, where_of
-
-    if len({where_of(u, INFO_NAMES[0]) for u in urls}) != 1:
-        return ShardList(spec, urls)  # shards of several folders (or commands): no one info file speaks for them
-    found = info_counts(urls, spec)
-    if found is None:
+    """The shards `urls` with the counts and classes of the info file beside them (one folder or command), from the
+    split that lists them; else without counts."""
+    remote = is_remote(urls[0]) and not urls[0].startswith(("http://", "https://", "pipe:"))  # no way to fetch it
+    found = None if remote or len({where_of(u, INFO_NAMES[0]) for u in urls}) != 1 else read_info(urls[0])
+    names = [os.path.basename(_shard_path(u)) for u in urls]
+    entry = _split_of(*found, names[0]) if found else None
+    if entry is None:
         return ShardList(spec, urls)
-    manifest = Manifest(split=found.split, shards=[ShardInfo(os.path.basename(u) if not is_remote(u) else u, n)
-                                                   for u, n in zip(urls, found.samples)],
-                        classes=found.classes, source=found.where)
-    return ShardList(spec, urls, found.samples, manifest)
+    (split, entry), where = entry, found[1]
+    files, lengths = [os.path.basename(f) for f in entry["filenames"]], entry.get("shard_lengths") or []
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise ShardError(f"{where}: split '{split}' does not list {missing[0]}"
+                         + (f" (nor {len(missing) - 1} more of the spec's shards)" if len(missing) > 1 else ""))
+    if len(lengths) != len(files):
+        log.info("%s: split '%s' gives no count per shard (%d counts for %d files); its shards are read without "
+                 "counts", where, split, len(lengths), len(files))
+        return ShardList(spec, urls)
+    try:
+        count = {f: int(n) for f, n in zip(files, lengths)}
+    except (TypeError, ValueError):
+        raise ShardError(f"{where}: split '{split}' has shard_lengths that are not whole numbers") from None
+    if entry.get("num_samples") is not None and int(entry["num_samples"]) != sum(count.values()):
+        raise ShardError(f"{where}: split '{split}' says num_samples {entry['num_samples']} but its shard_lengths "
+                         f"add up to {sum(count.values())}")
+    classes = next((c for c in (found[0].get("classes"), found[0].get("class_names"))
+                    if isinstance(c, list) and all(isinstance(n, str) for n in c)), [])
+    manifest = Manifest(split=split, shards=[ShardInfo(u if is_remote(u) else os.path.basename(u), count[n])
+                                             for u, n in zip(urls, names)], classes=classes, source=where)
+    return ShardList(spec, urls, [count[n] for n in names], manifest)

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from crate_mae.data.device_decode import to_device
-from crate_mae.data.reader import ShardLoader
-from crate_mae.data.stream import Batch
+from crate_mae.data.reader import Batch, ShardLoader
 
 _END = object()  # the loader's epoch is over
 

@@ -1,186 +1,263 @@
-"""Reading shard sets: `ShardStream` lists the steps of data/stream.py for one slot; `ShardLoader` is the DataLoader
-over it; `train_loader` and `eval_loader` are the one way to build each, from a config's `data` section.
+"""Reading a shard set as batches: one webdataset pipeline per (rank, worker) slot, in a DataLoader.
 
-Train: every rank runs exactly `steps_per_epoch` full batches per epoch (total samples // global batch,
-from the manifest), whatever the number of shards per rank: without that, DDP hangs at an epoch's end.
-Shards are either resampled (each worker draws shards at random, seeded by (seed, epoch, rank, worker),
-as webdataset's ResampledShards; any number of shards works) or shuffled per epoch and dealt out to
-rank × worker slots and cycled. Samples then pass a shuffle buffer.
-
-Eval: every sample exactly once across all ranks and workers: shards are dealt out in order to the
-rank × worker slots; with fewer shards than slots, every slot reads every shard and keeps the samples
-whose index i ≡ slot (mod slots). Each rank sums its own counts (correct, total); the engine adds them
-over ranks with one all_reduce(SUM), so accuracies are exact.
-
-A remote shard (`pipe:`, `http(s)://`) whose read fails is read again (`data.read_retries`, `data.retry_wait`),
-each sample still delivered once and in order; a local file that cannot be read is an error at once
-(data/stream.py's `read_samples`).
-
-Bad samples (undecodable image, no image, no or bad label) are skipped, counted and logged with shard
-and key; past `max_bad_fraction` the run stops with a one-line DataError. Where and why that is judged:
-data/stream.py's docstring (one step, `decode_or_skip`, on a tally the loader's workers share).
+`ShardStream.pipeline` lists a slot's steps, as timm's `ReaderWds` does: its shard urls → read_samples (tar →
+samples) → [split by sample] → shuffle → decode or skip → batch. A slot is one (rank, worker) pair:
+slot = rank · workers + role, slots = ranks · workers. What ours adds:
+- exact epochs: a training slot's shard order is endless and it takes its share of steps_per_epoch (batch i of a
+  rank comes from role i mod workers), so every rank gives exactly steps_per_epoch full batches; an evaluation gives
+  every sample once over all slots (shards dealt out or, with fewer shards than slots, sample i to slot i mod slots);
+- resume: `set_epoch(epoch, replay=n)` continues after n batches of this rank, the roles rotated so that batch n
+  comes first, the replayed samples' random draws made (`transform.draw`) and nothing decoded;
+- bad samples: skipped and counted in each slot (`SampleCount`), which judges its own count (so that a worker that
+  reads nothing usable stops); the counts travel with the batches, and the main process judges all of them, over
+  the loader's epochs, at each epoch's end. The first NAMED are logged by name, then a count per epoch.
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import logging
 import random
 import signal
 import sys
-from collections.abc import Iterator
-from dataclasses import replace
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from crate_mae.config import DataConfig
-from crate_mae.data.manifest import ShardError, ShardList, resolve_shards
-from crate_mae.data.stream import (Batch, Decode, batches, collate, decode_or_skip, read_samples, shard_order, shuffled,
-                                   split_by_sample, worker_role)
-from crate_mae.data.tally import DataError, SampleTally
+from crate_mae.config.sections import stop_signals as signal_numbers
+from crate_mae.data.manifest import ShardList, resolve_shards
+from crate_mae.data.stream import BadSample, Batch, decode_sample, read_samples, sample_key
 from crate_mae.data.transforms import EvalTransform, Transform
+from crate_mae.errors import DataError, ShardError
 from crate_mae.seeding import mix_seed, seed_everything
+
+NAMED = 5  # bad samples a loader logs by name; the others are counted
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # run.preempt_signals' default
+log = logging.getLogger("crate_mae.data")
+
+
+@dataclass
+class SampleCount:
+    """Samples seen and bad; `last` names the last bad one ("<shard>/<key>: <reason>"), `named` a slot's first
+    NAMED bad ones until handed over."""
+
+    seen: int = 0
+    bad: int = 0
+    last: str = ""
+    named: list[str] = field(default_factory=list)
+    handed: tuple[int, int] = (0, 0)  # (seen, bad) at the last hand-over
+
+    def hand_over(self) -> tuple[int, int, str, list[str]]:
+        """What is new since the last hand-over: (seen, bad, the last bad sample, the bad ones to name)."""
+        (seen, bad), self.handed = self.handed, (self.seen, self.bad)
+        named, self.named = self.named, []
+        return self.seen - seen, self.bad - bad, self.last, named
+
+
+def check_bad(count: SampleCount, max_fraction: float, spec: str, *, final: bool) -> None:
+    """The rule: a DataError when more than `max_fraction` of the samples seen were bad; judged once 1/max_fraction
+    samples are seen (one early bad sample does not stop a run), or at an epoch's end (`final`)."""
+    if count.bad > max_fraction * count.seen and (final or max_fraction == 0 or count.seen >= 1 / max_fraction):
+        raise DataError(f"{count.bad} of {count.seen} samples were bad, more than data.max_bad_fraction="
+                        f"{max_fraction} (last: {count.last}); check the shards of {spec}")
+
+
+def worker_role(worker: int, workers: int, replay: int) -> tuple[int, int]:
+    """(role, batches it replays) of a worker when an epoch resumes after `replay` batches of this rank: the next
+    batch comes from role replay mod workers, and a new DataLoader starts at worker 0."""
+    role = (worker + replay) % workers
+    return role, max(0, (replay - role + workers - 1) // workers)  # batches i < replay with i ≡ role
+
+
+def shard_order(urls: list[str], *, train: bool, resample: bool, slot: int, slots: int, seed: int, epoch: int,
+                rng: random.Random) -> tuple[Iterator[str], bool]:
+    """(this slot's shard urls, whether to split by sample index). Evaluation: dealt out in order, or all of them to
+    every slot when there are fewer than slots. Training, endless: drawn from `rng` (resample), or passes each
+    shuffled with a seed all slots share and dealt out."""
+    by_sample = len(urls) < slots
+    if not train:
+        return iter(urls if by_sample else urls[slot::slots]), by_sample
+    if resample:
+        return (rng.choice(urls) for _ in iter(int, 1)), False
+
+    def passes() -> Iterator[str]:
+        for k in iter(int, 1):
+            order = list(urls)
+            random.Random(mix_seed(seed, epoch, "pass", k)).shuffle(order)
+            yield from (order if by_sample else order[slot::slots])
+    return passes(), by_sample
+
+
+def decode_or_skip(samples: Iterable[dict], decode: Callable[..., tuple[Any, int]], count: SampleCount, *,
+                   max_fraction: float, spec: str, dry: int = 0, take: int | None = None) -> Iterator[tuple]:
+    """(image, label, key) of the usable samples after the first `dry` (replayed: `decode(sample, dry=True)` makes
+    their draws; not yielded), until `take` usable ones (None: all), reading no sample past it. A BadSample is counted
+    and the rule judged (`check_bad`)."""
+    good, samples = 0, iter(samples)
+    while take is None or good < take:
+        sample = next(samples, None)
+        if sample is None:
+            return
+        count.seen += 1
+        try:
+            image, y = decode(sample, dry=good < dry)
+        except BadSample as why:
+            count.bad, count.last = count.bad + 1, f"{sample_key(sample)}: {why}"
+            count.named += [count.last] if count.bad <= NAMED else []
+            check_bad(count, max_fraction, spec, final=False)
+            continue
+        good += 1
+        if good > dry:
+            yield image, y, sample_key(sample)
+
+
+def collate(items: list[tuple[Any, int, str]], stack: Callable[[list[Any]], Any] = torch.stack) -> Batch:
+    """(image, label, key) items → a Batch; `stack` is the transform's `collate` where it has one."""
+    images, labels, keys = zip(*items)
+    return Batch(stack(list(images)), torch.tensor(labels, dtype=torch.long), list(keys))
 
 
 class ShardStream(IterableDataset):
-    """Yields batches for one rank; inside a DataLoader each worker yields its own share (data/stream.py's steps)."""
+    """One rank's batches, with the settings of `data`; in a DataLoader, each worker yields its slot's."""
 
-    def __init__(self, shards: ShardList, transform: Transform, *, batch_size: int, train: bool, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, resample: bool = True, shuffle_buffer: int = 1000,
-                 steps_per_epoch: int | None = None, max_bad_fraction: float = 0.001, labels: bool = True,
-                 num_classes: int = 0, read_retries: int = 3, retry_wait: float = 1.0) -> None:
+    def __init__(self, shards: ShardList, transform: Transform, data: DataConfig, *, train: bool, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, steps_per_epoch: int | None = None, labels: bool = True,
+                 num_classes: int = 0) -> None:
         super().__init__()
-        if train and not steps_per_epoch:
-            raise ValueError("a training stream needs steps_per_epoch")
-        self.shards, self.transform, self.batch_size, self.train = shards, transform, batch_size, train
-        self.rank, self.world_size, self.seed, self.resample = rank, world_size, seed, resample
-        self.shuffle_buffer, self.steps_per_epoch, self.max_bad_fraction = shuffle_buffer, steps_per_epoch, max_bad_fraction
-        # the classes every label must fit: the manifest's, else the model's head (`num_classes`; 0: not checked)
-        listed = shards.manifest.num_classes if shards.manifest else 0
+        self.shards, self.transform, self.data, self.train, self.rank, self.world_size, self.seed = \
+            shards, transform, data, train, rank, world_size, seed
+        self.steps_per_epoch, self.labels, self.epoch, self.replay = steps_per_epoch, labels, 0, 0
+        listed = shards.manifest.num_classes if shards.manifest else 0  # every label must fit these, else the head's
         self.num_classes = listed or num_classes
         self.classes_of = shards.spec if listed else f"the model's head ({shards.spec} lists no classes)"
-        self.labels = labels  # False (pretraining): labels are not read, so none can stop or skip a sample
-        self.read_retries, self.retry_wait = read_retries, retry_wait  # re-reads of a failed remote shard
-        self.epoch, self.replay = 0, 0
-        self.tally = self.tally_for(1)  # a ShardLoader gives it one row per worker
 
-    def tally_for(self, workers: int) -> SampleTally:
-        return SampleTally(workers, max_fraction=self.max_bad_fraction, spec=self.shards.spec)
-
-    def set_epoch(self, epoch: int, replay: int = 0) -> None:
-        """Reseeds the order for `epoch`; `replay` resumes it after that many batches of this rank.
-
-        Call before iterating (workers must not be persistent to see it). The replayed batches are formed
-        without decoding (`transform.draw` makes the same random draws), so a resumed epoch continues with
-        exactly the batches the interrupted one would have produced, given the same num_workers.
-        """
-        self.epoch, self.replay = epoch, replay
-
-    def __iter__(self) -> Iterator[Batch]:
-        """This slot's batches: its settings first, then data/stream.py's steps, one line each."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != self.tally.slots:
-            raise ValueError(f"the stream's tally has {self.tally.slots} rows for {workers} workers")
+    def pipeline(self, worker: int, workers: int, count: SampleCount) -> wds.DataPipeline:
+        """This worker's slot's steps for the epoch set, as one list."""
+        data, spec, urls, samples = self.data, self.shards.spec, self.shards.urls, self.shards.samples
         role, replayed = worker_role(worker, workers, self.replay)
         slot, slots = self.rank * workers + role, self.world_size * workers
         rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, role))
-        if info is not None:  # timm's transforms draw from the global generators; seed them, only inside workers
+        if get_worker_info() is not None:  # timm's transforms draw from the global generators: seeded in workers
             seed_everything(mix_seed(self.seed, self.epoch, self.rank, role, "global"))
-        take = None  # evaluation: every sample of this slot's share
-        if self.train:  # every rank the same number of batches, dealt out to its workers in turn
-            take = (self.steps_per_epoch // workers + (role < self.steps_per_epoch % workers)) * self.batch_size
-        spec, urls = self.shards.spec, self.shards.urls
-        expected = dict(zip(urls, self.shards.samples)) if self.shards.samples is not None else None
-        decode = Decode(self.transform, rng, labels=self.labels, num_classes=self.num_classes, classes_of=self.classes_of)
-        to_batch = functools.partial(collate, stack=getattr(self.transform, "collate", torch.stack))
+        steps = self.steps_per_epoch or 0  # training: this role's share of the rank's batches; evaluation: all
+        take = (steps // workers + (role < steps % workers)) * data.batch_size if self.train else None
+        order, by_sample = shard_order(urls, train=self.train, resample=data.resample, slot=slot, slots=slots,
+                                       seed=self.seed, epoch=self.epoch, rng=rng)
+        decode = functools.partial(decode_sample, transform=self.transform, rng=rng, labels=self.labels,
+                                   num_classes=self.num_classes, classes_of=self.classes_of)
+        return wds.DataPipeline(
+            lambda: order,
+            functools.partial(read_samples, spec=spec, shards=len(urls), retries=data.read_retries,
+                              wait=data.retry_wait, expected=dict(zip(urls, samples)) if samples else None),
+            (lambda stream: (s for i, s in enumerate(stream) if i % slots == slot)) if by_sample else None,
+            wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 100), rng=rng)
+            if self.train and data.shuffle_buffer > 1 else None,
+            lambda stream: decode_or_skip(stream, decode, count, max_fraction=data.max_bad_fraction, spec=spec,
+                                          dry=replayed * data.batch_size, take=take),
+            wds.batched(data.batch_size, partial=not self.train,
+                        collation_fn=functools.partial(collate, stack=getattr(self.transform, "collate", torch.stack))),
+        )
 
-        order, by_sample = shard_order(urls, train=self.train, resample=self.resample, slot=slot, slots=slots,
-                                       seed=self.seed, epoch=self.epoch, rng=rng)                       # order
-        samples = read_samples(order, spec=spec, shards=len(urls), expected=expected,                   # read
-                               retries=self.read_retries, wait=self.retry_wait)
-        if by_sample:
-            samples = split_by_sample(samples, slot, slots)                                             # split
-        if self.train:
-            samples = shuffled(samples, self.shuffle_buffer, rng)                                       # shuffle
-        items = decode_or_skip(samples, decode, self.tally, role, dry=replayed * self.batch_size, take=take)  # decode
-        yield from batches(items, self.batch_size, to_batch, drop=replayed, partial=not self.train)     # batch
+    def __iter__(self) -> Iterator[tuple[Batch | Exception | None, tuple]]:
+        """(batch, `SampleCount.hand_over()`) items, then (None, ...) at the slot's end, or (the error, ...) where one
+        of ours stops it: it reaches the main process as it is, not as the DataLoader's traceback text."""
+        info = get_worker_info()
+        count = SampleCount()
+        try:
+            for batch in self.pipeline(info.id if info else 0, info.num_workers if info else 1, count):
+                yield batch, count.hand_over()
+            yield None, count.hand_over()
+        except (DataError, ShardError) as err:
+            yield err, count.hand_over()
 
 
-def _leave_signals_to_the_parent(worker: int) -> None:
-    """A DataLoader worker ignores the signals that stop a run: a terminal (Ctrl-C) and a cluster (SLURM's SIGTERM,
-    or the one #SBATCH --signal asks for) signal the whole process group, and a worker killed by one would make its
-    parent fail with "DataLoader worker exited unexpectedly" in the middle of stopping cleanly (engine/preempt.py).
-    The parent stops its workers itself, and a worker whose parent dies exits on its own (PyTorch watches for that)."""
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-    sys.excepthook = _quiet_when_the_parent_is_gone
+def _ignore_stop_signals(numbers: list[int], worker: int) -> None:
+    """A worker ignores the run's stop signals, which a terminal or a cluster sends the whole process group: the
+    parent stops at a step boundary (engine/preempt.py) and ends its workers itself. The resource sharer's thread,
+    which loses its connection when the parent stops at once, reports nothing (the parent's line says it)."""
+    for number in numbers:
+        signal.signal(number, signal.SIG_IGN)
+    sys.excepthook = lambda kind, value, tb: None if isinstance(value, (ConnectionError, EOFError)) else \
+        sys.__excepthook__(kind, value, tb)
 
 
-def _quiet_when_the_parent_is_gone(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-    """A worker's background thread (multiprocessing's resource sharer, which hands its batches' shared memory to the
-    parent, and reports its errors through sys.excepthook) loses its connection when the parent stops at once (a
-    second signal: engine/preempt.py); that is the parent's story, told in its one line, so the worker says nothing
-    of it. Anything else is printed as usual."""
-    if isinstance(value, (ConnectionError, EOFError)):
-        return
-    sys.__excepthook__(kind, value, tb)
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # the DataLoader iterators of our loaders whose workers may be alive
+
+
+def _end_workers(batches: Any) -> None:
+    """Ends a DataLoader iterator's workers now: PyTorch's shutdown (a stop event, a join of 5 s each), then a kill
+    for any still alive (PyTorch and Python's exit send SIGTERM, which the workers ignore)."""
+    getattr(batches, "_shutdown_workers", lambda: None)()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+    _LIVE.discard(batches)
+
+
+@functools.cache
+def _end_workers_at_exit() -> None:
+    """Registered once workers exist, after torch's and multiprocessing's exit handlers, so it runs before them: the
+    workers of an iterator kept alive to the end (in an exception's traceback, in a prefetch thread) are ended here.
+    After it, PyTorch skips its shutdown, and multiprocessing would join a worker that ignores its SIGTERM for ever."""
+    atexit.register(lambda: [_end_workers(batches) for batches in list(_LIVE)])
 
 
 class ShardLoader:
-    """A DataLoader over a ShardStream that yields its `Batch`es; `seen` and `bad` count its samples so far."""
+    """A DataLoader over a ShardStream yielding its `Batch`es; `seen` and `bad` count its samples over its epochs.
+    `stop_signals`: the run's preemption signals, ignored by the workers with Ctrl-C; `named`: bad samples logged by
+    name (None: all)."""
 
-    def __init__(self, stream: ShardStream, *, num_workers: int = 0, pin_memory: bool = False) -> None:
-        self.stream = stream
-        stream.tally = stream.tally_for(max(num_workers, 1))  # shared by the workers, kept over the epochs
-        # Its own generator: creating an iterator must not draw from the training process's global RNG
-        # (the model's masking uses it; a resumed run creates its iterator at another moment).
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                 persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                                 generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_parent)
-
-    @property
-    def steps_per_epoch(self) -> int | None:
-        return self.stream.steps_per_epoch
+    def __init__(self, stream: ShardStream, *, pin_memory: bool = False, stop_signals: Sequence[str] = STOP_SIGNALS,
+                 named: int | None = NAMED) -> None:
+        workers, ignored = stream.data.num_workers, signal_numbers(list(stop_signals))
+        self.stream, self.named, self.steps_per_epoch = stream, named, stream.steps_per_epoch
+        # Its own generator: creating an iterator must not draw from the global RNG (the model's masking uses it).
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                 prefetch_factor=4 if workers else None, generator=torch.Generator(),
+                                 worker_init_fn=functools.partial(_ignore_stop_signals, ignored))
+        self.seen, self.bad, self.last, self.logged = 0, 0, "", 0
 
     def __len__(self) -> int:
-        if self.stream.steps_per_epoch is None:
+        if self.steps_per_epoch is None:
             raise TypeError("an evaluation loader has no fixed length per rank")
-        return self.stream.steps_per_epoch
+        return self.steps_per_epoch
 
     def set_epoch(self, epoch: int, replay: int = 0) -> None:
-        self.stream.set_epoch(epoch, replay)
-
-    @property
-    def seen(self) -> int:
-        """Samples read so far, over this loader's epochs (bad ones included)."""
-        return self.stream.tally.count().seen
-
-    @property
-    def bad(self) -> int:
-        """Bad samples skipped so far, over this loader's epochs."""
-        return self.stream.tally.count().bad
+        """Reseeds the order for `epoch`; `replay` resumes it after that many batches of this rank, bit-identically
+        given the same num_workers. Call before iterating."""
+        self.stream.epoch, self.stream.replay = epoch, replay
 
     def __iter__(self) -> Iterator[Batch]:
-        """One epoch's batches (evaluation: one pass over the set)."""
-        self.stream.tally.new_epoch()
+        """One epoch's batches (evaluation: one pass), then the rule judged over every slot and epoch so far. The
+        workers are ended in `finally`, however the epoch ends."""
+        bad_before, spec = self.bad, self.stream.shards.spec
+        batches = iter(self.loader)
+        if hasattr(batches, "_workers"):
+            _LIVE.add(batches)
+            _end_workers_at_exit()
         try:
-            yield from self.loader
-        except (DataError, ShardError) as err:  # raised in a worker: the DataLoader wraps it in a traceback text
-            raise type(err)(_worker_message(err)) from None
-
-
-def _worker_message(err: Exception) -> str:
-    """The one-line message of an error raised inside a DataLoader worker, without the traceback text that the
-    DataLoader puts around it ("Caught DataError in DataLoader worker process 0. Original Traceback ...")."""
-    text = str(err)
-    if "Original Traceback" not in text:
-        return text
-    last = text.strip().splitlines()[-1]
-    for prefix in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__qualname__}: "):
-        if last.startswith(prefix):
-            return last[len(prefix):]
-    return last
+            for item, (seen, bad, last, named) in batches:
+                self.seen, self.bad, self.last = self.seen + seen, self.bad + bad, last if bad else self.last
+                for name in named[:None if self.named is None else max(0, self.named - self.logged)]:
+                    log.warning("skipped %s", name)
+                    self.logged += 1
+                if isinstance(item, Exception):
+                    raise item
+                if item is not None:
+                    yield item
+        finally:
+            _end_workers(batches)
+            if self.bad > max(self.logged, bad_before):
+                log.warning("%s: %d of %d samples read so far were unusable and skipped (%d named above)", spec,
+                            self.bad, self.seen, self.logged)
+        check_bad(SampleCount(self.seen, self.bad, self.last), self.stream.data.max_bad_fraction, spec, final=True)
 
 
 def _settings(data: DataConfig | None, **given: object) -> DataConfig:
@@ -188,62 +265,54 @@ def _settings(data: DataConfig | None, **given: object) -> DataConfig:
     return replace(data if data is not None else DataConfig(), **{k: v for k, v in given.items() if v is not None})
 
 
-def train_loader(spec: str, transform: Transform, *, data: DataConfig | None = None, rank: int = 0,
+def train_loader(spec: str | ShardList, transform: Transform, *, data: DataConfig | None = None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, accum_steps: int = 1, labels: bool = True, num_classes: int = 0,
                  pin_memory: bool = False, batch_size: int | None = None, num_workers: int | None = None,
                  resample: bool | None = None, shuffle_buffer: int | None = None, train_samples: int | None = None,
-                 max_bad_fraction: float | None = None) -> ShardLoader:
-    """The one way to build a training loader: one rank's full batches of `transform`ed images, per epoch
-    samples // (batch × ranks × accum) × accum of them, with the settings of the `data` section (None:
-    `DataConfig()`'s); a keyword named as one of its fields (batch_size ... max_bad_fraction) replaces it.
-    `num_classes`: the classes every label must fit when the manifest lists none (a classifier's head)."""
+                 max_bad_fraction: float | None = None, stop_signals: Sequence[str] = STOP_SIGNALS) -> ShardLoader:
+    """One rank's training batches, per epoch samples // (batch × ranks × accum) × accum of them, of `transform`ed
+    images, with the `data` section's settings (None: `DataConfig()`'s); a keyword named as one of its fields
+    replaces it. `num_classes`: what every label must fit when the manifest lists no classes (the head's)."""
     data = _settings(data, batch_size=batch_size, num_workers=num_workers, resample=resample,
                      shuffle_buffer=shuffle_buffer, train_samples=train_samples, max_bad_fraction=max_bad_fraction)
     shards = resolve_shards(spec)
     total = data.train_samples or shards.total
     if total is None:
-        raise ShardError(f"{spec}: no manifest gives the number of samples; write one with "
+        raise ShardError(f"{shards.spec}: no manifest gives the number of samples; write one with "
                          "`python -m crate_mae.data.shards manifest` or set data.train_samples")
     steps = total // (data.batch_size * world_size * accum_steps) * accum_steps
     if steps == 0:
-        raise ShardError(f"{spec}: {total} samples make no full global batch of {data.batch_size} × {world_size} ranks"
-                         f" × {accum_steps} accumulation steps")
-    stream = ShardStream(shards, transform, batch_size=data.batch_size, train=True, rank=rank, world_size=world_size,
-                         seed=seed, resample=data.resample, shuffle_buffer=data.shuffle_buffer, steps_per_epoch=steps,
-                         max_bad_fraction=data.max_bad_fraction, labels=labels, num_classes=num_classes,
-                         read_retries=data.read_retries, retry_wait=data.retry_wait)
-    return ShardLoader(stream, num_workers=data.num_workers, pin_memory=pin_memory)
+        raise ShardError(f"{shards.spec}: {total} samples make no full global batch of {data.batch_size} × "
+                         f"{world_size} ranks × {accum_steps} accumulation steps")
+    stream = ShardStream(shards, transform, data, train=True, rank=rank, world_size=world_size, seed=seed,
+                         steps_per_epoch=steps, labels=labels, num_classes=num_classes)
+    return ShardLoader(stream, pin_memory=pin_memory, stop_signals=stop_signals)
 
 
-def eval_loader(spec: str, img_size: int, *, data: DataConfig | None = None, rank: int = 0, world_size: int = 1,
-                labels: bool = True, num_classes: int = 0, pin_memory: bool = False, batch_size: int | None = None,
-                num_workers: int | None = None, eval_crop_pct: float | None = None,
-                max_bad_fraction: float | None = None, first_samples: int | None = None) -> ShardLoader:
-    """The one way to build an evaluation loader: one rank's share of every sample, exactly once over all ranks, as
-    `EvalTransform(img_size, crop_pct=data.eval_crop_pct)` pixels, with the settings of the `data` section (None:
-    `DataConfig()`'s); a keyword named as one of its fields (batch_size ... max_bad_fraction) replaces it.
-    `first_samples`: read only the leading shards that hold the set's first n samples (`ShardList.first`).
-    `num_classes`: the classes every label must fit when the manifest lists none (a classifier's head)."""
+def eval_loader(spec: str | ShardList, img_size: int, *, data: DataConfig | None = None, rank: int = 0,
+                world_size: int = 1, labels: bool = True, num_classes: int = 0, pin_memory: bool = False,
+                batch_size: int | None = None, num_workers: int | None = None, eval_crop_pct: float | None = None,
+                max_bad_fraction: float | None = None, first_samples: int | None = None,
+                stop_signals: Sequence[str] = STOP_SIGNALS) -> ShardLoader:
+    """One rank's share of every sample, each once over all ranks, as `EvalTransform(img_size,
+    crop_pct=data.eval_crop_pct)` pixels; settings as for `train_loader`. `first_samples`: only the leading shards
+    that hold the set's first n samples."""
     data = _settings(data, batch_size=batch_size, num_workers=num_workers, eval_crop_pct=eval_crop_pct,
                      max_bad_fraction=max_bad_fraction)
-    stream = ShardStream(resolve_shards(spec).first(first_samples), EvalTransform(img_size, crop_pct=data.eval_crop_pct),
-                         batch_size=data.batch_size, train=False, rank=rank, world_size=world_size,
-                         max_bad_fraction=data.max_bad_fraction, labels=labels, num_classes=num_classes,
-                         read_retries=data.read_retries, retry_wait=data.retry_wait)
-    return ShardLoader(stream, num_workers=data.num_workers, pin_memory=pin_memory)
+    transform = EvalTransform(img_size, crop_pct=data.eval_crop_pct)
+    stream = ShardStream(resolve_shards(spec).first(first_samples), transform, data, train=False, rank=rank,
+                         world_size=world_size, labels=labels, num_classes=num_classes)
+    return ShardLoader(stream, pin_memory=pin_memory, stop_signals=stop_signals)
 
 
 def unlabelled(spec: str | ShardList) -> str | None:
-    """Why the set `spec` cannot serve what needs labels (fine-tuning, the probes, the monitor's kNN): its manifest
-    says it is unlabelled, or its first sample has no `cls`; None where it can. Only the first sample is opened: a
-    set is labelled throughout or not at all. A manifest that names no classes (one counted by `manifest`, a
-    published set's _info.json) says nothing of the samples: the kNN then takes the class count from the labels it
-    sees. `spec` may be the set already resolved (`resolve_shards`), so that its shards are not checked again."""
-    shards = spec if isinstance(spec, ShardList) else resolve_shards(spec)
-    spec = shards.spec
+    """Why the set cannot serve what needs labels (fine-tuning, the probes, the monitor's kNN): its manifest says it
+    is unlabelled, or its first sample has no `cls` (a set is labelled throughout or not at all); None where it can.
+    A manifest without classes (an _info.json's) says nothing of the samples."""
+    shards = resolve_shards(spec)
     if shards.manifest is not None and not shards.manifest.labelled:
-        return f"{spec} has no labels (an unlabelled set)"
-    first = next(read_samples(shards.urls[:1], spec=spec, shards=1), None)
-    if first is None or "cls" not in first:
-        return f"{spec} has no labels (its first sample has no cls)"
-    return None
+        return f"{shards.spec} has no labels (an unlabelled set)"
+    samples = read_samples(shards.urls[:1], spec=shards.spec, shards=1)
+    first = next(samples, None)
+    samples.close()
+    return f"{shards.spec} has no labels (its first sample has no cls)" if first is None or "cls" not in first else None

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from crate_mae.config import DataConfig
-from crate_mae.data.info import INFO_NAMES
-from crate_mae.data.manifest import Manifest, ShardError, ShardInfo, is_remote, resolve_shards, write_manifest
+from crate_mae.data.manifest import (INFO_NAMES, Manifest, ShardError, ShardInfo, is_remote, resolve_shards,
+                                    write_manifest)
+from crate_mae.data.reader import ShardLoader, ShardStream
 from crate_mae.data.stream import merged_members, read_samples
-from crate_mae.errors import CrateError
+from crate_mae.errors import CrateError, report
 from crate_mae.data.transforms import decode_rgb
 from crate_mae.data.sources import cifar_source, digits_source, folder_source, imagefolder_source
 from crate_mae.data.writer import Source, describe_skips, merge_parts, part_manifest_name, write_split
@@ -155,11 +156,27 @@ def _write(args: argparse.Namespace) -> None:
               + (f"; skipped {describe_skips(manifest.skips)}" if manifest.skipped else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m crate_mae.data.shards", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write", help="write a shard set and its manifest")
+    _write_arguments(sub.add_parser("write", help="write a shard set and its manifest"))
+    counting = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
+    counting.add_argument("spec", help="brace pattern or glob of local shards (.tar, or gzip-compressed .tar.gz / "
+                                       ".tgz)")
+    counting.add_argument("--split", help="split name (default: the shard name before its last '-')")
+    counting.add_argument("--merge", action="store_true", help="SPEC is a folder: join the part manifests that "
+                                                                "`write --num-nodes K` left there into <split>.json")
+    counting.add_argument("--verify", action="store_true", help="count every shard of SPEC (a manifest) against the "
+                                                                 "manifest and report the shards that disagree; write "
+                                                                 "nothing")
+    sub.add_parser("check", help="read every sample of a shard set and report the bad ones").add_argument("spec")
+    return parser
+
+
+def _write_arguments(w: argparse.ArgumentParser) -> None:
+    """The options of `write`."""
     w.add_argument("source", choices=["digits", "cifar10", "cifar100", "imagefolder", "folder", "hf", "imagenet"])
     w.add_argument("--root", help="dataset folder (cifar: torchvision's root; imagefolder: root/<class>/<image>; "
                                   "folder: unlabelled images at any depth)")
@@ -189,50 +206,55 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes that load and re-encode the images (default: all cores); the set is the same "
                         "for any number")
-    m = sub.add_parser("manifest", help="count the samples of existing shards and write <folder>/<split>.json")
-    m.add_argument("spec", help="brace pattern or glob of local shards (.tar, or gzip-compressed .tar.gz / .tgz)")
-    m.add_argument("--split", help="split name (default: the shard name before its last '-')")
-    m.add_argument("--merge", action="store_true", help="SPEC is a folder: join the part manifests that "
-                                                         "`write --num-nodes K` left there into <split>.json")
-    m.add_argument("--verify", action="store_true", help="count every shard of SPEC (a manifest) against the "
-                                                          "manifest and report the shards that disagree; write nothing")
-    c = sub.add_parser("check", help="read every sample of a shard set and report the bad ones")
-    c.add_argument("spec")
-    args = parser.parse_args(argv)
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    """`manifest`: count a set into <folder>/<split>.json, merge the parts of several machines, or verify one."""
+    if args.verify:
+        return verify_manifest(args.spec)
+    if args.merge:
+        merged = merge_parts(args.spec, args.split or "train")
+        print(f"{args.spec}/{merged.split}.json: {merged.total} samples in {len(merged.shards)} shards")
+        return 0
+    if is_remote(args.spec):  # the manifest is written beside the shards: remote ones have no folder here
+        raise ShardError(f"{args.spec}: the manifest command counts local shards (a brace pattern or glob of "
+                         f"files, .tar, .tar.gz or .tgz); for remote shards write <split>.json by hand or "
+                         f"set data.train_samples")
+    manifest = count_manifest(args.spec, args.split)
+    path = Path(resolve_shards(args.spec).urls[0]).parent / f"{manifest.split}.json"
+    write_manifest(manifest, path)
+    print(f"{path}: {manifest.total} samples in {len(manifest.shards)} shards"
+          + (f", the counts of {manifest.source} (manifest --verify {path} reads them all)"
+             if manifest.source.endswith(INFO_NAMES) else ""))
+    return 0
+
+
+def _check(spec: str) -> int:
+    """`check`: read and fully decode every sample of a set; every bad one is logged by name. 1 if any is bad."""
+    # Not a model's evaluation loader (`eval_loader`): the same stream, with a full decode and no resize.
+    stream = ShardStream(resolve_shards(spec), _decode_only, DataConfig(batch_size=256, num_workers=0,
+                                                                        max_bad_fraction=1.0), train=False)
+    loader = ShardLoader(stream, named=None)
+    for _ in loader:
+        pass
+    print(f"{spec}: {loader.seen} samples, {loader.bad} bad")
+    return 1 if loader.bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; an expected failure ends in one line `error: ...` and its exit status (errors.report)."""
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "write":
             args.shard_size = args.shard_size or (250 if args.source == "digits" else 10_000)
             _write(args)
-        elif args.command == "manifest" and args.verify:
-            return verify_manifest(args.spec)
-        elif args.command == "manifest" and args.merge:
-            merged = merge_parts(args.spec, args.split or "train")
-            print(f"{args.spec}/{merged.split}.json: {merged.total} samples in {len(merged.shards)} shards")
-        elif args.command == "manifest":
-            if is_remote(args.spec):  # the manifest is written beside the shards: remote ones have no folder here
-                raise ShardError(f"{args.spec}: the manifest command counts local shards (a brace pattern or glob of "
-                                 f"files, .tar, .tar.gz or .tgz); for remote shards write <split>.json by hand or "
-                                 f"set data.train_samples")
-            manifest = count_manifest(args.spec, args.split)
-            path = Path(resolve_shards(args.spec).urls[0]).parent / f"{manifest.split}.json"
-            write_manifest(manifest, path)
-            print(f"{path}: {manifest.total} samples in {len(manifest.shards)} shards"
-                  + (f", the counts of {manifest.source} (manifest --verify {path} reads them all)"
-                     if manifest.source.endswith(INFO_NAMES) else ""))
-        else:
-            from crate_mae.data.reader import ShardLoader, ShardStream
-
-            # Not a model's evaluation loader (`eval_loader`): the same stream, with a full decode and no resize.
-            loader = ShardLoader(ShardStream(resolve_shards(args.spec), _decode_only, batch_size=256, train=False,
-                                             max_bad_fraction=1.0))
-            for _ in loader:
-                pass
-            print(f"{args.spec}: {loader.seen} samples, {loader.bad} bad")
-            return 1 if loader.bad else 0
-    except (CrateError, OSError) as err:  # ours (ShardError, DataError, ...), and a disk or folder at fault
-        parser.exit(2, f"error: {err}\n")
-    return 0
+            return 0
+        return _manifest(args) if args.command == "manifest" else _check(args.spec)
+    except CrateError as err:  # ours: ShardError, DataError, WriteError, ...
+        return report(err)
+    except OSError as err:  # a disk or folder at fault
+        return report(CrateError(str(err)))
 
 
 if __name__ == "__main__":

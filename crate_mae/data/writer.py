@@ -15,7 +15,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -161,7 +161,7 @@ def _load_prepared(i: int) -> Prepared:
 
 
 def _prepared(source: Source, order: list[int], *, resize: int | None, quality: int,
-              workers: int) -> Iterator[Prepared]:
+              workers: int) -> Generator[Prepared, None, None]:
     """The prepared samples in `order`, loaded and re-encoded by `workers` processes (in order, whatever their
     number: the shards are the same with 1 worker or 96)."""
     global _JOB
@@ -205,15 +205,7 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
     params_path = folder / f".{prefix}-write.json"
     params = {"source": source.name, "count": source.count, "shard_size": shard_size, "shard_bytes": shard_bytes,
               "resize": resize, "quality": quality, "seed": seed, "num_nodes": num_nodes, "node_rank": node_rank}
-    old = sorted(p for p in folder.glob(f"{prefix}-*.tar") if p.name[len(prefix) + 1:-4].isdigit())
-    for path in folder.glob(f".{prefix}-*.tar.*.tmp"):
-        path.unlink(missing_ok=True)  # the shard an interrupted write was in the middle of
-    if not overwrite and (manifest_path.exists() or (old and not params_path.exists())):
-        raise ShardError(f"{folder}: split '{split}' exists already; pass overwrite (--overwrite) to replace it")
-    if overwrite or not old:
-        for path in old + [manifest_path]:
-            path.unlink(missing_ok=True)  # stale shards of an earlier, longer or interrupted write
-        old = []
+    finished = _finished_shards(folder, prefix, split, manifest_path, params_path, overwrite=overwrite)
     order = list(range(source.count))
     random.Random(seed).shuffle(order)  # every shard mixes classes
     order = order[source.count * node_rank // num_nodes: source.count * (node_rank + 1) // num_nodes]  # this machine's
@@ -221,25 +213,13 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
     # what the listing passed over counts once, in machine 0's part; what a load skips, in the part that loads it
     skips: Counter[str] = Counter(source.skips if node_rank == 0 else {})
     start = 0
-    if old:  # an interrupted write of the same set: keep its finished shards, continue after them
-        start = _continue(writer, old, params, json.loads(params_path.read_text()), order, sizes, skips,
+    if finished:  # an interrupted write of the same set: keep its finished shards, continue after them
+        start = _continue(writer, finished, params, json.loads(params_path.read_text()), order, sizes, skips,
                           source=source, resize=resize, quality=quality)
-        log.info("%s %s: continuing after %d finished shards (%d samples)", folder, split, len(old), start)
+        log.info("%s %s: continuing after %d finished shards (%d samples)", folder, split, len(finished), start)
     write_manifest_params(params_path, params)
-    try:
-        for n, (i, data, ext, size, label, reason, detail) in enumerate(
-                _prepared(source, order[start:], resize=resize, quality=quality, workers=workers), start):
-            if data is None:
-                skips[reason] += 1
-                log.warning("skipped %s: %s", source.describe(i), f"{reason} ({detail})" if detail else reason)
-                continue
-            sizes.add(size)
-            writer.write(f"{i:09d}", data, ext, label)
-            if (n + 1) % 10_000 == 0:
-                log.info("%s %s: %d / %d samples", folder, split, n + 1, source.count)
-    except BaseException:
-        writer.abort()
-        raise
+    _write_samples(writer, _prepared(source, order[start:], resize=resize, quality=quality, workers=workers), source,
+                   skips, sizes, start=start, where=f"{folder} {split}")
     fixed = list(sizes.pop()) if len(sizes) == 1 else None
     if writer.empty:
         raise ShardError(f"{source.name}: no image to write in {split} ({len(order)} items, every one skipped: "
@@ -250,6 +230,43 @@ def write_split(source: Source, out: str | os.PathLike, split: str, *, shard_siz
     write_manifest(manifest, manifest_path)
     params_path.unlink(missing_ok=True)  # the set is complete: nothing to continue
     return manifest
+
+
+def _finished_shards(folder: Path, prefix: str, split: str, manifest_path: Path, params_path: Path, *,
+                     overwrite: bool) -> list[Path]:
+    """The finished shards of an interrupted write to continue (none: a new write, the folder's stale shards removed);
+    a split already written is a ShardError unless `overwrite`. The shard an interruption was writing is removed."""
+    shards = sorted(p for p in folder.glob(f"{prefix}-*.tar") if p.name[len(prefix) + 1:-4].isdigit())
+    for path in folder.glob(f".{prefix}-*.tar.*.tmp"):
+        path.unlink(missing_ok=True)
+    if not overwrite and (manifest_path.exists() or (shards and not params_path.exists())):
+        raise ShardError(f"{folder}: split '{split}' exists already; pass overwrite (--overwrite) to replace it")
+    if overwrite or not shards:
+        for path in shards + [manifest_path]:
+            path.unlink(missing_ok=True)  # stale shards of an earlier, longer or interrupted write
+        return []
+    return shards
+
+
+def _write_samples(writer: ShardWriter, prepared: Generator[Prepared, None, None], source: Source,
+                   skips: Counter[str], sizes: set, *, start: int, where: str) -> None:
+    """Writes the prepared samples in order, counting and logging each skipped one. An interruption (any exception,
+    Ctrl-C included) drops the shard in progress, so that only complete shards keep their names, and ends the
+    preparing processes."""
+    try:
+        for n, (i, data, ext, size, label, reason, detail) in enumerate(prepared, start):
+            if data is None:
+                skips[reason] += 1
+                log.warning("skipped %s: %s", source.describe(i), f"{reason} ({detail})" if detail else reason)
+                continue
+            sizes.add(size)
+            writer.write(f"{i:09d}", data, ext, label)
+            if (n + 1) % 10_000 == 0:
+                log.info("%s: %d / %d samples", where, n + 1, source.count)
+    except BaseException:
+        writer.abort()
+        prepared.close()
+        raise
 
 
 def merge_parts(folder: str | os.PathLike, split: str) -> Manifest:

@@ -232,7 +232,7 @@ def test_the_bad_fraction_is_judged_over_the_whole_run_in_every_epoch(tmp_path: 
 @pytest.mark.parametrize("limit, stops", [(0.04, False), (0.02, True)])
 def test_the_end_of_a_pass_is_judged_over_every_worker_together(tmp_path: Path, limit: float, stops: bool) -> None:
     """Two workers, one shard each: 1 bad of 20 (5 %) and 0 of 20. Judged alone, the first would stop at a 4 % limit;
-    the pass is judged over both (1 of 40, 2.5 %), through the tally the workers share."""
+    the pass is judged over both (1 of 40, 2.5 %), in the main process, from the counts each worker hands over."""
     samples = [good_sample(i) for i in range(40)]
     samples[5] = {"__key__": "broken", "jpg": b"\xff\xd8 not a jpeg", "cls": b"0"}
     spec = write_tar_set(tmp_path, "val", [samples[:20], samples[20:]])
@@ -328,8 +328,7 @@ def test_manifest_and_check_commands(tmp_path: Path, capsys) -> None:
     assert "21 samples, 0 bad" in capsys.readouterr().out
     bad_set(tmp_path / "bad")
     assert shards_main(["check", str(tmp_path / "bad" / "val.json")]) == 1
-    with pytest.raises(SystemExit):
-        shards_main(["check", str(tmp_path / "missing.json")])
+    assert shards_main(["check", str(tmp_path / "missing.json")]) == 1
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -506,9 +505,8 @@ def test_keys_with_dots_are_never_written_and_are_named_when_read(tmp_path: Path
     with pytest.raises(DataError, match=r"val-000000\.tar/img: holds the members 0\.cls, 0\.jpg, 1\.cls, 1\.jpg: samples "
                                         r"whose keys contain a dot were merged"):
         list(eval_loader(shard, 16, data=LOCAL, batch_size=4, max_bad_fraction=1.0))
-    with pytest.raises(SystemExit) as exit_info:  # the manifest tool refuses to count "1 samples" for 8
-        shards_main(["manifest", shard])
-    assert exit_info.value.code == 2 and not (tmp_path / "d" / "val.json").exists()
+    assert shards_main(["manifest", shard]) == 1  # the manifest tool refuses to count "1 samples" for 8
+    assert not (tmp_path / "d" / "val.json").exists()
     del spec
 
 

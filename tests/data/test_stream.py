@@ -1,5 +1,5 @@
-"""data/stream.py: each step of the shard stream alone (order, split, read, shuffle, decode, label, decode-or-skip,
-batches, collate); data/tally.py: the one judge of the bad-sample rule."""
+"""data/reader.py's steps alone (shard order, decode or skip, collate, the slot's counts and the bad-sample rule) and
+data/stream.py's sample rules (read, decode, label)."""
 from __future__ import annotations
 
 import logging
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from crate_mae.data.manifest import ShardError
-from crate_mae.data.stream import (Batch, Decode, batches, collate, decode_or_skip, label, read_samples, shard_order,
-                                   shuffled, split_by_sample, worker_role)
-from crate_mae.data.tally import BadSample, DataError, SampleCount, SampleTally, check_bad
+from crate_mae.data.reader import SampleCount, check_bad, collate, decode_or_skip, eval_loader, shard_order, worker_role
+from crate_mae.data.stream import BadSample, Batch, decode_sample, label, read_samples
 from crate_mae.data.transforms import EvalTransform
-from tests.helpers import image_bytes, write_tar_set
+from crate_mae.errors import DataError
+from tests.helpers import good_sample, image_bytes, write_tar_set
 
 URLS = [f"s{i}.tar" for i in range(6)]
 
@@ -55,11 +55,6 @@ def test_training_orders_are_endless_seeded_and_dealt_out() -> None:
     assert take(0, False, epoch=1, n=3) != first or take(1, False, epoch=1, n=3) != second  # a new order per epoch
 
 
-def test_split_by_sample_is_disjoint_and_complete() -> None:
-    parts = [list(split_by_sample(range(10), slot, 3)) for slot in range(3)]
-    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-
-
 def test_read_samples_groups_members_and_names_a_bad_shard(tmp_path: Path) -> None:
     spec = write_tar_set(tmp_path, "train", [[{"__key__": f"k{i}", "jpg": image_bytes(i), "cls": b"1"}
                                               for i in range(3)]])
@@ -76,26 +71,21 @@ def test_read_samples_groups_members_and_names_a_bad_shard(tmp_path: Path) -> No
         list(read_samples((str(empty) for _ in iter(int, 1)), spec="the set", shards=1))
 
 
-def test_shuffled_is_a_seeded_permutation() -> None:
-    a = list(shuffled(range(50), 10, random.Random(1)))
-    assert sorted(a) == list(range(50)) and a != list(range(50))
-    assert a == list(shuffled(range(50), 10, random.Random(1)))
-    assert list(shuffled(range(5), 1, random.Random(1))) == list(range(5))
-
-
 def test_decode_gives_the_image_and_label_or_a_bad_sample() -> None:
-    decode = Decode(EvalTransform(16), random.Random(0), labels=True, num_classes=3, classes_of="set")
-    image, y = decode({"__key__": "k", "jpg": image_bytes(0), "cls": b"2"}, False)
+    def decode(sample: dict, dry: bool = False, labels: bool = True) -> tuple:
+        return decode_sample(sample, EvalTransform(16), random.Random(0), labels=labels, num_classes=3,
+                             classes_of="set", dry=dry)
+
+    image, y = decode({"__key__": "k", "jpg": image_bytes(0), "cls": b"2"})
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and y == 2
-    assert decode({"__key__": "k", "jpg": image_bytes(0), "cls": b"2"}, True) == (None, 2)  # dry: no image
+    assert decode({"__key__": "k", "jpg": image_bytes(0), "cls": b"2"}, dry=True) == (None, 2)  # dry: no image
     with pytest.raises(BadSample, match="no image"):
-        decode({"__key__": "k", "cls": b"1"}, False)
+        decode({"__key__": "k", "cls": b"1"})
     with pytest.raises(BadSample, match="undecodable image"):
-        decode({"__key__": "k", "jpg": b"junk", "cls": b"1"}, False)
+        decode({"__key__": "k", "jpg": b"junk", "cls": b"1"})
     with pytest.raises(DataError, match=r"u/k: holds the members 1\.cls, 1\.jpg"):
-        decode({"__url__": "u", "__key__": "k", "1.jpg": b"", "1.cls": b"0"}, False)
-    unlabelled = Decode(EvalTransform(16), random.Random(0), labels=False, num_classes=3, classes_of="set")
-    assert unlabelled({"__key__": "k", "jpg": image_bytes(0), "cls": b"99"}, False)[1] == -1  # not read
+        decode({"__url__": "u", "__key__": "k", "1.jpg": b"", "1.cls": b"0"})
+    assert decode({"__key__": "k", "jpg": image_bytes(0), "cls": b"99"}, labels=False)[1] == -1  # not read
 
 
 def test_the_label_rule() -> None:
@@ -120,14 +110,20 @@ def _samples(n: int, bad: set[int]) -> list[dict]:
     return [{"__url__": "u", "__key__": f"k{i}", "x": i, "y": i % 3, "bad": i in bad} for i in range(n)]
 
 
-def test_decode_or_skip_counts_logs_and_replays_dry(caplog) -> None:
-    tally = SampleTally(1, max_fraction=0.5, spec="set")
-    with caplog.at_level(logging.WARNING, logger="crate_mae.data"):
-        out = list(decode_or_skip(_samples(10, {2, 5}), _decode, tally, 0, dry=3))
-    assert [k for _, _, k in out] == [f"u/k{i}" for i in (0, 1, 3, 4, 6, 7, 8, 9)]
-    assert [img for img, _, _ in out[:4]] == [None, None, None, 4]  # the first 3 usable ones dry
-    assert tally.count(0) == tally.count() == SampleCount(10, 2, "u/k5: broken on purpose")
-    assert "u/k2: broken on purpose" in caplog.text
+def _skip(samples, count: SampleCount, limit: float = 0.5, **kw) -> list:
+    return list(decode_or_skip(samples, _decode, count, max_fraction=limit, spec="set", **kw))
+
+
+def test_decode_or_skip_counts_names_the_first_and_replays_without_yielding() -> None:
+    count = SampleCount()
+    out = _skip(_samples(20, {2, 5, 9, 10, 11, 12, 13}), count, limit=0.5, dry=3)
+    assert [k for _, _, k in out] == [f"u/k{i}" for i in (4, 6, 7, 8, 14, 15, 16, 17, 18, 19)]  # after 3 usable
+    assert [img for img, _, _ in out[:2]] == [4, 6]
+    assert (count.seen, count.bad, count.last) == (20, 7, "u/k13: broken on purpose")
+    named = [f"u/k{i}: broken on purpose" for i in (2, 5, 9, 10, 11)]
+    assert count.named == named  # the first NAMED (5) only
+    assert count.hand_over() == (20, 7, "u/k13: broken on purpose", named)
+    assert count.hand_over() == (0, 0, "u/k13: broken on purpose", [])  # what is new since: nothing
 
 
 def test_decode_or_skip_takes_its_share_and_reads_no_sample_past_it() -> None:
@@ -137,43 +133,42 @@ def test_decode_or_skip_takes_its_share_and_reads_no_sample_past_it() -> None:
         for s in _samples(100, set()):
             pulled["n"] += 1
             yield s
-    tally = SampleTally(1, max_fraction=0.1, spec="set")
-    assert len(list(decode_or_skip(samples(), _decode, tally, 0, take=8))) == 8 and pulled["n"] == 8
-    assert list(decode_or_skip(samples(), _decode, tally, 0, take=0)) == [] and pulled["n"] == 8
-    assert tally.count().seen == 8
+    count = SampleCount()
+    assert len(_skip(samples(), count, take=8)) == 8 and pulled["n"] == 8
+    assert _skip(samples(), count, take=0) == [] and pulled["n"] == 8
+    assert count.seen == 8
 
 
-def test_too_many_bad_samples_stop_with_one_line() -> None:
-    tally = SampleTally(1, max_fraction=0.25, spec="set")
+def test_a_slot_stops_itself_on_too_many_bad_samples_with_one_line() -> None:
     with pytest.raises(DataError, match=r"3 of 4 samples were bad.*last: u/k3"):
-        list(decode_or_skip(_samples(10, {1, 2, 3}), _decode, tally, 0))
+        _skip(_samples(10, {1, 2, 3}), SampleCount(), limit=0.25)
+    with pytest.raises(DataError, match=r"10 of 10 samples were bad"):  # a slot that reads nothing usable stops
+        _skip(({"__key__": "k", "bad": True} for _ in iter(int, 1)), SampleCount(), limit=0.1)
     quiet = SampleCount(seen=3, bad=1)
     check_bad(quiet, 0.1, "set", final=False)  # 3 < 1/0.1 samples seen: not judged yet
     with pytest.raises(DataError):
         check_bad(quiet, 0.1, "set", final=True)
 
 
-def test_the_tally_judges_a_row_while_it_runs_and_every_row_when_the_last_ends() -> None:
-    """Two slots: one with 1 bad sample in 4, one clean. Neither reaches 1/0.1 samples, so nothing is judged until the
-    end; the first slot to end is not judged alone (1 of 4 would be over the limit); the last judges both together."""
-    tally = SampleTally(2, max_fraction=0.1, spec="set")
-    tally.new_epoch()
-    assert len(list(decode_or_skip(_samples(4, {2}), _decode, tally, 0))) == 3  # 1 of 4 bad, but not the last to end
-    assert len(list(decode_or_skip(_samples(8, set()), _decode, tally, 1))) == 8  # 1 of 12 together: under 10 %
-    tally.new_epoch()
-    list(decode_or_skip(_samples(8, set()), _decode, tally, 1))
-    with pytest.raises(DataError, match=r"3 of 24 samples were bad.*last: u/k2: broken"):  # over both epochs
-        list(decode_or_skip(_samples(4, {1, 2}), _decode, tally, 0))
-    lone = SampleTally(2, max_fraction=0.25, spec="set")  # one slot's own rows stop it as soon as they are judged
-    with pytest.raises(DataError, match=r"2 of 4 samples were bad"):
-        list(decode_or_skip(_samples(10, {1, 3}), _decode, lone, 1))
-    assert lone.count(0) == SampleCount()
-
-
-def test_batches_full_replayed_and_partial() -> None:
-    assert list(batches(range(10), 3, list)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert list(batches(range(10), 3, list, partial=True))[-1] == [9]
-    assert list(batches(range(6), 3, list, drop=1)) == [[3, 4, 5]]
+def test_the_first_bad_samples_are_named_then_counted_in_one_line(tmp_path: Path, caplog) -> None:
+    """Each skipped sample was once its own warning (250 lines for 2 ranks): now the first 5 of a loader, then one
+    line with the count at the end of each pass that had more."""
+    samples = [good_sample(i) for i in range(40)]
+    for i in range(0, 40, 4):
+        samples[i] = {"__key__": f"bad{i}", "jpg": b"junk", "cls": b"0"}
+    spec = write_tar_set(tmp_path, "val", [samples[:20], samples[20:]])
+    for workers in (0, 2):
+        caplog.clear()
+        loader = eval_loader(spec, 16, batch_size=8, num_workers=workers, max_bad_fraction=0.5)
+        with caplog.at_level(logging.WARNING, logger="crate_mae.data"):
+            for _ in range(2):
+                assert sum(len(b.keys) for b in loader) == 30
+        lines = [r.getMessage() for r in caplog.records if r.name == "crate_mae.data"]
+        assert len(lines) == 7 and all(line.startswith(f"skipped {tmp_path}/val-00000") and "/bad" in line
+                                       and ": undecodable image" in line for line in lines[:5])
+        assert lines[5:] == [f"{spec}: 10 of 40 samples read so far were unusable and skipped (5 named above)",
+                             f"{spec}: 20 of 80 samples read so far were unusable and skipped (5 named above)"]
+        assert (loader.seen, loader.bad) == (80, 20)
 
 
 def test_collate_makes_a_batch_and_takes_the_transforms_stack() -> None:
@@ -182,3 +177,20 @@ def test_collate_makes_a_batch_and_takes_the_transforms_stack() -> None:
     assert isinstance(batch, Batch) and batch.images.shape == (3, 3, 2, 2) and batch.keys == ["u/k0", "u/k1", "u/k2"]
     assert batch.labels.dtype == torch.long and batch.labels.tolist() == [0, 1, 2]
     assert collate(items, stack=len).images == 3
+
+
+def test_workers_of_a_loader_still_iterated_at_exit_are_ended(tmp_path: Path) -> None:
+    """An epoch left unfinished and kept alive to the end (here in a global; in a run, an exception's traceback or a
+    prefetch thread): its workers ignore SIGTERM, with which Python's exit would end them before joining them for
+    ever. The loader's exit handler ends them first."""
+    import subprocess
+    import sys
+
+    spec = write_tar_set(tmp_path, "val", [[good_sample(i) for i in range(40)] for _ in range(2)])
+    script = ("import sys\nfrom crate_mae.data import eval_loader\n"
+              f"batches = iter(eval_loader({spec!r}, 16, batch_size=2, num_workers=2))\nnext(batches)\nsys.exit(3)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end: its workers were joined for ever")
+    assert done.returncode == 3, done.stderr
