@@ -203,6 +203,9 @@ def signal_number(name: str) -> int:
     return int(getattr(signal, key))
 
 
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # run.preempt_signals' default: SLURM's and torchrun's stop signals
+
+
 def stop_signals(names: tuple[str, ...] | list[str]) -> list[int]:
     """The one list of signals that stop a run at a step boundary: `run.preempt_signals` and Ctrl-C (SIGINT), as
     numbers. The run handles them (engine/preempt.py) and its data workers ignore them (data/reader.py)."""
@@ -225,7 +228,7 @@ class RunConfig:
     ckpt_every: int = _doc(1000, "optimiser steps between checkpoints")
     keep_last: int = _doc(2, "periodic checkpoints kept besides the final one")
     resume: Optional[str] = _doc(None, "'auto' (the run's latest checkpoint) or a checkpoint path")
-    preempt_signals: tuple[str, ...] = _doc(("SIGTERM", "SIGUSR1"), "signals (besides Ctrl-C) on which a training "
+    preempt_signals: tuple[str, ...] = _doc(PREEMPT_SIGNALS, "signals (besides Ctrl-C) on which a training "
                                             "run finishes its step, saves a checkpoint there on every rank and "
                                             "exits with status 75, resumable with --resume auto (SLURM sends SIGTERM, "
                                             "or the signal of #SBATCH --signal; torchrun's agent SIGTERM)")

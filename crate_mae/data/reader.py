@@ -30,7 +30,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from crate_mae.config import DataConfig
-from crate_mae.config.sections import stop_signals as signal_numbers
+from crate_mae.config.sections import PREEMPT_SIGNALS, stop_signals as signal_numbers
 from crate_mae.data.manifest import ShardList, resolve_shards
 from crate_mae.data.stream import BadSample, Batch, decode_sample, read_samples, sample_key
 from crate_mae.data.transforms import EvalTransform, Transform
@@ -38,7 +38,6 @@ from crate_mae.errors import DataError, ShardError
 from crate_mae.seeding import mix_seed, seed_everything
 
 NAMED = 5  # bad samples a loader logs by name; the others are counted
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # run.preempt_signals' default
 log = logging.getLogger("crate_mae.data")
 
 
@@ -214,7 +213,7 @@ class ShardLoader:
     `stop_signals`: the run's preemption signals, ignored by the workers with Ctrl-C; `named`: bad samples logged by
     name (None: all)."""
 
-    def __init__(self, stream: ShardStream, *, pin_memory: bool = False, stop_signals: Sequence[str] = STOP_SIGNALS,
+    def __init__(self, stream: ShardStream, *, pin_memory: bool = False, stop_signals: Sequence[str] = PREEMPT_SIGNALS,
                  named: int | None = NAMED) -> None:
         workers, ignored = stream.data.num_workers, signal_numbers(list(stop_signals))
         self.stream, self.named, self.steps_per_epoch = stream, named, stream.steps_per_epoch
@@ -269,7 +268,7 @@ def train_loader(spec: str | ShardList, transform: Transform, *, data: DataConfi
                  world_size: int = 1, seed: int = 0, accum_steps: int = 1, labels: bool = True, num_classes: int = 0,
                  pin_memory: bool = False, batch_size: int | None = None, num_workers: int | None = None,
                  resample: bool | None = None, shuffle_buffer: int | None = None, train_samples: int | None = None,
-                 max_bad_fraction: float | None = None, stop_signals: Sequence[str] = STOP_SIGNALS) -> ShardLoader:
+                 max_bad_fraction: float | None = None, stop_signals: Sequence[str] = PREEMPT_SIGNALS) -> ShardLoader:
     """One rank's training batches, per epoch samples // (batch × ranks × accum) × accum of them, of `transform`ed
     images, with the `data` section's settings (None: `DataConfig()`'s); a keyword named as one of its fields
     replaces it. `num_classes`: what every label must fit when the manifest lists no classes (the head's)."""
@@ -293,7 +292,7 @@ def eval_loader(spec: str | ShardList, img_size: int, *, data: DataConfig | None
                 world_size: int = 1, labels: bool = True, num_classes: int = 0, pin_memory: bool = False,
                 batch_size: int | None = None, num_workers: int | None = None, eval_crop_pct: float | None = None,
                 max_bad_fraction: float | None = None, first_samples: int | None = None,
-                stop_signals: Sequence[str] = STOP_SIGNALS) -> ShardLoader:
+                stop_signals: Sequence[str] = PREEMPT_SIGNALS) -> ShardLoader:
     """One rank's share of every sample, each once over all ranks, as `EvalTransform(img_size,
     crop_pct=data.eval_crop_pct)` pixels; settings as for `train_loader`. `first_samples`: only the leading shards
     that hold the set's first n samples."""

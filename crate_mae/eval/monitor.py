@@ -31,11 +31,13 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from crate_mae.config import ClassifierConfig, DataConfig, MAEConfig, MonitorConfig
+from crate_mae.config.sections import PREEMPT_SIGNALS
 from crate_mae.data.device_decode import to_device
 from crate_mae.data.manifest import ShardList, resolve_shards
 from crate_mae.data.reader import ShardLoader, eval_loader, unlabelled
@@ -98,7 +100,7 @@ class Monitor:
 
     def __init__(self, cfg: MonitorConfig, model_cfg: MAEConfig, *, train_spec: str | ShardList,
                  val_spec: str | ShardList, data: DataConfig, dist: Dist, seed: int, precision: str = "fp32",
-                 probe: OnlineProbe | None = None) -> None:
+                 probe: OnlineProbe | None = None, stop_signals: Sequence[str] = PREEMPT_SIGNALS) -> None:
         self.cfg, self.model_cfg, self.dist, self.seed = cfg, model_cfg, dist, seed
         self.precision = resolve_precision(precision, dist.device)
         self.skipped: list[str] = []  # one line per measure not taken, and why
@@ -110,7 +112,8 @@ class Monitor:
 
         def loader(shards: ShardList, labels: bool, first: int | None) -> ShardLoader:
             return eval_loader(shards, self.img_size, data=data, rank=dist.rank, world_size=dist.world_size,
-                               labels=labels, pin_memory=dist.device.type == "cuda", first_samples=first)
+                               labels=labels, pin_memory=dist.device.type == "cuda", first_samples=first,
+                               stop_signals=stop_signals)  # its workers ignore the run's stop signals
 
         # The kNN needs a labelled bank and labelled queries; the probe, labelled queries. Each loader is built once.
         knn_why = (unlabelled(train) or unlabelled(val)) if cfg.knn_k else None

@@ -115,9 +115,10 @@ def _loaders(run: StageRun, classes: int) -> tuple[DeviceLoader, ShardLoader]:
     transform = FinetuneTransform(cfg.model.img_size, auto_augment=ft.auto_augment, re_prob=ft.reprob,
                                   scale=ft.crop_scale, hflip=ft.hflip)
     loader = train_loader(run.train, transform, data=cfg.data, rank=dist.rank, world_size=dist.world_size,
-                          seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps, num_classes=classes, pin_memory=cuda)
+                          seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps, num_classes=classes, pin_memory=cuda,
+                          stop_signals=cfg.run.preempt_signals)
     val = eval_loader(run.val, cfg.model.img_size, data=cfg.data, rank=dist.rank, world_size=dist.world_size,
-                      num_classes=classes, pin_memory=cuda)
+                      num_classes=classes, pin_memory=cuda, stop_signals=cfg.run.preempt_signals)
     return DeviceLoader(loader, device=dist.device, depth=0), val
 
 

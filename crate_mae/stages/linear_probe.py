@@ -99,7 +99,7 @@ def _logreg(run: StageRun, encoder: CrateClassifier, classes: int, log: RunLogge
         path = folder / f"{split}-{dist.rank}-of-{dist.world_size}.pt"
         if load_cached(path) is None:
             loader = eval_loader(shards, cfg.model.img_size, data=cfg.data, rank=dist.rank, world_size=dist.world_size,
-                                 num_classes=classes)  # every label checked before a probe sees it
+                                 num_classes=classes, stop_signals=cfg.run.preempt_signals)  # labels checked
             save_cached(path, extract(encoder, loader, dist, p.feature, precision))
         elif dist.is_main:
             log.info(f"{split} features from the cache: {path}")
@@ -137,10 +137,11 @@ def _linear(run: StageRun, encoder: CrateClassifier, classes: int, log: RunLogge
     cuda = dist.device.type == "cuda"
     loader = train_loader(run.train, PretrainTransform(cfg.model.img_size, scale=cfg.probe.crop_scale),
                           data=cfg.data, rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed,
-                          accum_steps=accum, num_classes=classes, pin_memory=cuda)
+                          accum_steps=accum, num_classes=classes, pin_memory=cuda,
+                          stop_signals=cfg.run.preempt_signals)
     loader = DeviceLoader(loader, device=dist.device, depth=0)  # to the device once, in the step's thread
     val = eval_loader(run.val, cfg.model.img_size, data=cfg.data, rank=dist.rank, world_size=dist.world_size,
-                      num_classes=classes, pin_memory=cuda)
+                      num_classes=classes, pin_memory=cuda, stop_signals=cfg.run.preempt_signals)
     trainer = Trainer.from_config(cfg, ClassifierObjective(model, nn.CrossEntropyLoss()).to(dist.device), dist,
                                   len(loader))
     checkpointer = run.checkpointer()

@@ -62,7 +62,7 @@ def build_training(cfg: Config, dist: Dist, train: str | ShardList, weights: Che
         PretrainTransform(size, fast_decode=cfg.data.fast_decode)
     loader = train_loader(train, transform, data=cfg.data, rank=dist.rank, world_size=dist.world_size,
                           seed=cfg.run.seed, accum_steps=cfg.optim.accum_steps, pin_memory=dist.device.type == "cuda",
-                          labels=labels)
+                          labels=labels, stop_signals=cfg.run.preempt_signals)
     loader = DeviceLoader(loader, device=dist.device, depth=cfg.data.prefetch)  # to the device, off the step's path
     return Trainer.from_config(cfg, MaskedObjective(model), dist, len(loader)), loader
 
@@ -96,7 +96,7 @@ def _run(run: StageRun) -> PretrainResult:
                 log.image("reconstruction", reconstruction_grid(model, images, noise=noise), trainer.state.step)
             history.after_epoch(trainer.state.epoch)
         if loader.bad:
-            log.info(f"data: {loader.bad} of {loader.seen} samples skipped as unusable (see the warnings above)")
+            log.info(f"data: {loader.bad} of {loader.seen} samples skipped as unusable (the first ones named above)")
         final = trainer.save(checkpointer, "final.pth")
         if dist.is_main:
             _save_outputs(run, trainer, checkpointer, preview, history, log)
@@ -194,6 +194,7 @@ class MonitorHistory:
             log.info("monitor: off, the run has no val set (data.val_shards)")
             return
         self.monitor = Monitor(run.cfg.monitor, run.cfg.model, train_spec=run.train, val_spec=run.val,
+                               stop_signals=run.cfg.run.preempt_signals,
                                data=run.cfg.data, dist=run.dist, seed=run.cfg.run.seed, precision=trainer.precision,
                                probe=probe)
         for reason in self.monitor.skipped:
