@@ -82,28 +82,22 @@ def write_earlier(run: Path) -> None:
 
 def try_saves(run: Path, width: int) -> dict[str, Any]:
     """Saves that should fail: a raw `save` of a new file and one over the earlier file, the Checkpointer's
-    collective save of a new periodic file, a safetensors export (3 tensors of width²), and `atomic_path` around torch.save writing by path (as the feature cache
-    does: torch loses the errno there). With the folder's files before and after, and what torch would write."""
+    collective save of a new periodic file and a safetensors export (3 tensors of width²). With the folder's files before and after, and what torch would write."""
     big = tiny_state(width)
     before = tree(run)
     buf = io.BytesIO()
     torch.save(big, buf)
 
-    def by_path() -> None:
-        with atomic_path(run / "ckpt-00000003.pth") as tmp:
-            torch.save(big, tmp)
-
     tries = {"new": outcome(lambda: save(run / "ckpt-00000002.pth", big)),
              "over": outcome(lambda: save(run / KEEP, big)),
              "checkpointer": outcome(lambda: checkpointer(run).save("ckpt-00000002.pth", big)),
              "safetensors": outcome(lambda: save_safetensors({k: torch.zeros(width, width) for k in "abc"},
-                                                             {"model": {}}, run / "encoder.safetensors")),
-             "by_path": outcome(by_path)}
+                                                             {"model": {}}, run / "encoder.safetensors"))}
     return {"tries": tries, "before": before, "after": tree(run), "actual": len(buf.getvalue())}
 
 
 FILES = {"new": "ckpt-00000002.pth", "over": KEEP, "checkpointer": "ckpt-00000002.pth",
-         "safetensors": "encoder.safetensors", "by_path": "ckpt-00000003.pth"}
+         "safetensors": "encoder.safetensors"}
 
 
 def child(mode: str, folder: str) -> None:
@@ -191,8 +185,6 @@ def _check_full(result: dict[str, Any], run: str, code: int, cause: str) -> None
     earlier file is byte-identical; no temp file is left."""
     for name, got in result["tries"].items():
         assert got is not None, f"{name}: the save did not fail"
-        if name == "by_path":
-            continue  # not our writer: told apart by the test of a full disk
         assert got["type"] == "DiskFullError", f"{name}: {got['type']}: {got['message']}"  # today: RuntimeError
         assert {"WriteError", "CrateError", "OSError"} <= set(got["mro"])
         message = got["message"]
@@ -211,20 +203,12 @@ def test_a_full_disk_is_one_line_with_free_and_needed_bytes_and_loses_nothing(mo
     new = result["tries"]["new"]
     assert 0 < new["free"] < new["needed"] and f"{size_text(new['free'])} free in {run}" in new["message"]
     assert result["actual"] <= new["needed"] <= 1.5 * result["actual"]  # "about": not below what torch writes
-    # torch.save writing by path lost the errno: the disk left with nothing free tells it
-    by_path = result["tries"]["by_path"]
-    assert by_path["type"] == "DiskFullError" and by_path["errno"] == errno.ENOSPC and by_path["needed"] is None
-    assert by_path["message"] == (f"cannot write {run}/ckpt-00000003.pth: the disk is full "
-                                  f"({size_text(by_path['free'])} free in {run}); the files already there are unchanged")
 
 
 def test_a_file_size_limit_is_named_as_such(tmp_path: Path) -> None:
     """RLIMIT_FSIZE needs no privilege: the kernel's own EFBIG, on any machine."""
     result = report(run_child("both", tmp_path, env={"FSIZE": str(256 << 10)}))
     _check_full(result, str(tmp_path / "run"), errno.EFBIG, "file too large (")
-    # torch.save writing by path loses the errno, and the disk has room: nothing tells what it was (our save path
-    # never writes by path)
-    assert result["tries"]["by_path"]["type"] == "RuntimeError"
 
 
 def test_a_read_only_mount_is_one_line_and_loses_nothing(mounts: None, tmp_path: Path) -> None:
