@@ -46,9 +46,9 @@ class StopSignals:
         StopSignals.active = None
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
-        name = signal.Signals(number).name
         if os.getpid() != self._pid:
             return
+        name = signal.Signals(number).name
         if not self.deferring:
             raise StopNow(f"stopped by {name} outside the training loop: nothing is lost (every file is written "
                           f"atomically); continue with the same command and --resume auto",
@@ -103,8 +103,8 @@ class StopVote:
         import torch
         import torch.distributed as tdist
 
-        if self._group is None:  # collective: every rank makes it at its first poll
-            self._group = tdist.new_group(backend="gloo") if tdist.get_backend() != "gloo" else tdist.group.WORLD
+        # collective: every rank makes the group at its first poll
+        self._group = self._group or (tdist.new_group(backend="gloo") if tdist.get_backend() != "gloo" else True)
         agreed = self.close()
         flag = torch.tensor([requested_stop() is not None], dtype=torch.int32)
         self._pending = (tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group, async_op=True), flag)
