@@ -103,8 +103,8 @@ class StopVote:
         import torch
         import torch.distributed as tdist
 
-        # collective: every rank makes the group at its first poll
-        self._group = self._group or (tdist.new_group(backend="gloo") if tdist.get_backend() != "gloo" else True)
+        if self._group is None:  # collective: every rank makes it at its first poll
+            self._group = tdist.new_group(backend="gloo") if tdist.get_backend() != "gloo" else tdist.group.WORLD
         agreed = self.close()
         flag = torch.tensor([requested_stop() is not None], dtype=torch.int32)
         self._pending = (tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group, async_op=True), flag)
