@@ -21,12 +21,6 @@ def size_text(n: int) -> str:
     return f"{n} bytes" if power == 0 else f"{n / 1024 ** power:.1f} {'KMGT'[power - 1]}iB"
 
 
-def free_bytes(folder: Path) -> int | None:
-    """Bytes free to this user in `folder`'s file system (None if the folder is gone)."""
-    with suppress(OSError):
-        return shutil.disk_usage(folder).free
-
-
 def write_error(path: str | os.PathLike, code: int | None, *, needed: int | None = None) -> WriteError:
     """The one line for a failed write of `path` with the system's error number `code`, made once the temp file is
     removed (the free bytes count its space); `needed`: about the bytes the file would have had."""
@@ -34,7 +28,9 @@ def write_error(path: str | os.PathLike, code: int | None, *, needed: int | None
     cause = "the disk is full" if code == errno.ENOSPC else cause[:1].lower() + cause[1:]
     if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return WriteError(f"cannot write {path}: {cause}", errno=code)
-    free = free_bytes(path.parent)
+    free = None
+    with suppress(OSError):  # the folder may be gone
+        free = shutil.disk_usage(path.parent).free
     sizes = ([f"{size_text(free)} free in {path.parent}"] if free is not None else []) + (
         [f"about {size_text(needed)} needed"] if needed else [])
     return DiskFullError(f"cannot write {path}: {cause} ({', '.join(sizes)}); the files already there are unchanged",
@@ -70,23 +66,20 @@ class AtomicFile:
         """Remove the temp file after `err`; the WriteError to raise instead, or None when `err` is not this write's
         (an interrupt, another file's error, a bug). The OSError is looked for along the chain (torch.save wraps it
         in a RuntimeError)."""
-        cause, code = err, None
+        cause = err
         while isinstance(cause, Exception) and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, OSError) and not isinstance(cause, WriteError):
-            code = cause.errno if cause.filename in (None, str(self.tmp), self.tmp) else None
+        ours = isinstance(cause, OSError) and not isinstance(cause, WriteError) and cause.filename in (
+            None, str(self.tmp), self.tmp)
         self.abort()
-        return write_error(self.path, code, needed=needed) if code is not None else None
+        return write_error(self.path, cause.errno, needed=needed) if ours else None
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, needed: int | None = None) -> Iterator[Path]:
-    """Yields a temp path beside `path`, which becomes `path` on success and is removed on any error; a system error
-    of this write becomes a one-line `WriteError`. `needed`: about the bytes the file will have (said when no room).
-
-        with atomic_path("runs/x/config.yaml") as tmp:
-            tmp.write_text(text)
-    """
+    """Yields a temp path beside `path` (`tmp.write_text(...)`), which becomes `path` on success and is removed on any
+    error; a system error of this write becomes a one-line `WriteError`. `needed`: about the bytes the file will have
+    (said when there is no room)."""
     target = AtomicFile(path)
     try:
         yield target.tmp
