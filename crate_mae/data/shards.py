@@ -59,7 +59,7 @@ def ensure_torchvision(name: str, root: str, *, download: bool, out: str | os.Pa
 
 def count_manifest(spec: str, split: str | None = None, *, read: bool = False) -> Manifest:
     """A manifest for existing shards, by reading every sample key (classes unknown: left empty), or, for a published
-    set whose `_info.json` gives the counts (data/info.py), from it without reading (unless `read`).
+    set whose `_info.json` gives the counts (data/manifest.py), from it without reading (unless `read`).
 
     The shards are read as training reads them (`read_samples`: gzip-compressed ones too, each checked to its tar's
     end-of-archive marker, a failed remote read retried with `DataConfig`'s defaults), so a count is the count a

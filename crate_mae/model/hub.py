@@ -33,15 +33,16 @@ DEFAULT_CLASSES = 1000  # a classifier's head when neither the stage's data nor 
 
 
 def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, default_family: str = "mae",
-                   resume: bool = False, default_classes: int = DEFAULT_CLASSES) -> ModelConfig:
+                   resume: bool = False, default_classes: int = DEFAULT_CLASSES, data_classes: int = 0) -> ModelConfig:
     """The one function that resolves a model config: `cfg` with every unset field filled, checked against `source`.
 
     For each field, in order: the value set in `cfg`; else the file's (our files' saved `model` section; for a
     released file, which records no config, what its tensor shapes tell: family, width, depths, patch, image
     size); else the `variant` row (`cfg`'s, else the file's, else the row matching the file's width and depth, else
     base); else the family's default (η 0.1; λ 0.5 for mae, 0.1 for supervised); the family itself defaults to the
-    file's, else `default_family`. A classifier's `num_classes` defaults to the file's head, else `default_classes`
-    (1000; a timm name's own).
+    file's, else `default_family`. A classifier's `num_classes`, the one place it is decided: the value set, else
+    `data_classes` (a stage's data, by its manifest), else the file's head, else `default_classes` (1000; a timm
+    name's own).
 
     Checked, each an error naming the field (and the file): a field that changes the function of what `cfg` builds
     (`FUNCTION_FIELDS`, the decoder's depth for a CRATE-MAE only), set in `cfg` and recorded otherwise in the file;
@@ -70,7 +71,7 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
                               f"config{how}; leave it unset to use the checkpoint's value")
     values = _defaults({**saved, **given}, saved, own, where, default_family)
     if isinstance(cfg, ClassifierConfig) and cfg.num_classes is None:
-        values["num_classes"] = source.num_classes if source is not None and source.num_classes else default_classes
+        values["num_classes"] = data_classes or (source.num_classes if source is not None else 0) or default_classes
     try:
         return dataclasses.replace(cfg, **values)
     except ConfigError as err:

@@ -145,17 +145,22 @@ def prepare(cfg: Config, dist: Dist, *, weights: str | None = None, default_fami
         except MissingFileError as err:
             hint = " (the demo's encoder comes from `python pretrain.py`)" if "runs/demo" in str(weights) else ""
             raise MissingFileError(f"{err}{hint}") from None
-    model = resolve_config(cfg.model, resume or pretrained, default_family=default_family, resume=resume is not None)
+    source, how = resume or pretrained, dict(default_family=default_family, resume=resume is not None)
+    model = resolve_config(cfg.model, source, **how)
     train_spec, val_spec = stage_data(cfg, dist, img_size=model.img_size)
     if isinstance(model, ClassifierConfig) and val_spec is None:
         raise ConfigError("data.val_shards: accuracy is measured on a validation set; set one")
     train = resolve_shards(train_spec)  # each set's shards checked here, once: the stage hands these on
     val = resolve_shards(val_spec) if val_spec is not None else None
-    if isinstance(model, ClassifierConfig):  # the head follows the data's classes where its manifest lists them
+    if isinstance(model, ClassifierConfig):  # an unset head takes the data's classes where its manifest lists them
         for shards in (train, val):
             refuse_unlabelled(shards)
-        if train.manifest is not None and train.manifest.num_classes:
-            model = dataclasses.replace(model, num_classes=train.manifest.num_classes)
+        classes = train.manifest.num_classes if train.manifest is not None else 0
+        if classes:  # the same resolution, now knowing them
+            model = resolve_config(cfg.model, source, **how, data_classes=classes)
+        if 0 < model.num_classes < classes:
+            raise ConfigError(f"model.num_classes is {model.num_classes}, but {train.spec} has {classes} classes; leave "
+                              f"it unset to take them")
     return StageRun(dataclasses.replace(cfg, model=model), dist, run_dir, resume, pretrained, train, val, changes, lock)
 
 

@@ -81,9 +81,9 @@ def layers_figure(rows: list[dict[str, float]]) -> Figure:
     left.legend(fontsize=8)
     zeros = right.plot(layers, [r["zero_fraction"] for r in rows], "o-", color="C2", label="fraction of zeros")
     right.set(xlabel="layer", ylabel="fraction of zeros", title="sparsity of ISTA's output")
-    twin = right.twinx()
-    ratio = twin.plot(layers, [r["l1_over_l2"] for r in rows], "s--", color="C3", label="ℓ1/ℓ2 per token")
-    twin.set_ylabel("ℓ1/ℓ2 per token (lower: sparser)")
+    ratio_axis = right.twinx()
+    ratio = ratio_axis.plot(layers, [r["l1_over_l2"] for r in rows], "s--", color="C3", label="ℓ1/ℓ2 per token")
+    ratio_axis.set_ylabel("ℓ1/ℓ2 per token (lower: sparser)")
     right.legend(handles=zeros + ratio, fontsize=8, loc="best")
     for ax in (left, right):
         ax.set_xticks(layers)

@@ -61,3 +61,26 @@ def test_labels_that_fit_train_on_the_same_shards(tmp_path: Path) -> None:
     train, val = foreign_set(tmp_path / "set", first=0)
     result = run_finetune(config("finetune", train, val, tmp_path / "runs", "finetune.checkpoint=null"))
     assert result.steps == 48 // 8
+
+
+@pytest.mark.parametrize(("given", "want"), [(None, 3), (7, 7), (2, None)])
+def test_the_head_takes_the_datas_classes_unless_set_and_a_smaller_one_is_refused(tmp_path: Path, given: int | None,
+                                                                                  want: int | None) -> None:
+    """model.num_classes, decided in one place (`resolve_config`): set, else the data's (3 here), else the file's head;
+    a set head too small for the data's classes is one line before anything runs."""
+    import torch
+
+    from crate_mae.engine.dist import Dist
+    from crate_mae.errors import ConfigError
+    from crate_mae.stages.common import prepare
+    from tests.helpers import make_set
+
+    train, val = make_set(tmp_path / "set", n_shards=1), make_set(tmp_path / "set", "val", n_shards=1)
+    cfg = config("finetune", train, val, tmp_path / "runs", "finetune.checkpoint=null",
+                 f"model.num_classes={'null' if given is None else given}")
+    here = Dist(0, 1, 0, torch.device("cpu"))
+    if want is None:
+        with pytest.raises(ConfigError, match=r"^model.num_classes is 2, but .*train.json has 3 classes; leave it unset"):
+            prepare(cfg, here, default_family="supervised")
+    else:
+        assert prepare(cfg, here, default_family="supervised").cfg.model.num_classes == want
