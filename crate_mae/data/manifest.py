@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import glob
 import gzip
+import itertools
 import json
 import logging
 import lzma
@@ -24,7 +25,7 @@ import subprocess
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
@@ -45,26 +46,15 @@ log = logging.getLogger("crate_mae.data")
 
 
 def is_remote(url: str) -> bool:
-    """Whether `url` is read by a command (`pipe:`) or a transfer (any scheme but `file:`): the package's one test. A
-    path or a `file:` URL is a local file, checked before reading and never read again."""
+    """Whether `url` is read by a command (`pipe:`) or a transfer (any scheme but `file:`): the package's one test."""
     return url.startswith("pipe:") or ("://" in url and not url.startswith("file:"))
-
-
-def local_path(url: str) -> str:
-    """The file a local `url` names (a `file:` URL's path)."""
-    return urlparse(url).path if url.startswith("file:") else url
 
 
 def compression(head: bytes) -> str | None:
     """"gzip", "bzip2", "xz" or None (a plain tar) for a stream that begins with `head`. bzip2 needs its level digit
     and a block (or end) magic too: "BZh" alone could begin a plain tar's first member name."""
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip"
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    if head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
-        return "bzip2"
-    return None
+    bzip2 = head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90")
+    return "gzip" if head[:2] == b"\x1f\x8b" else "xz" if head[:6] == b"\xfd7zXZ\x00" else "bzip2" if bzip2 else None
 
 
 def decompressing(kind: str, stream: Any) -> BinaryIO:
@@ -73,8 +63,7 @@ def decompressing(kind: str, stream: Any) -> BinaryIO:
 
 
 def tar_is_complete(size: int, tail: bytes) -> bool:
-    """Whether a tar stream of `size` bytes whose last 1024 are `tail` ends with its end-of-archive marker (two zero
-    blocks): the one rule of the pre-check here and of the reader (data/stream.py)."""
+    """Whether a tar stream of `size` bytes, last 1024 `tail`, ends with an end-of-archive marker (two zero blocks)."""
     return size % BLOCK == 0 and size >= 2 * BLOCK and len(tail) == 2 * BLOCK and tail.count(0) == len(tail)
 
 
@@ -122,10 +111,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     try:
         raw = json.loads(Path(path).read_text())
         shards = [ShardInfo(name=s["name"], samples=int(s["samples"]), bytes=s.get("bytes")) for s in raw["shards"]]
-        return Manifest(split=raw["split"], shards=shards, classes=list(raw.get("classes", [])),
-                        image_size=raw.get("image_size"), source=raw.get("source", ""),
-                        skipped=int(raw.get("skipped", 0)), format=raw.get("format", FORMAT),
-                        labelled=bool(raw.get("labelled", True)), skips=dict(raw.get("skips") or {}))
+        known = {f.name for f in fields(Manifest)} - {"shards"}  # "total", "num_classes": derived, not read
+        return Manifest(shards=shards, **{k: v for k, v in raw.items() if k in known})
     except FileNotFoundError:
         raise ShardError(f"{path}: no such manifest") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -149,59 +136,47 @@ class ShardList:
         """The leading shards that hold the set's first n samples (all of them without counts, or for None)."""
         if n is None or self.samples is None:
             return self
-        total, k = 0, 0
-        while k < len(self.urls) and total < n:
-            total, k = total + self.samples[k], k + 1
+        k = next((k + 1 for k, total in enumerate(itertools.accumulate(self.samples)) if total >= n), len(self.urls))
         return replace(self, urls=self.urls[:k], samples=self.samples[:k])
 
 
-def _compressed_problem(path: str, kind: str, size: int) -> str | None:
-    """What is wrong with a compressed local shard (None: nothing found), cheaply: its first tar block and its end
-    (gzip's last 4 bytes are the content's size, a multiple of 512 for a tar; xz ends with "YZ"); where these leave a
-    doubt, the whole stream is decompressed. The reader checks every shard whole as it reads it."""
-    try:
-        with decompressing(kind, path) as f:
-            head = f.read(BLOCK)
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 4))
-            end = f.read(4)
-        whole, tail = len(head), b""
-        if len(head) < BLOCK or (kind == "gzip" and int.from_bytes(end, "little") % BLOCK) or \
-                (kind == "xz" and end[-2:] != b"YZ"):
-            whole = 0
-            with decompressing(kind, path) as f:
-                while chunk := f.read(1 << 20):
-                    whole, tail = whole + len(chunk), (tail + chunk)[-2 * BLOCK:]
-            if whole == 0:
-                return f"an empty {kind} stream: it holds no tar"
-            if not tar_is_complete(whole, tail):
-                return f"the {kind} stream holds {whole} bytes that are no complete tar (no end-of-archive marker): " \
-                       f"not a tar, or one cut short before it was compressed?"
-    except EOFError:
-        return f"the {kind} stream is cut short (no end-of-stream marker): truncated?"
-    except DECOMPRESS_ERRORS as err:
-        return f"not a valid {kind} stream ({type(err).__name__}: {err}): corrupt?"
-    return "the shard holds no samples (an empty tar)" if head.count(0) == len(head) else None
-
-
 def _check_local(url: str, expected_bytes: int | None) -> None:
-    """A local shard exists, has the manifest's size, holds a member and ends with a tar end-of-archive marker."""
-    path = local_path(url)
-    if not os.path.exists(path):
-        raise ShardError(f"{url}: no such shard file")
-    if os.path.isdir(path):
-        raise ShardError(f"{url}: a folder, not a shard file")
+    """A local shard exists, has the manifest's size, holds a member and ends with a tar end-of-archive marker; a
+    compressed one is decompressed whole only where its first tar block and its end leave a doubt (gzip's last 4 bytes
+    are the content's size, a multiple of 512 for a tar; xz ends with "YZ"). The reader checks every shard whole."""
+    path = urlparse(url).path if url.startswith("file:") else url
+    if not os.path.isfile(path):
+        raise ShardError(f"{url}: {'a folder, not a shard file' if os.path.isdir(path) else 'no such shard file'}")
     size = os.path.getsize(path)
     if expected_bytes is not None and size != expected_bytes:
         raise ShardError(f"{url}: {size} bytes but the manifest says {expected_bytes}: truncated or rewritten")
     with open(path, "rb") as f:
         head = f.read(BLOCK)
         f.seek(max(0, size - 2 * BLOCK))
-        tail = f.read()
-    kind = compression(head[:MAGIC_BYTES])
-    problem = _compressed_problem(path, kind, size) if kind else \
-        None if tar_is_complete(size, tail) else "not a complete tar file (no end-of-archive marker): truncated?"
-    if problem is None and not kind and head.count(0) == len(head):  # the first header is the end-of-archive marker
+        end = tail = f.read()
+    kind, problem = compression(head[:MAGIC_BYTES]), None
+    try:
+        if kind is not None:
+            with decompressing(kind, path) as f:
+                head = f.read(BLOCK)
+        if kind is not None and (len(head) < BLOCK or (kind == "gzip" and int.from_bytes(end[-4:], "little") % BLOCK)
+                                 or (kind == "xz" and end[-2:] != b"YZ")):
+            size, tail = 0, b""  # a doubt: the whole stream decompressed
+            with decompressing(kind, path) as f:
+                while chunk := f.read(1 << 20):
+                    size, tail = size + len(chunk), (tail + chunk)[-2 * BLOCK:]
+            if size == 0:
+                problem = f"an empty {kind} stream: it holds no tar"
+            elif not tar_is_complete(size, tail):
+                problem = f"the {kind} stream holds {size} bytes that are no complete tar (no end-of-archive " \
+                          f"marker): not a tar, or one cut short before it was compressed?"
+        elif kind is None and not tar_is_complete(size, tail):
+            problem = "not a complete tar file (no end-of-archive marker): truncated?"
+    except EOFError:
+        problem = f"the {kind} stream is cut short (no end-of-stream marker): truncated?"
+    except DECOMPRESS_ERRORS as err:
+        problem = f"not a valid {kind} stream ({type(err).__name__}: {err}): corrupt?"
+    if problem is None and head.count(0) == len(head):  # the first header is the end-of-archive marker
         problem = "the shard holds no samples (an empty tar)"
     if problem is not None:
         raise ShardError(f"{url}: {problem}")
@@ -228,28 +203,23 @@ def resolve_shards(spec: str | ShardList) -> ShardList:
         return ShardList(spec, urls, [s.samples for s in manifest.shards], manifest)
     urls = []
     for item in braceexpand.braceexpand(spec):
-        matches = sorted(glob.glob(item)) if not is_remote(item) and glob.has_magic(item) else [item]
+        urls += (matches := sorted(glob.glob(item)) if not is_remote(item) and glob.has_magic(item) else [item])
         if not matches:
             raise ShardError(f"{item}: the pattern matches no file")
-        urls.extend(matches)
-    if is_remote(urls[0]):
-        return _with_info(spec, urls)
-    for url in urls:
-        _check_local(url, None)
     name = os.path.basename(urls[0])
     sibling = Path(os.path.dirname(urls[0]) or ".") / f"{name.rsplit('-', 1)[0]}.json"
-    if "-" not in name or not sibling.exists():
+    if is_remote(urls[0]) or "-" not in name or not sibling.exists():
+        for url in [] if is_remote(urls[0]) else urls:
+            _check_local(url, None)
         return _with_info(spec, urls)
     manifest = read_manifest(sibling)
-    by_name = {s.name: s for s in manifest.shards}
+    listed = {s.name: s for s in manifest.shards}
     for url in urls:
-        if os.path.basename(url) not in by_name:
+        _check_local(url, getattr(listed.get(os.path.basename(url)), "bytes", None))  # a missing file: named first
+        if os.path.basename(url) not in listed:
             raise ShardError(f"{url}: not listed in {sibling}")
-        _check_local(url, by_name[os.path.basename(url)].bytes)
-    return ShardList(spec, urls, [by_name[os.path.basename(u)].samples for u in urls], manifest)
+    return ShardList(spec, urls, [listed[os.path.basename(u)].samples for u in urls], manifest)
 
-
-# ---------------------------------------------------------------------------- a published set's _info.json
 
 def _shard_path(url: str) -> str:
     """The path or URL of the shard file `url` reads: itself, or a `pipe:` command's last word that names a shard
@@ -260,97 +230,69 @@ def _shard_path(url: str) -> str:
     return next((w for w in reversed(words) if w.endswith((".tar", ".tar.gz", ".tgz"))), "")
 
 
-def where_of(url: str, name: str) -> str:
+def _beside(url: str, name: str) -> str:
     """How to read the file `name` beside the shard `url`: a path, a URL, or the `pipe:` command with the shard's
     address replaced by the file's."""
     path = _shard_path(url)
     beside = f"{path.rsplit('/', 1)[0]}/{name}" if "://" in path else os.path.join(os.path.dirname(path) or ".", name)
-    cut = url.rfind(path)
-    return url[:cut] + beside + url[cut + len(path):] if url.startswith("pipe:") else beside
+    return url.replace(path, beside)
 
 
-def _fetch(where: str) -> str | None:
-    """The text at `where` (a path, a URL, or a `pipe:` command's output); None where it is not there."""
-    if where.startswith("pipe:"):
-        try:
-            done = subprocess.run(where[len("pipe:"):], shell=True, capture_output=True, timeout=60)
-        except subprocess.TimeoutExpired:
-            raise OSError(f"no answer in 60 s from {where}") from None
-        return done.stdout.decode("utf-8", "replace") if done.returncode == 0 and done.stdout.strip() else None
-    if "://" in where:
-        try:
-            with urllib.request.urlopen(where, timeout=30) as response:
-                return response.read().decode("utf-8")
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                return None
-            raise
-    return Path(where).read_text(encoding="utf-8") if os.path.isfile(where) else None
-
-
-def read_info(url: str) -> tuple[dict, str] | None:
+def _read_info(url: str) -> tuple[dict, str] | None:
     """(the info file beside the shard `url`, where it was read), or None. A remote one that cannot be fetched or is
-    no info file (a `curl -s` of a missing file prints an error page) is logged and passed over; a local one that is
-    not readable is an error naming it."""
-    for where in [where_of(url, name) for name in INFO_NAMES] if _shard_path(url) else []:
+    no info file (`curl -s` prints an error page) is logged and passed over; a local one is an error naming it."""
+    for where in [_beside(url, name) for name in INFO_NAMES] if _shard_path(url) else []:
         try:
-            text = _fetch(where)
-            info = None if text is None else json.loads(text) if where.rstrip("'\" ").endswith(".json") else \
-                yaml.safe_load(text)
-        except OSError as err:  # no network, a timeout, a server error: give up
+            if where.startswith("pipe:"):
+                done = subprocess.run(where[len("pipe:"):], shell=True, capture_output=True, timeout=60)
+                text = done.stdout.decode("utf-8", "replace") if done.returncode == 0 and done.stdout.strip() else None
+            elif "://" in where:
+                with urllib.request.urlopen(where, timeout=30) as response:
+                    text = response.read().decode("utf-8")
+            else:
+                text = Path(where).read_text(encoding="utf-8") if os.path.isfile(where) else None
+            if text is None:
+                continue
+            info = json.loads(text) if where.rstrip("'\" ").endswith(".json") else yaml.safe_load(text)
+            if isinstance(info, dict) and isinstance(info.get("splits"), dict):
+                return info, where
+            problem = "a dataset info file needs a 'splits' mapping (timm's _info.json layout)"
+        except (OSError, subprocess.TimeoutExpired) as err:  # no network, a timeout, a server error: give up
+            if isinstance(err, urllib.error.HTTPError) and err.code == 404:  # not there: the next name
+                continue
             log.info("%s: not fetched (%s); the shards are read without its counts", where, err)
             return None
         except (ValueError, yaml.YAMLError) as err:
             problem = f"not a readable dataset info file ({type(err).__name__}: {err})"
-        else:
-            if text is None:
-                continue
-            if isinstance(info, dict) and isinstance(info.get("splits"), dict):
-                return info, where
-            problem = "a dataset info file needs a 'splits' mapping (timm's _info.json layout)"
         if not is_remote(url):
             raise ShardError(f"{where}: {problem}")
         log.info("%s: %s; the shards are read without its counts", where, problem)
     return None
 
 
-def _split_of(info: dict, where: str, name: str) -> tuple[str, dict] | None:
-    """The split of `info` (and its entry) whose files include `name`; None where none does (other shards')."""
-    for split, entry in info["splits"].items():
-        if isinstance(entry, dict) and name in [os.path.basename(f) for f in entry.get("filenames") or []]:
-            return split, entry
-    log.info("%s: no split lists %s (splits: %s); the shards are read without its counts", where, name,
-             ", ".join(info["splits"]))
-    return None
-
-
 def _with_info(spec: str, urls: list[str]) -> ShardList:
     """The shards `urls` with the counts and classes of the info file beside them (one folder or command), from the
     split that lists them; else without counts."""
-    remote = is_remote(urls[0]) and not urls[0].startswith(("http://", "https://", "pipe:"))  # no way to fetch it
-    found = None if remote or len({where_of(u, INFO_NAMES[0]) for u in urls}) != 1 else read_info(urls[0])
-    names = [os.path.basename(_shard_path(u)) for u in urls]
-    entry = _split_of(*found, names[0]) if found else None
-    if entry is None:
+    found = _read_info(urls[0]) if len({_beside(u, INFO_NAMES[0]) for u in urls}) == 1 else None
+    if found is None:
         return ShardList(spec, urls)
-    (split, entry), where = entry, found[1]
-    files, lengths = [os.path.basename(f) for f in entry["filenames"]], entry.get("shard_lengths") or []
-    missing = [n for n in names if n not in files]
-    if missing:
+    (info, where), names = found, [os.path.basename(_shard_path(u)) for u in urls]
+    files_of = {split: [os.path.basename(f) for f in entry.get("filenames") or []]
+                for split, entry in info["splits"].items() if isinstance(entry, dict)}
+    split = next((split for split, files in files_of.items() if names[0] in files), None)
+    entry, files = info["splits"].get(split, {}), files_of.get(split, [])
+    if missing := [n for n in names if n not in files] if split else []:
         raise ShardError(f"{where}: split '{split}' does not list {missing[0]}"
                          + (f" (nor {len(missing) - 1} more of the spec's shards)" if len(missing) > 1 else ""))
-    if len(lengths) != len(files):
-        log.info("%s: split '%s' gives no count per shard (%d counts for %d files); its shards are read without "
-                 "counts", where, split, len(lengths), len(files))
+    if split is None or len(lengths := entry.get("shard_lengths") or []) != len(files):
+        log.info("%s: %s; the shards are read without its counts", where, f"no split lists {names[0]}" if split is None
+                 else f"split '{split}' gives {len(lengths)} counts for its {len(files)} files")
         return ShardList(spec, urls)
-    try:
-        count = {f: int(n) for f, n in zip(files, lengths)}
-    except (TypeError, ValueError):
-        raise ShardError(f"{where}: split '{split}' has shard_lengths that are not whole numbers") from None
+    count = {f: int(n) for f, n in zip(files, lengths)}
     if entry.get("num_samples") is not None and int(entry["num_samples"]) != sum(count.values()):
         raise ShardError(f"{where}: split '{split}' says num_samples {entry['num_samples']} but its shard_lengths "
                          f"add up to {sum(count.values())}")
-    classes = next((c for c in (found[0].get("classes"), found[0].get("class_names"))
+    classes = next((c for c in (info.get("classes"), info.get("class_names"))
                     if isinstance(c, list) and all(isinstance(n, str) for n in c)), [])
     manifest = Manifest(split=split, shards=[ShardInfo(u if is_remote(u) else os.path.basename(u), count[n])
                                              for u, n in zip(urls, names)], classes=classes, source=where)

@@ -1,20 +1,17 @@
 """Reading a shard set as batches: one webdataset pipeline per (rank, worker) slot, in a DataLoader.
 
-`ShardStream.pipeline` lists a slot's steps, as timm's `ReaderWds` does: its shard urls → read_samples (tar →
-samples) → [split by sample] → shuffle → decode or skip → batch. A slot is one (rank, worker) pair:
-slot = rank · workers + role, slots = ranks · workers. What ours adds:
-- exact epochs: a training slot's shard order is endless and it takes its share of steps_per_epoch (batch i of a
-  rank comes from role i mod workers), so every rank gives exactly steps_per_epoch full batches; an evaluation gives
-  every sample once over all slots (shards dealt out or, with fewer shards than slots, sample i to slot i mod slots);
-- resume: `set_epoch(epoch, replay=n)` continues after n batches of this rank, the roles rotated so that batch n
-  comes first, the replayed samples' random draws made (`transform.draw`) and nothing decoded;
-- bad samples: skipped and counted in each slot (`SampleCount`), which judges its own count (so that a worker that
-  reads nothing usable stops); the counts travel with the batches, and the main process judges all of them, over
-  the loader's epochs, at each epoch's end. The first NAMED are logged by name, then a count per epoch.
+`ShardStream.pipeline` lists a slot's steps as timm's `ReaderWds` does (urls → read_samples → [split by sample] →
+shuffle → decode or skip → batch); slot = rank · workers + role. Ours adds exact epochs (a training slot's shard
+order is endless and it takes its share of steps_per_epoch: batch i of a rank comes from role i mod workers; an
+evaluation gives every sample once over all slots: shards dealt out, or sample i to slot i mod slots when fewer);
+resume (`set_epoch(epoch, replay=n)` continues after n batches of this rank: roles rotated, the replayed samples'
+draws made, nothing decoded); and bad samples counted and judged in each slot (a worker that reads nothing usable
+stops), their sum in the main process at each epoch's end, the first NAMED logged by name.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import random
@@ -43,8 +40,7 @@ log = logging.getLogger("crate_mae.data")
 
 @dataclass
 class SampleCount:
-    """Samples seen and bad; `last` names the last bad one ("<shard>/<key>: <reason>"), `named` a slot's first
-    NAMED bad ones until handed over."""
+    """Samples seen and bad; `last`: the last bad one ("<shard>/<key>: <reason>"); `named`: the first NAMED, unsent."""
 
     seen: int = 0
     bad: int = 0
@@ -76,9 +72,8 @@ def worker_role(worker: int, workers: int, replay: int) -> tuple[int, int]:
 
 def shard_order(urls: list[str], *, train: bool, resample: bool, slot: int, slots: int, seed: int, epoch: int,
                 rng: random.Random) -> tuple[Iterator[str], bool]:
-    """(this slot's shard urls, whether to split by sample index). Evaluation: dealt out in order, or all of them to
-    every slot when there are fewer than slots. Training, endless: drawn from `rng` (resample), or passes each
-    shuffled with a seed all slots share and dealt out."""
+    """(this slot's shard urls, whether to split by sample index). Evaluation: dealt out, or all to every slot when
+    fewer than slots. Training, endless: drawn from `rng` (resample), or passes shuffled alike in all slots, dealt."""
     by_sample = len(urls) < slots
     if not train:
         return iter(urls if by_sample else urls[slot::slots]), by_sample
@@ -95,14 +90,10 @@ def shard_order(urls: list[str], *, train: bool, resample: bool, slot: int, slot
 
 def decode_or_skip(samples: Iterable[dict], decode: Callable[..., tuple[Any, int]], count: SampleCount, *,
                    max_fraction: float, spec: str, dry: int = 0, take: int | None = None) -> Iterator[tuple]:
-    """(image, label, key) of the usable samples after the first `dry` (replayed: `decode(sample, dry=True)` makes
-    their draws; not yielded), until `take` usable ones (None: all), reading no sample past it. A BadSample is counted
-    and the rule judged (`check_bad`)."""
-    good, samples = 0, iter(samples)
-    while take is None or good < take:
-        sample = next(samples, None)
-        if sample is None:
-            return
+    """(image, label, key) of the usable samples after the first `dry` (replayed: their draws made, not yielded), until
+    `take` usable ones (None: all), reading no sample past it. A BadSample is counted and the rule judged."""
+    good = 0
+    for sample in samples if take != 0 else ():
         count.seen += 1
         try:
             image, y = decode(sample, dry=good < dry)
@@ -114,6 +105,8 @@ def decode_or_skip(samples: Iterable[dict], decode: Callable[..., tuple[Any, int
         good += 1
         if good > dry:
             yield image, y, sample_key(sample)
+        if good == take:
+            return
 
 
 def collate(items: list[tuple[Any, int, str]], stack: Callable[[list[Any]], Any] = torch.stack) -> Batch:
@@ -128,10 +121,9 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: ShardList, transform: Transform, data: DataConfig, *, train: bool, rank: int = 0,
                  world_size: int = 1, seed: int = 0, steps_per_epoch: int | None = None, labels: bool = True,
                  num_classes: int = 0) -> None:
-        super().__init__()
-        self.shards, self.transform, self.data, self.train, self.rank, self.world_size, self.seed = \
-            shards, transform, data, train, rank, world_size, seed
-        self.steps_per_epoch, self.labels, self.epoch, self.replay = steps_per_epoch, labels, 0, 0
+        self.shards, self.transform, self.data, self.train, self.rank, self.world_size, self.seed, \
+            self.steps_per_epoch, self.labels, self.epoch, self.replay = \
+            shards, transform, data, train, rank, world_size, seed, steps_per_epoch, labels, 0, 0
         listed = shards.manifest.num_classes if shards.manifest else 0  # every label must fit these, else the head's
         self.num_classes = listed or num_classes
         self.classes_of = shards.spec if listed else f"the model's head ({shards.spec} lists no classes)"
@@ -166,8 +158,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Batch | Exception | None, tuple]]:
         """(batch, `SampleCount.hand_over()`) items, then (None, ...) at the slot's end, or (the error, ...) where one
         of ours stops it: it reaches the main process as it is, not as the DataLoader's traceback text."""
-        info = get_worker_info()
-        count = SampleCount()
+        info, count = get_worker_info(), SampleCount()
         try:
             for batch in self.pipeline(info.id if info else 0, info.num_workers if info else 1, count):
                 yield batch, count.hand_over()
@@ -177,16 +168,12 @@ class ShardStream(IterableDataset):
 
 
 def _ignore_stop_signals(numbers: list[int], worker: int) -> None:
-    """A worker ignores the run's stop signals, which a terminal or a cluster sends the whole process group: the
-    parent stops at a step boundary (engine/preempt.py) and ends its workers itself. The resource sharer's thread,
-    which loses its connection when the parent stops at once, reports nothing (the parent's line says it)."""
+    """A worker ignores the run's stop signals, sent to the whole process group: the parent stops at a step boundary
+    (engine/preempt.py) and ends its workers. The resource sharer's thread, cut off when it stops at once, is silent."""
     for number in numbers:
         signal.signal(number, signal.SIG_IGN)
     sys.excepthook = lambda kind, value, tb: None if isinstance(value, (ConnectionError, EOFError)) else \
         sys.__excepthook__(kind, value, tb)
-
-
-_LIVE: weakref.WeakSet = weakref.WeakSet()  # the DataLoader iterators of our loaders whose workers may be alive
 
 
 def _end_workers(batches: Any) -> None:
@@ -200,47 +187,41 @@ def _end_workers(batches: Any) -> None:
     _LIVE.discard(batches)
 
 
-@functools.cache
-def _end_workers_at_exit() -> None:
-    """Registered once workers exist, after torch's and multiprocessing's exit handlers, so it runs before them: the
-    workers of an iterator kept alive to the end (in an exception's traceback, in a prefetch thread) are ended here.
-    After it, PyTorch skips its shutdown, and multiprocessing would join a worker that ignores its SIGTERM for ever."""
-    atexit.register(lambda: [_end_workers(batches) for batches in list(_LIVE)])
+# The DataLoader iterators whose workers may be alive, ended at exit: registered after torch's and multiprocessing's
+# exit handlers (imported with DataLoader above), this runs before them, ending the workers of an iterator kept alive
+# to the end (in a traceback, a prefetch thread), which multiprocessing would join for ever (they ignore its SIGTERM).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+atexit.register(lambda: [_end_workers(batches) for batches in list(_LIVE)])
 
 
 class ShardLoader:
-    """A DataLoader over a ShardStream yielding its `Batch`es; `seen` and `bad` count its samples over its epochs.
-    `stop_signals`: the run's preemption signals, ignored by the workers with Ctrl-C; `named`: bad samples logged by
-    name (None: all)."""
+    """A DataLoader over a ShardStream yielding its `Batch`es; `seen` and `bad` count its samples over its epochs. The
+    workers ignore `stop_signals` (the run's) and Ctrl-C; `named`: bad samples logged by name (None: all)."""
 
     def __init__(self, stream: ShardStream, *, pin_memory: bool = False, stop_signals: Sequence[str] = PREEMPT_SIGNALS,
                  named: int | None = NAMED) -> None:
         workers, ignored = stream.data.num_workers, signal_numbers(list(stop_signals))
-        self.stream, self.named, self.steps_per_epoch = stream, named, stream.steps_per_epoch
+        self.stream, self.named, self.seen, self.bad, self.last, self.logged = stream, named, 0, 0, "", 0
         # Its own generator: creating an iterator must not draw from the global RNG (the model's masking uses it).
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None, generator=torch.Generator(),
                                  worker_init_fn=functools.partial(_ignore_stop_signals, ignored))
-        self.seen, self.bad, self.last, self.logged = 0, 0, "", 0
 
     def __len__(self) -> int:
-        if self.steps_per_epoch is None:
+        if self.stream.steps_per_epoch is None:
             raise TypeError("an evaluation loader has no fixed length per rank")
-        return self.steps_per_epoch
+        return self.stream.steps_per_epoch
 
     def set_epoch(self, epoch: int, replay: int = 0) -> None:
-        """Reseeds the order for `epoch`; `replay` resumes it after that many batches of this rank, bit-identically
-        given the same num_workers. Call before iterating."""
+        """Before iterating: the order of `epoch`, resumed after `replay` batches of this rank (same num_workers)."""
         self.stream.epoch, self.stream.replay = epoch, replay
 
     def __iter__(self) -> Iterator[Batch]:
-        """One epoch's batches (evaluation: one pass), then the rule judged over every slot and epoch so far. The
-        workers are ended in `finally`, however the epoch ends."""
+        """One epoch's batches (evaluation: one pass), then the rule judged over every slot and epoch so far; the
+        workers ended however the epoch ends."""
         bad_before, spec = self.bad, self.stream.shards.spec
         batches = iter(self.loader)
-        if hasattr(batches, "_workers"):
-            _LIVE.add(batches)
-            _end_workers_at_exit()
+        _LIVE.add(batches)
         try:
             for item, (seen, bad, last, named) in batches:
                 self.seen, self.bad, self.last = self.seen + seen, self.bad + bad, last if bad else self.last
@@ -259,22 +240,15 @@ class ShardLoader:
         check_bad(SampleCount(self.seen, self.bad, self.last), self.stream.data.max_bad_fraction, spec, final=True)
 
 
-def _settings(data: DataConfig | None, **given: object) -> DataConfig:
-    """`data` (None: DataConfig()'s defaults) with the keywords given (not None) in place of its fields."""
-    return replace(data if data is not None else DataConfig(), **{k: v for k, v in given.items() if v is not None})
-
-
 def train_loader(spec: str | ShardList, transform: Transform, *, data: DataConfig | None = None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, accum_steps: int = 1, labels: bool = True, num_classes: int = 0,
-                 pin_memory: bool = False, batch_size: int | None = None, num_workers: int | None = None,
-                 resample: bool | None = None, shuffle_buffer: int | None = None, train_samples: int | None = None,
-                 max_bad_fraction: float | None = None, stop_signals: Sequence[str] = PREEMPT_SIGNALS) -> ShardLoader:
+                 pin_memory: bool = False, stop_signals: Sequence[str] = PREEMPT_SIGNALS,
+                 **settings: Any) -> ShardLoader:
     """One rank's training batches, per epoch samples // (batch × ranks × accum) × accum of them, of `transform`ed
-    images, with the `data` section's settings (None: `DataConfig()`'s); a keyword named as one of its fields
-    replaces it. `num_classes`: what every label must fit when the manifest lists no classes (the head's)."""
-    data = _settings(data, batch_size=batch_size, num_workers=num_workers, resample=resample,
-                     shuffle_buffer=shuffle_buffer, train_samples=train_samples, max_bad_fraction=max_bad_fraction)
-    shards = resolve_shards(spec)
+    images, with the settings of `data` (None: `DataConfig()`'s) and of each keyword given that names one of its
+    fields (batch_size=...; None: `data`'s). `num_classes`: what every label must fit when the manifest lists none."""
+    data, shards = replace(data or DataConfig(), **{k: v for k, v in settings.items() if v is not None}), \
+        resolve_shards(spec)
     total = data.train_samples or shards.total
     if total is None:
         raise ShardError(f"{shards.spec}: no manifest gives the number of samples; write one with "
@@ -290,28 +264,23 @@ def train_loader(spec: str | ShardList, transform: Transform, *, data: DataConfi
 
 def eval_loader(spec: str | ShardList, img_size: int, *, data: DataConfig | None = None, rank: int = 0,
                 world_size: int = 1, labels: bool = True, num_classes: int = 0, pin_memory: bool = False,
-                batch_size: int | None = None, num_workers: int | None = None, eval_crop_pct: float | None = None,
-                max_bad_fraction: float | None = None, first_samples: int | None = None,
-                stop_signals: Sequence[str] = PREEMPT_SIGNALS) -> ShardLoader:
-    """One rank's share of every sample, each once over all ranks, as `EvalTransform(img_size,
-    crop_pct=data.eval_crop_pct)` pixels; settings as for `train_loader`. `first_samples`: only the leading shards
-    that hold the set's first n samples."""
-    data = _settings(data, batch_size=batch_size, num_workers=num_workers, eval_crop_pct=eval_crop_pct,
-                     max_bad_fraction=max_bad_fraction)
-    transform = EvalTransform(img_size, crop_pct=data.eval_crop_pct)
-    stream = ShardStream(resolve_shards(spec).first(first_samples), transform, data, train=False, rank=rank,
+                first_samples: int | None = None, stop_signals: Sequence[str] = PREEMPT_SIGNALS,
+                **settings: Any) -> ShardLoader:
+    """One rank's share of every sample, each once over all ranks, as `EvalTransform(img_size, data.eval_crop_pct)`'s
+    pixels; settings as for `train_loader`. `first_samples`: only the leading shards that hold the first n samples."""
+    data, shards = replace(data or DataConfig(), **{k: v for k, v in settings.items() if v is not None}), \
+        resolve_shards(spec).first(first_samples)
+    stream = ShardStream(shards, EvalTransform(img_size, crop_pct=data.eval_crop_pct), data, train=False, rank=rank,
                          world_size=world_size, labels=labels, num_classes=num_classes)
     return ShardLoader(stream, pin_memory=pin_memory, stop_signals=stop_signals)
 
 
 def unlabelled(spec: str | ShardList) -> str | None:
     """Why the set cannot serve what needs labels (fine-tuning, the probes, the monitor's kNN): its manifest says it
-    is unlabelled, or its first sample has no `cls` (a set is labelled throughout or not at all); None where it can.
-    A manifest without classes (an _info.json's) says nothing of the samples."""
+    is unlabelled, or its first sample has no `cls` (a set is labelled throughout or not at all); None where it can."""
     shards = resolve_shards(spec)
     if shards.manifest is not None and not shards.manifest.labelled:
         return f"{shards.spec} has no labels (an unlabelled set)"
-    samples = read_samples(shards.urls[:1], spec=shards.spec, shards=1)
-    first = next(samples, None)
-    samples.close()
+    with contextlib.closing(read_samples(shards.urls[:1], spec=shards.spec, shards=1)) as samples:
+        first = next(samples, None)  # closed at once: a `pipe:` command ended
     return f"{shards.spec} has no labels (its first sample has no cls)" if first is None or "cls" not in first else None

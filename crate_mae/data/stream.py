@@ -1,10 +1,6 @@
-"""Reading shards: the read step of the loader's pipeline (data/reader.py), and the rules of one sample.
-
-`read_samples(urls)` gives each shard's samples in turn, each once and in order. One read (`_read_once`) opens a
-shard with webdataset's `gopen`, decompresses it itself if compressed, and hands the bytes to webdataset's tar
-expander; it checks what that does not (the tar's end-of-archive marker, a reader process's exit status). Around it,
-`_read_shard` reads a failed remote shard again from its start, passing over the samples already delivered.
-"""
+"""Reading shards (`read_samples`, the read step of data/reader.py's pipeline) and the rules of one sample. webdataset's
+`gopen` and tar expander read a shard; ours decompresses it, checks its end-of-archive marker and a reader process's
+status, and reads a failed remote shard again, passing over the samples already delivered."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +9,7 @@ import random
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -26,9 +22,7 @@ from crate_mae.errors import DataError, ShardError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 RETRY_CAP = 60.0  # seconds: the longest wait between two reads of a shard
-# What another read may not meet again: the transport's faults and a stream cut or garbled on the way (not, say, a
-# duplicate member name or an unknown URL scheme).
-RETRYABLE = (OSError, tarfile.TarError, *DECOMPRESS_ERRORS)
+RETRYABLE = (OSError, tarfile.TarError, *DECOMPRESS_ERRORS)  # a transport's fault, a stream cut or garbled on the way
 NOT_RUNNABLE = (126, 127)  # a shell's status for a command it cannot run or find: a typo, not a hiccup
 log = logging.getLogger("crate_mae.data")
 
@@ -44,21 +38,18 @@ class BadSample(Exception):
 
 
 class _CountingReader:
-    """A readable over `stream` that counts the bytes read and keeps the last 1024 (for `tar_is_complete`), giving
-    `peeked` (bytes already taken from `stream`) first. Its str, which the tar reader appends to errors, is the url."""
+    """A readable over `stream`, `peeked` (bytes already taken from it) first, that counts the bytes read and keeps
+    the last 1024 (for `tar_is_complete`). Its str, which the tar reader appends to errors, is the url."""
 
     def __init__(self, stream: Any, url: str, peeked: bytes = b"") -> None:
         self.stream, self.url, self.peeked, self.size, self.tail = stream, url, peeked, 0, b""
 
     def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            data, self.peeked = self.peeked + self.stream.read(), b""
-        else:  # at most n bytes, as a file's read: the decompressors read their headers a few bytes at a time
-            data, self.peeked = self.peeked[:n], self.peeked[n:]
-            if len(data) < n:
-                data += self.stream.read(n - len(data))
-        self.size += len(data)
-        self.tail = data[-2 * BLOCK:] if len(data) >= 2 * BLOCK else (self.tail + data)[-2 * BLOCK:]
+        whole = n is None or n < 0  # else at most n bytes, as a file's read: decompressors read headers bit by bit
+        data, self.peeked = (self.peeked, b"") if whole else (self.peeked[:n], self.peeked[n:])
+        if whole or len(data) < n:
+            data += self.stream.read() if whole else self.stream.read(n - len(data))
+        self.size, self.tail = self.size + len(data), (self.tail + data)[-2 * BLOCK:]
         return data
 
     def __str__(self) -> str:
@@ -66,53 +57,30 @@ class _CountingReader:
 
 
 def _stop(raw: Any, grace: float = 0.0) -> int | None:
-    """Ends a read short of its clean end, never raising: the stream closed (a process still writing ends by SIGPIPE),
-    its process given `grace` seconds, then killed. The process's exit status if it ended by itself."""
+    """Ends a read short of its clean end, never raising: the stream closed, its process given `grace` seconds, then
+    killed. The process's own failing exit status (not a shell's 141: SIGPIPE after we closed it), else None."""
     proc = getattr(raw, "proc", None)
     with contextlib.suppress(Exception):
         getattr(raw, "stream", raw).close()
     if proc is None:
         return None
-    try:
-        status = proc.wait(timeout=grace) if grace > 0 else proc.poll()
-    except subprocess.TimeoutExpired:
-        status = None
-    if status is None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    if proc.returncode is None:
         proc.kill()
         proc.wait()
     with contextlib.suppress(Exception):
         raw.close()  # marks it closed (its stream is): its __del__ then does nothing
-    return status
-
-
-def _failed(status: int | None) -> bool:
-    """A reader process's own failure: a positive status, but not a shell's 141 (SIGPIPE after we closed it)."""
-    return status is not None and status > 0 and status != 141
-
-
-def _reason(err: BaseException, url: str, status: int | None) -> str:
-    """Why a read failed, in one line: a reader process's failing status, else the error's type and first line."""
-    if _failed(status):
-        what = {126: " (cannot run it)", 127: " (command not found)"}.get(status, "")
-        return f"{'the command' if url.startswith('pipe:') else 'the download'} exited with status {status}{what}"
-    if isinstance(err, OSError) and err.strerror:  # webdataset adds (stream, url) to its args: use the fields
-        text = f"[Errno {err.errno}] {err.strerror}" if err.errno is not None else err.strerror
-    else:
-        text = str(err.args[0]) if err.args else ""
-    text = text.replace(f" @ {url}", "").strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else 'no message'}"
+    return proc.returncode if proc.returncode > 0 and proc.returncode != 141 else None
 
 
 class _ReadFault(Exception):
-    def __init__(self, reason: str, retryable: bool) -> None:
-        super().__init__(reason)
-        self.reason, self.retryable = reason, retryable
+    """A failed read: args (why, in one line; whether another read may succeed)."""
 
 
 def _read_once(url: str) -> Iterator[dict]:
-    """One read of a shard: its samples in order, or a _ReadFault. A compressed stream is decompressed here (tarfile's
-    own decompression would hide a cut tar inside it); the tar must reach its end-of-archive marker (tarfile ends
-    silently at a cut header) and a Pipe's close raises for a failed command. The last sample waits for both."""
+    """One read of a shard: its samples in order, or a _ReadFault. The last waits for the tar's end-of-archive marker
+    (tarfile ends silently at a cut header, and its own decompression would hide it) and a Pipe's close."""
     raw, closed, pending = None, False, None
     try:
         raw = gopen(url, "rb")
@@ -132,11 +100,19 @@ def _read_once(url: str) -> Iterator[dict]:
         raw.close()
         closed = True
     except Exception as err:
-        status = _stop(raw, grace=5.0) if raw is not None else None
-        retryable = (_failed(status) or isinstance(err, RETRYABLE)) and status not in NOT_RUNNABLE
-        raise _ReadFault(_reason(err, url, status), retryable) from None
+        status = _stop(raw, grace=5.0)
+        if status is not None:  # the process's own failure says more than the error it caused
+            what = {126: " (cannot run it)", 127: " (command not found)"}.get(status, "")
+            why = f"{'the command' if url.startswith('pipe:') else 'the download'} exited with status {status}{what}"
+        else:  # webdataset adds (stream, url) to an error's args: an OSError's fields, else its first arg
+            text = (f"[Errno {err.errno}] " if err.errno is not None else "") + str(err.strerror) \
+                if isinstance(err, OSError) and err.strerror else str(err.args[0]) if err.args else ""
+            text = text.replace(f" @ {url}", "").strip()
+            why = f"{type(err).__name__}: {text.splitlines()[0] if text else 'no message'}"
+        retryable = (status is not None or isinstance(err, RETRYABLE)) and status not in NOT_RUNNABLE
+        raise _ReadFault(why, retryable) from None
     finally:
-        if raw is not None and not closed:  # the consumer stopped early (GeneratorExit), or the read failed
+        if not closed:  # the consumer stopped early (GeneratorExit), or the read failed
             _stop(raw)
     if pending is not None:
         yield pending
@@ -148,48 +124,40 @@ def _backoff(retry: int, wait: float) -> float:
     return min(wait * 2 ** (retry - 1), max(RETRY_CAP, wait)) * random.SystemRandom().uniform(0.5, 1.0)
 
 
-def _read_shard(url: str, retries: int, wait: float) -> Generator[dict, None, int]:
-    """The samples of one shard, each once and in order however many reads (a local file: one); returns their number.
-    A later read passes over the samples delivered; the last of them must come back with the same key."""
-    attempts = 1 + (retries if is_remote(url) else 0)
-    count, last_key = 0, None
-    for attempt in range(1, attempts + 1):
-        seen = 0
-        try:
-            for sample in _read_once(url):
-                seen += 1
-                if seen == count and sample.get("__key__") != last_key:
-                    raise ShardError(f"{url}: read again after a failure, its sample {seen} is "
-                                     f"{sample.get('__key__')!r}, not {last_key!r} as before: the shard changed "
-                                     f"while it was read")
-                if seen > count:
-                    count, last_key = seen, sample.get("__key__")
-                    yield sample
-            if seen < count:
-                raise ShardError(f"{url}: read again after a failure, it holds {seen} samples, fewer than the {count} "
-                                 f"already delivered: the shard changed while it was read")
-            return count
-        except _ReadFault as fault:
-            if not fault.retryable or attempt == attempts:
-                tries = f" after {attempt} attempts" if attempt > 1 else ""
-                raise ShardError(f"{url}: cannot read the shard{tries} ({fault.reason})") from None
-            delay = _backoff(attempt, wait)
-            log.warning("%s: reading the shard failed on attempt %d of %d (%s); reading it again in %.2f s%s", url,
-                        attempt, attempts, fault.reason, delay,
-                        f", passing over the {count} samples already delivered" if count else "")
-            time.sleep(delay)
-    return count  # not reached: the last attempt returns or raises
-
-
 def read_samples(urls: Iterable[str], *, spec: str, shards: int, expected: dict[str, int] | None = None,
                  retries: int = 0, wait: float = 1.0) -> Iterator[dict]:
-    """The samples of each shard in turn, a remote one read again up to `retries` times (`wait` seconds before the
-    first, doubling). A ShardError names a shard that cannot be read, or whose count is not the manifest's
-    (`expected`, by url), and the set when more shards in a row than it holds are empty."""
+    """Each shard's samples, each once and in order: a remote shard is read again up to `retries` times (`wait` s before
+    the first, doubling), passing over the samples delivered (the last must come back with the same key). A ShardError
+    names a shard that cannot be read or whose count is not `expected[url]`, or the set when too many are empty."""
     empty_run = 0
     for url in urls:
-        count = yield from _read_shard(url, retries, wait)
-        if expected is not None and url in expected and expected[url] != count:
+        attempts, count, last_key = 1 + (retries if is_remote(url) else 0), 0, None
+        for attempt in range(1, attempts + 1):
+            seen = 0
+            try:
+                for sample in _read_once(url):
+                    seen += 1
+                    if seen == count and sample.get("__key__") != last_key:
+                        raise ShardError(f"{url}: read again after a failure, its sample {seen} is "
+                                         f"{sample.get('__key__')!r}, not {last_key!r} as before: the shard changed "
+                                         f"while it was read")
+                    if seen > count:
+                        count, last_key = seen, sample.get("__key__")
+                        yield sample
+                if seen < count:
+                    raise ShardError(f"{url}: read again after a failure, it holds {seen} samples, fewer than the "
+                                     f"{count} already delivered: the shard changed while it was read")
+                break
+            except _ReadFault as fault:
+                (why, retryable), delay = fault.args, _backoff(attempt, wait)
+                if not retryable or attempt == attempts:
+                    tries = f" after {attempt} attempts" if attempt > 1 else ""
+                    raise ShardError(f"{url}: cannot read the shard{tries} ({why})") from None
+                log.warning("%s: reading the shard failed on attempt %d of %d (%s); reading it again in %.2f s%s",
+                            url, attempt, attempts, why, delay,
+                            f", passing over the {count} samples already delivered" if count else "")
+                time.sleep(delay)
+        if expected and url in expected and expected[url] != count:
             raise ShardError(f"{url}: {count} samples, but the manifest of {spec} says {expected[url]}; recount with "
                              f"python -m crate_mae.data.shards manifest (see its --verify)")
         empty_run = 0 if count else empty_run + 1
@@ -231,8 +199,7 @@ def decode_sample(sample: dict, transform: Callable, rng: random.Random, *, labe
     (`transform.draw`) and gives None. Without `labels` (pretraining) the label is -1, unread."""
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
-        merged = merged_members(sample)
-        if merged:
+        if merged := merged_members(sample):
             raise DataError(f"{sample_key(sample)}: holds the members {', '.join(merged[:4])}: samples whose keys "
                             f"contain a dot were merged (webdataset splits member names at the first dot); rewrite "
                             f"the shards with keys without dots (python -m crate_mae.data.shards write)")
