@@ -102,8 +102,7 @@ class Manifest:
 
 
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
-    """Write the manifest atomically (temp file in the same folder, then rename)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # whole or not at all
         tmp.write_text(json.dumps(manifest.to_json(), indent=1))
 
 
@@ -288,6 +287,8 @@ def _with_info(spec: str, urls: list[str]) -> ShardList:
         log.info("%s: %s; the shards are read without its counts", where, f"no split lists {names[0]}" if split is None
                  else f"split '{split}' gives {len(lengths)} counts for its {len(files)} files")
         return ShardList(spec, urls)
+    if not all(str(n).isdigit() for n in lengths):
+        raise ShardError(f"{where}: split '{split}' has shard_lengths that are not whole numbers")
     count = {f: int(n) for f, n in zip(files, lengths)}
     if entry.get("num_samples") is not None and int(entry["num_samples"]) != sum(count.values()):
         raise ShardError(f"{where}: split '{split}' says num_samples {entry['num_samples']} but its shard_lengths "

@@ -163,6 +163,7 @@ def test_the_manifest_command_takes_the_info_files_counts(tmp_path: Path, capsys
     (lambda info: info["splits"]["train"]["filenames"].pop(), r"split 'train' does not list tiny-train-000002\.tar"),
     (lambda info: info["splits"]["train"].update(num_samples=99), r"num_samples 99 but its shard_lengths add up to 18"),
     (lambda info: info.pop("splits"), r"needs a 'splits' mapping"),
+    (lambda info: info["splits"]["train"].update(shard_lengths=[6, "six", 6]), r"shard_lengths that are not whole"),
 ])
 def test_an_info_file_that_does_not_fit_is_one_line(tmp_path: Path, change, message: str) -> None:
     spec = published_set(tmp_path / "set")
