@@ -51,7 +51,8 @@ def _git(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
     """A git command in ROOT, or None where git or the repository is missing (an unpacked archive)."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         return None
-    return subprocess.run(["git", *args], cwd=ROOT, input=stdin, capture_output=True, text=True, check=False)
+    return subprocess.run(["git", *args], cwd=ROOT, input=stdin, capture_output=True, text=True, check=False,
+                          timeout=60)
 
 
 def _ignored(paths: list[Path]) -> set[Path]:

@@ -174,11 +174,11 @@ def test_config_and_the_command_lines_import_neither_torch_nor_timm() -> None:
     code = ("import sys, crate_mae.config, crate_mae.cli, crate_mae.config.variants; "
             "heavy = [m for m in ('torch', 'timm', 'numpy', 'webdataset') if m in sys.modules]; "
             "assert not heavy, heavy")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     root = Path(__file__).resolve().parents[2]
     for entry in ("pretrain.py", "linprobe.py", "finetune.py"):
         out = subprocess.run([sys.executable, "-X", "importtime", str(root / entry), "--help"], capture_output=True,
-                             text=True, check=True)
+                             text=True, check=True, timeout=120)
         imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
         assert not imported & {"torch", "timm"}, entry
         assert "model.variant" in out.stdout  # every key is still listed

@@ -40,7 +40,7 @@ def _pretrain(digits: tuple[str, str], out: Path, name: str, *extra: str) -> lis
 def whole(digits, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The final.pth of the run never stopped."""
     out = tmp_path_factory.mktemp("whole")
-    subprocess.run(_pretrain(digits, out, "whole"), check=True, env=ENV, capture_output=True)
+    subprocess.run(_pretrain(digits, out, "whole"), check=True, env=ENV, capture_output=True, timeout=300)
     return out / "whole" / "final.pth"
 
 
@@ -83,7 +83,7 @@ def test_a_signal_saves_at_the_step_and_the_resume_is_bit_identical(digits, whol
     assert read_checkpoint(saved).payload["state"]["step"] == step
     if sig == signal.SIGTERM:
         subprocess.run([*_pretrain(digits, tmp_path, "cut"), "--resume", "auto"], check=True, env=ENV,
-                       capture_output=True)
+                       capture_output=True, timeout=300)
         _same_run(whole, run / "final.pth")
 
 
@@ -108,7 +108,7 @@ def test_a_second_signal_or_the_grace_bound_stops_at_once_without_half_written_f
             read_checkpoint(path)  # every file there is whole
         if name == "twice":
             subprocess.run([*_pretrain(digits, tmp_path, name), "--resume", "auto"], check=True, env=ENV,
-                           capture_output=True)
+                           capture_output=True, timeout=300)
             _same_run(whole, run / "final.pth")
 
 

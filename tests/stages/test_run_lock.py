@@ -362,13 +362,13 @@ def read_only(folder: Path) -> Iterator[None]:
     try:
         if os.access(folder, os.W_OK):
             if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
-                                                                capture_output=True).returncode:
+                                                                capture_output=True, timeout=30).returncode:
                 pytest.skip("this user writes into read-only folders and cannot make one immutable")
             immutable = True
         yield
     finally:
         if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
+            subprocess.run(["chattr", "-i", str(folder)], check=True, timeout=30)
         folder.chmod(0o755)
 
 
