@@ -4,9 +4,9 @@ state (as torchtitan's checkpointer, it is handed `Stateful` objects).
 A run folder holds `ckpt-<step>.pth` every run.ckpt_every steps (the last run.keep_last kept) and `final.pth` at
 the end. A file holds the run's state (`Trainer.state_dict()`: "model", "optimizer", "scaler", "state": step, epoch,
 batch_in_epoch), every rank's RNG states ("rng", by rank), the resolved config ("config") and a stage's own entries
-("ema", "best", "probe"); everything loads with weights_only=True. Reading a file is `crate_mae.model.files.read_checkpoint`'s, the one reader; what a
-resume may change is the stage's (stages/common.py), and which file a resume continues from is `model/files.py:
-latest`'s. A resume enters this module once: `Checkpointer.restore`, before the loop.
+("ema", "best", "probe"); everything loads with weights_only=True. Reading a file is
+`crate_mae.model.files.read_checkpoint`'s, the one reader; what a resume may change is the stage's
+(stages/common.py), and which file a resume continues from is `model/files.py: latest`'s. A resume enters this module once: `Checkpointer.restore`, before the loop.
 """
 from __future__ import annotations
 

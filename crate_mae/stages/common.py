@@ -8,11 +8,13 @@ so that a second run started into it (a job submitted twice, one run.name on two
 naming the run that holds it, on every rank together; the lock is released however the run ends.
 
 `prepare` is the only place a stage's files are read and its config settled, in this order: the resume file
-(`--resume`) and the weight file, each read once by the one reader; the model config resolved once by the one
-resolver (against the resume file when resuming, else the weights); the data the stage reads (written once at the
-model's image size when it is the bundled demo), each set's shards checked once (`resolve_shards`: the stage hands
-the resolved sets on, and nothing checks them again); a classifier's head set to the data's classes; the config
-frozen. Everything after it reads `StageRun`, which never changes. No stage imports another; they all import this.
+(`--resume`) and the weight file, each read once by the one reader; the model config resolved by the one resolver
+(against the resume file when resuming, else the weights); the data the stage reads (written once at the model's
+image size when it is the bundled demo), each set's shards checked once (`resolve_shards`: the stage hands the
+resolved sets on, and nothing checks them again); for a classifier whose manifest lists classes, the same
+resolution again with them, so that an unset head takes them (`num_classes` has one rule, in the resolver); the
+config frozen. Everything after it reads `StageRun`, which never changes. No stage imports another; they all import
+this.
 """
 from __future__ import annotations
 
@@ -159,8 +161,8 @@ def prepare(cfg: Config, dist: Dist, *, weights: str | None = None, default_fami
         if classes:  # the same resolution, now knowing them
             model = resolve_config(cfg.model, source, **how, data_classes=classes)
         if 0 < model.num_classes < classes:
-            raise ConfigError(f"model.num_classes is {model.num_classes}, but {train.spec} has {classes} classes; leave "
-                              f"it unset to take them")
+            raise ConfigError(f"model.num_classes is {model.num_classes}, but {train.spec} has {classes} classes; "
+                              f"leave it unset to take them")
     return StageRun(dataclasses.replace(cfg, model=model), dist, run_dir, resume, pretrained, train, val, changes, lock)
 
 
