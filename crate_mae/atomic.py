@@ -63,9 +63,8 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
     def failed(self, err: BaseException, needed: int | None) -> WriteError | None:
-        """Remove the temp file after `err`; the WriteError to raise instead, or None when `err` is not this write's
-        (an interrupt, another file's error, a bug). The OSError is looked for along the chain (torch.save wraps it
-        in a RuntimeError)."""
+        """Remove the temp file after `err`; the WriteError to raise instead (the OSError found along the chain: torch
+        wraps it), or None when `err` is not this write's (an interrupt, another file's error, a bug)."""
         cause = err
         while isinstance(cause, Exception) and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
@@ -77,9 +76,8 @@ class AtomicFile:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, needed: int | None = None) -> Iterator[Path]:
-    """Yields a temp path beside `path` (`tmp.write_text(...)`), which becomes `path` on success and is removed on any
-    error; a system error of this write becomes a one-line `WriteError`. `needed`: about the bytes the file will have
-    (said when there is no room)."""
+    """Yields a temp path beside `path`, which becomes `path` on success and is removed on any error; a system error of
+    this write becomes a one-line `WriteError`. `needed`: about the bytes the file will have (said when no room)."""
     target = AtomicFile(path)
     try:
         yield target.tmp

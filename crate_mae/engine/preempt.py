@@ -9,16 +9,11 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from crate_mae.atomic import remove_stale_temp_files
 from crate_mae.config.sections import stop_signals
 from crate_mae.errors import StopNow, exit_status
-
-if TYPE_CHECKING:  # torch is imported where a vote is taken, so that the entry points' --help stays light
-    from crate_mae.engine.dist import Dist
 
 
 class StopSignals:
@@ -29,7 +24,7 @@ class StopSignals:
 
     def __init__(self, signals: Sequence[str], *, grace: float, run_dir: str | os.PathLike | None = None) -> None:
         self.numbers, self.grace, self.run_dir = stop_signals(signals), grace, run_dir
-        self.requested: str | None = None
+        self.requested: str | None = None  # the first signal's name
         self.deferring = False  # in a training loop, which stops at its next step boundary
         self._pid, self._saved, self._timer = os.getpid(), {}, threading.Timer(0, lambda: None)
 
@@ -64,9 +59,8 @@ class StopSignals:
         self._timer.start()
 
     def _now(self, why: str) -> None:
-        """End the process without unwinding; the complete files are kept, a save's temp file is removed, the lock
-        is left to the resume (its process is gone: engine/runlock.py)."""
-        removed = remove_stale_temp_files(self.run_dir) if self.run_dir and Path(self.run_dir).is_dir() else []
+        """End the process without unwinding: whole files kept, a save's temp file removed, the lock left behind."""
+        removed = remove_stale_temp_files(self.run_dir) if self.run_dir else []  # a missing folder: nothing
         where = f"; {len(removed)} partial write(s) removed" if removed else ""
         print(f"stopped at once ({why}){where}: resume from the last complete checkpoint with --resume auto",
               file=sys.stderr, flush=True)
@@ -90,30 +84,20 @@ def requested_stop() -> str | None:
 
 
 class StopVote:
-    """Whether every rank stops after this step. Several ranks: each `poll` starts an asynchronous MAX all-reduce of
-    this rank's request on a gloo group (CPU) and returns the one the previous poll started, so that no step waits on
-    it and every rank (all poll after each step) gets the same answer."""
+    """Whether every rank stops after this step (all poll after each): a MAX all-reduce of their requests on a gloo
+    group (a few bytes on the CPU, no GPU sync; the step's gradient all-reduce has brought the ranks together)."""
 
-    def __init__(self, dist: Dist) -> None:
-        self.dist, self._group, self._pending = dist, None, None  # _pending: (the all-reduce under way, its tensor)
+    def __init__(self, ranks: int) -> None:
+        self.ranks, self._group = ranks, None
 
     def poll(self) -> bool:
-        if not self.dist.enabled:
+        if self.ranks == 1:
             return requested_stop() is not None
-        import torch
+        import torch  # here, not at the top: the entry points' --help imports this module and stays light
         import torch.distributed as tdist
 
         if self._group is None:  # collective: every rank makes it at its first poll
             self._group = tdist.new_group(backend="gloo") if tdist.get_backend() != "gloo" else tdist.group.WORLD
-        agreed = self.close()
         flag = torch.tensor([requested_stop() is not None], dtype=torch.int32)
-        self._pending = (tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group, async_op=True), flag)
-        return agreed
-
-    def close(self) -> bool:
-        """Wait for the last poll's all-reduce (no collective is left running); whether a rank had a request then."""
-        if self._pending is None:
-            return False
-        self._pending[0].wait()
-        agreed, self._pending = bool(self._pending[1].item()), None
-        return agreed
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())

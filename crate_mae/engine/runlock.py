@@ -1,8 +1,7 @@
-"""One run at a time in a run folder: the first makes `run.lock` there (O_CREAT|O_EXCL: one process wins, also on
-NFS) and holds it until it ends; another is refused in one line naming the holder. A dead run's lock is taken over,
-said in one line (`took_over`): one of this scheduler job (`SLURM_JOB_ID`, else `TORCHELASTIC_RUN_ID`: a requeue after
-a hard kill, on any node) unless its process lives on this host, or one of this host whose process is gone. Another
-host's, of another job or none, is refused with the way to take it over by hand."""
+"""One run at a time in a run folder: the first makes `run.lock` (O_CREAT|O_EXCL: one process wins, also on NFS) and
+holds it until it ends; another is refused in one line naming the holder. A dead run's lock is taken over in one line
+(`took_over`): this scheduler job's (`SLURM_JOB_ID`, else `TORCHELASTIC_RUN_ID`: a requeue after a hard kill, on any
+node) unless its process lives here, or this host's whose process is gone; any other is refused with the manual way."""
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +34,7 @@ def describe(holder: dict[str, Any]) -> str:
 
 
 class RunLock:
-    """This process's hold on a run folder, from `acquire` until `release` (or a `with` block's end)."""
+    """This process's hold on a run folder, from `acquire` until `release`."""
 
     def __init__(self, path: Path, holder: dict[str, Any], created: bool, took_over: str | None) -> None:
         self.path, self.run_dir, self.holder, self.pid = path, path.parent, holder, os.getpid()
@@ -43,8 +42,7 @@ class RunLock:
 
     @classmethod
     def acquire(cls, run_dir: str | os.PathLike, *, stage: str = "") -> RunLock:
-        """Hold `run_dir` (made if missing), taking over a dead run's lock; a RunFolderError in one line when
-        another run holds it or the folder cannot be written."""
+        """Hold `run_dir` (made if missing), taking a dead run's lock over; else a RunFolderError, one line."""
         path, created = Path(run_dir) / LOCK_NAME, not Path(run_dir).exists()
         me = {"host": socket.gethostname(), "pid": os.getpid(), "user": os.environ.get("USER") or f"uid {os.getuid()}",
               "job": job_id(), "started": time.strftime("%Y-%m-%d %H:%M:%S%z"), "stage": stage,
@@ -66,8 +64,7 @@ class RunLock:
                              f".run.lock.*.claim files beside it, {_OTHER}")
 
     def release(self) -> None:
-        """Remove the lock if it is still this run's, and the run folder if this run made it and left it empty.
-        Idempotent; a forked child (a DataLoader worker) does nothing."""
+        """Remove the lock if it is still this run's, and the folder if this run made it and left it empty; once."""
         if os.getpid() != self.pid:
             return
         self.pid = None
@@ -81,16 +78,10 @@ class RunLock:
             print(f"warning: could not release {self.path} ({err}); delete it if no run writes into {self.run_dir}",
                   file=sys.stderr, flush=True)
 
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
 
 def _read(path: Path, again: bool = True) -> dict[str, Any] | None:
-    """The holder the lock names, or None when there is no lock; a RunFolderError when it names none that can be
-    read (empty, garbled, another user's, a folder), also a moment later (it may have been being written)."""
+    """The holder the lock names (None: no lock); a RunFolderError when none can be read (empty, garbled, another
+    user's, a folder), also a moment later (it may have been being written)."""
     try:
         holder = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -111,8 +102,7 @@ def _why_dead(path: Path, holder: dict[str, Any]) -> str:
     """Why the lock of `holder` is a dead run's; a RunFolderError in one line when that run lives, or may."""
     here, pid = holder["host"] == socket.gethostname(), holder["pid"]
     try:
-        os.kill(pid, 0)  # signal 0 only asks whether the pid exists
-        alive = True
+        alive = os.kill(pid, 0) is None  # signal 0 only asks whether the pid exists (None: it does)
     except OSError as err:
         alive = isinstance(err, PermissionError)  # another user's process: it exists
     if here and alive:

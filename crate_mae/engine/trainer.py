@@ -155,13 +155,12 @@ class Trainer:
         """
         self._window()
         with at_step_boundaries():  # the whole loop, the stage's per-epoch work too: a signal waits for a step's end
-            vote = StopVote(self.dist)
+            vote = StopVote(self.dist.world_size)
             while self.state.epoch < self.epochs:
                 epoch = self.state.epoch
                 yield self._epoch(loader, vote, log=log, log_every=log_every, checkpointer=checkpointer)
                 if self.state.epoch == epoch:
                     raise RuntimeError("Trainer.fit: an epoch was left before its end; iterate each one to its end")
-            vote.close()
 
     def _epoch(self, loader: Any, vote: StopVote, *, log: RunLogger, log_every: int,
                checkpointer: Checkpointer) -> Iterator[Any]:
@@ -185,7 +184,7 @@ class Trainer:
             if saved:
                 self.save(checkpointer, f"ckpt-{state.step:08d}.pth")
             if vote.poll() and not last:
-                self._stop(checkpointer, vote, log, saved=saved)
+                self._stop(checkpointer, log, saved=saved)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
     def _window(self) -> None:
@@ -205,11 +204,10 @@ class Trainer:
                  f"{rate:.0f} img/s")
         self._window()
 
-    def _stop(self, checkpointer: Checkpointer, vote: StopVote, log: RunLogger, *, saved: bool) -> None:
+    def _stop(self, checkpointer: Checkpointer, log: RunLogger, *, saved: bool) -> None:
         """Every rank agreed to stop after this step (a signal, or Ctrl-C): save here (unless a periodic checkpoint
         just did), then raise Preempted with where the run stopped and how to go on."""
         state, why = self.state, requested_stop() or "another rank's signal"
-        vote.close()
         where = f"step {state.step}/{self.total_steps} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         name = f"ckpt-{state.step:08d}.pth"
         if not saved:
