@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
 from pathlib import Path
 
 from crate_mae.config import add_config_args, config_from_args
@@ -46,9 +45,6 @@ def stage_main(argv: list[str] | None, *, doc: str, default_config: str, stage: 
         with StopSignals(cfg.run.preempt_signals, grace=cfg.run.preempt_grace,
                          run_dir=Path(cfg.run.out_dir) / cfg.run.name):
             getattr(importlib.import_module(module), function)(cfg)
-    except CrateError as err:  # Preempted among them: stopped at a step boundary, a checkpoint saved there
+    except (CrateError, StopNow) as err:  # Preempted: stopped at a step; StopNow: a signal outside the training loop
         return report(err)
-    except StopNow as err:  # a signal outside the training loop
-        print(f"stopped: {err}", file=sys.stderr, flush=True)
-        return err.exit_status
     return 0

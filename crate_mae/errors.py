@@ -18,8 +18,9 @@ class CrateError(Exception):
     prefix = "error"  # the word before its line
 
 
-def report(err: CrateError) -> int:
-    """The one way a command line ends on an expected failure: `error: <the line>` on stderr; its exit status."""
+def report(err: CrateError | StopNow) -> int:
+    """The one way a command line ends on an expected failure or stop: `error: <the line>` (`stopped: ...`) on
+    stderr; its exit status."""
     print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
     return err.exit_status
 
@@ -93,6 +94,8 @@ def exit_status(signal_name: str | None) -> int:
 class StopNow(BaseException):
     """A stop signal outside a training loop: the run stops where it is. A BaseException, as KeyboardInterrupt, so
     that nothing on the way out swallows it (`atomic_path` removes its temp file; the lock and logger are closed)."""
+
+    prefix = "stopped"
 
     def __init__(self, message: str, *, exit_status: int) -> None:
         super().__init__(message)

@@ -6,7 +6,8 @@ the end. A file holds the run's state (`Trainer.state_dict()`: "model", "optimiz
 batch_in_epoch), every rank's RNG states ("rng", by rank), the resolved config ("config") and a stage's own entries
 ("ema", "best", "probe"); everything loads with weights_only=True. Reading a file is
 `crate_mae.model.files.read_checkpoint`'s, the one reader; what a resume may change is the stage's
-(stages/common.py), and which file a resume continues from is `model/files.py: latest`'s. A resume enters this module once: `Checkpointer.restore`, before the loop.
+(stages/common.py), and which file a resume continues from is `model/files.py: latest`'s. A resume enters this
+module once: `Checkpointer.restore`, before the loop.
 """
 from __future__ import annotations
 
