@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
-from crate_mae.config.variants import VARIANTS
+from crate_mae.config.variants import VARIANT_NAMES, variants_of
 from crate_mae.errors import ConfigError
 
 
@@ -33,12 +33,13 @@ class ModelConfig:
     overridden. A stage's config holds the kind it builds: `MAEConfig` (pretraining) or `ClassifierConfig`.
     """
 
-    family: Optional[Literal["mae", "supervised"]] = _doc(None, "mae: CRATE-MAE's conv stem, fixed sin-cos table, final "
-                                                               "norm; supervised: the seed's CRATE (patchify-LN-Linear-LN"
-                                                               " stem, learned table, no final norm) (default: the "
-                                                               "checkpoint's; else mae, or supervised when fine-tuning "
-                                                               "from scratch)")
-    variant: Optional[str] = _doc(None, f"row of the size table: {', '.join(VARIANTS)} (default: the checkpoint's, "
+    family: Optional[Literal["mae", "supervised", "alpha"]] = _doc(
+        None, "mae: CRATE-MAE's conv stem, fixed sin-cos table, final norm; supervised: the seed's CRATE "
+              "(patchify-LN-Linear-LN stem, learned table, no final norm); alpha: CRATE-α (conv stem, learned table, "
+              "overcomplete ODL block with a residual, no final norm) (default: the checkpoint's; else mae, or "
+              "supervised when fine-tuning from scratch)")
+    variant: Optional[str] = _doc(None, f"row of the family's size table: {', '.join(VARIANT_NAMES)} (tiny is 192 "
+                                        "wide and huge exists for family alpha only) (default: the checkpoint's, "
                                         "else base)")
     dim: Optional[int] = _doc(None, "width d (default: the checkpoint's, else the variant's)")
     heads: Optional[int] = _doc(None, "attention heads H; d must divide by H (default: the checkpoint's, else the "
@@ -49,11 +50,16 @@ class ModelConfig:
                                            "else the variant's)")
     eta: Optional[float] = _doc(None, "ISTA step size η (default: the checkpoint's, else 0.1)")
     lambd: Optional[float] = _doc(None, "ISTA sparsity λ (default: the checkpoint's, else 0.5 for family mae, 0.1 "
-                                        "for supervised)")
+                                        "for supervised and alpha)")
+    grad_checkpointing: bool = _doc(False, "recompute each layer's activations in the backward pass instead of "
+                                           "keeping them (timm's set_grad_checkpointing): less memory, ~1/3 more "
+                                           "compute; the same gradients")
 
     def __post_init__(self) -> None:
-        if self.variant is not None and self.variant not in VARIANTS:
-            raise ConfigError(f"model.variant: unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.variant is not None and self.variant not in variants_of(self.family):
+            rows = variants_of(self.family) if self.variant in VARIANT_NAMES else VARIANT_NAMES
+            whose = f" of family {self.family}" if self.family is not None and self.variant in VARIANT_NAMES else ""
+            raise ConfigError(f"model.variant: unknown variant {self.variant!r}{whose}; choose one of {', '.join(rows)}")
         for name in SIZE_FIELDS:
             value = getattr(self, name, None)
             _require(value is None or value > 0, f"model.{name}", "must be positive, got", value)

@@ -1,13 +1,15 @@
-"""The model sizes and families, as tables (docs/MODEL.md, "Sizes" and "Two families around one encoder"). No torch here.
+"""The model sizes and families, as tables (docs/MODEL.md, "Sizes" and "Three families"). No torch here.
 
-A *variant* is a row of widths and depths; a *family* is what is built around the CRATE layers:
+A *variant* is a row of widths and depths; a *family* is the layer and what is built around it:
 
-| family       | stem                                   | position table            | final norm | λ   |
-| ------------ | -------------------------------------- | ------------------------- | ---------- | --- |
-| `mae`        | p×p stride-p convolution (CRATE-MAE)   | fixed 2-D sin-cos         | yes        | 0.5 |
-| `supervised` | patchify → LN(3p²) → Linear → LN(d)    | learned (1 + N, d)        | no         | 0.1 |
+| family       | layer                 | stem                                 | position table     | final norm | λ   |
+| ------------ | --------------------- | ------------------------------------ | ------------------ | ---------- | --- |
+| `mae`        | MSSA, ISTA            | p×p stride-p convolution (CRATE-MAE) | fixed 2-D sin-cos  | yes        | 0.5 |
+| `supervised` | MSSA, ISTA            | patchify → LN(3p²) → Linear → LN(d)  | learned (1 + N, d) | no         | 0.1 |
+| `alpha`      | MSSA, ODL (residual)  | p×p stride-p convolution             | learned (1 + N, d) | no         | 0.1 |
 
-`supervised` is the seed's CRATE classifier (`CRATE_tiny/small/base/large`), trained only to classify.
+`supervised` is the seed's CRATE classifier (`CRATE_tiny/small/base/large`), trained only to classify; `alpha` is
+CRATE-α (arXiv 2405.20299), whose published sizes differ from the others' at tiny and add huge (`ALPHA_VARIANTS`).
 """
 from __future__ import annotations
 
@@ -43,6 +45,13 @@ VARIANTS: dict[str, Variant] = {
     "base": Variant(dim=768, heads=12, encoder_depth=12, decoder_depth=12),
     "large": Variant(dim=1024, heads=16, encoder_depth=24, decoder_depth=24),
 }
+# CRATE-α's table (its authors' Ti, S, B, L, H): small, base and large are the rows above; its tiny is narrower, and
+# it has a huge. A variant name means the row of the model's family (`variants_of`).
+ALPHA_VARIANTS: dict[str, Variant] = {
+    **VARIANTS,
+    "tiny": Variant(dim=192, heads=3, encoder_depth=12, decoder_depth=12),
+    "huge": Variant(dim=1280, heads=16, encoder_depth=32, decoder_depth=32),
+}
 
 
 @dataclass(frozen=True)
@@ -54,17 +63,26 @@ class Family:
     final_norm: bool
     lambd: float
     eta: float = 0.1
+    layer: str = "crate"  # "crate": z + MSSA, then ISTA (crate.EncoderLayer); "alpha": z + MSSA, then z + ODL
+    masked: bool = True  # whether the family has a masked autoencoder (MAEConfig, crate_*mae_* names)
 
 
 FAMILIES: dict[str, Family] = {
     "mae": Family(stem="conv", position="sincos", final_norm=True, lambd=0.5),
-    "supervised": Family(stem="linear", position="learned", final_norm=False, lambd=0.1),
+    "supervised": Family(stem="linear", position="learned", final_norm=False, lambd=0.1, masked=False),
+    "alpha": Family(stem="conv", position="learned", final_norm=False, lambd=0.1, layer="alpha"),
 }
+VARIANT_NAMES: tuple[str, ...] = tuple(dict.fromkeys([*VARIANTS, *ALPHA_VARIANTS]))  # every family's, in order
 
 
-def match_variant(dim: int, encoder_depth: int) -> str | None:
-    """The first published-or-CPU row with this width and depth (a file without a config names no row)."""
-    for name, row in VARIANTS.items():
+def variants_of(family: str | None) -> dict[str, Variant]:
+    """The size table whose rows a variant name means for `family` (None: the common table)."""
+    return ALPHA_VARIANTS if family == "alpha" else VARIANTS
+
+
+def match_variant(dim: int, encoder_depth: int, family: str | None = None) -> str | None:
+    """The first row of the family's table with this width and depth (a file without a config names no row)."""
+    for name, row in variants_of(family).items():
         if (row.dim, row.encoder_depth) == (dim, encoder_depth):
             return name
     return None

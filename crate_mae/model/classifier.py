@@ -1,9 +1,10 @@
-"""The CRATE classifiers: one encoder, two families around it (config/variants.py, FAMILIES).
+"""The CRATE classifiers: one class, three families (config/variants.py, FAMILIES).
 
 - family `mae`: the CRATE-MAE encoder reused (conv stem, fixed sin-cos table, final norm), no masking;
-- family `supervised`: the seed's CRATE (patchify → LN → Linear → LN stem, learned table, no final norm).
+- family `supervised`: the seed's CRATE (patchify → LN → Linear → LN stem, learned table, no final norm);
+- family `alpha`: CRATE-α (conv stem, learned table, MSSA + ODL layers with residuals, no final norm).
 
-Both pool (CLS, or the mean) and end in LayerNorm + Linear. timm's API: `forward_features` (tokens),
+All pool (CLS, or the mean) and end in LayerNorm + Linear. timm's API: `forward_features` (tokens),
 `forward_head` (pool, norm, logits), `forward_intermediates` (chosen layers' tokens).
 Legend: B batch, N = h·w patches, d width, K classes.
 """
@@ -27,14 +28,16 @@ class CrateClassifier(EncoderTaps, CrateStem):
     Family `mae`: non-head tensors carry the CRATE-MAE's encoder-side names (`patch_embed.proj.*`,
     `cls_token`, `encoder.*`), so a pretrained checkpoint fills them one to one; mean pooling is over the
     patch tokens. Family `supervised`: `patch_embed.{pre_norm,proj,post_norm}.*`, `pos.table`, `cls_token`,
-    `encoder.layers.*`, and mean pooling over all 1 + N tokens (CLS included), as released.
+    `encoder.layers.*`, and mean pooling over all 1 + N tokens (CLS included), as released. Family `alpha`:
+    `patch_embed.proj.*`, `pos.table`, `cls_token`, `encoder.layers.i.{norm1,attn,norm2,odl}.*`; mean pooling over
+    the patch tokens.
     Any image size the patch divides works: the sin-cos table is regenerated, the learned one resampled.
     """
 
     def __init__(
         self,
         *,
-        family: Literal["mae", "supervised"] = "mae",
+        family: Literal["mae", "supervised", "alpha"] = "mae",
         num_classes: int = 1000,
         img_size: int = 224,
         patch_size: int = 16,
@@ -49,19 +52,23 @@ class CrateClassifier(EncoderTaps, CrateStem):
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         super().__init__(family=family, img_size=img_size, patch_size=patch_size, dim=dim)  # normalise, embed, CLS, table
-        final_norm = FAMILIES[family].final_norm
+        parts = FAMILIES[family]
         self.pool, self.num_classes, self.num_features, self.num_prefix_tokens = pool, num_classes, dim, 1
         self.head_hidden_size = dim  # timm: the width the head's Linear reads (LayerNorm only before it, no MLP)
         # timm's feature contract: every encoder layer gives a (B, d, h, w) map at the patch's stride
         # (`forward_intermediates`; `timm.create_model(..., features_only=True, out_indices=...)`)
         self.feature_info = feature_info(depth, dim, patch_size)
         self.encoder = Encoder(dim=dim, heads=heads, depth=depth, eta=eta, lambd=lambd, drop_path=drop_path,
-                               final_norm=final_norm)
-        self.fc_norm = nn.LayerNorm(dim)
+                               final_norm=parts.final_norm, layer=parts.layer)
+        self.fc_norm = nn.LayerNorm(dim)  # PyTorch's eps 1e-5 in every family, as released
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         if family == "mae":  # CRATE-MAE's initialisation
             if num_classes > 0:
                 self.head = xavier_linear(dim, num_classes, bias=True)
+        elif family == "alpha":  # CRATE-α's training code: the head normal(0.02), zero bias
+            if num_classes > 0:
+                nn.init.normal_(self.head.weight, std=0.02)
+                nn.init.zeros_(self.head.bias)
         else:  # the released supervised CRATE's: PyTorch's default Linear init
             for module in self.encoder.modules():
                 if isinstance(module, nn.Linear):
@@ -91,7 +98,8 @@ class CrateClassifier(EncoderTaps, CrateStem):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters kept free of weight decay besides norms and biases (timm's convention): CLS, and the learned
-        position table where there is one (family mae's sin-cos table is a buffer, not trained)."""
+        position table where there is one (family mae's sin-cos table is a buffer, not trained). ODL's dictionaries
+        D and D1 decay, as every other matrix does."""
         return {"cls_token", "pos.table"} & {name for name, _ in self.named_parameters()}
 
     def group_matcher(self, coarse: bool = False) -> dict:

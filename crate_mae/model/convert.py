@@ -11,6 +11,8 @@ Two released layouts:
 - the supervised CRATE (`to_patch_embedding.{1,2,3}.*`, `transformer.layers.i.{0,1}.*`, `mlp_head.{0,1}.*`):
   the released CRATE-S wraps it as `{"state_dict": ...}` with `module.` prefixes, the emergence notebooks'
   files as `{"model": ...}`. Its learned table is a parameter of ours too (`pos.table`).
+- CRATE-α, the authors' PyTorch port (`conv1.*`, `transformer.layers.i.1.fn.{D,D1}`, `mlp_head.*`): the same
+  `transformer.layers` and `mlp_head` names as the supervised CRATE, told apart by `conv1.` and ODL's `D1`.
 """
 from __future__ import annotations
 
@@ -72,6 +74,25 @@ SUPERVISED_KEYS: list[tuple[str, str]] = [
     ("mlp_head.1.weight", "head.weight"),
     ("mlp_head.1.bias", "head.bias"),
 ]
+ALPHA_KEYS: list[tuple[str, str]] = [
+    ("conv1.weight", "patch_embed.proj.weight"),
+    ("conv1.bias", "patch_embed.proj.bias"),
+    ("pos_embedding", "pos.table"),
+    ("cls_token", "cls_token"),
+    ("transformer.layers.{i}.0.norm.weight", "encoder.layers.{i}.norm1.weight"),
+    ("transformer.layers.{i}.0.norm.bias", "encoder.layers.{i}.norm1.bias"),
+    ("transformer.layers.{i}.0.fn.qkv.weight", "encoder.layers.{i}.attn.U.weight"),
+    ("transformer.layers.{i}.0.fn.to_out.0.weight", "encoder.layers.{i}.attn.proj.weight"),
+    ("transformer.layers.{i}.1.norm.weight", "encoder.layers.{i}.norm2.weight"),
+    ("transformer.layers.{i}.1.norm.bias", "encoder.layers.{i}.norm2.bias"),
+    ("transformer.layers.{i}.1.fn.D", "encoder.layers.{i}.odl.D"),
+    ("transformer.layers.{i}.1.fn.D1", "encoder.layers.{i}.odl.D1"),
+    ("mlp_head.0.weight", "fc_norm.weight"),
+    ("mlp_head.0.bias", "fc_norm.bias"),
+    ("mlp_head.1.weight", "head.weight"),
+    ("mlp_head.1.bias", "head.bias"),
+]
+_FAMILY_NAMES = {"mae": "CRATE-MAE", "supervised": "supervised CRATE", "alpha": "CRATE-α"}
 POS_TABLE_KEYS = ("pos_embed", "decoder_pos_embed")  # both hold the fixed table; the forward adds the second
 UNUSED_KEYS = ("decoder_embed.weight", "decoder_embed.bias")  # not used by the released forward pass
 MAE_ONLY_PREFIXES = ("mask_token", "decoder.", "decoder_pred.")  # our keys a classifier does not have
@@ -79,6 +100,7 @@ HEAD_PREFIXES = ("fc_norm.", "head.")  # our classifier head (LayerNorm + Linear
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers, in either order
 _RELEASED_MAE = ("blocks.", "decoder_blocks.", "decoder_pos_embed", "decoder_embed.")
 _RELEASED_SUPERVISED = ("to_patch_embedding.", "transformer.layers.", "mlp_head.", "pos_embedding")
+_RELEASED_ALPHA = re.compile(r"conv1\.|transformer\.layers\.\d+\.1\.fn\.D1?$")  # before the supervised names
 
 
 class Layout(NamedTuple):
@@ -94,7 +116,7 @@ def _compile(template: str) -> re.Pattern[str]:
 
 
 _TABLES = {family: ([(_compile(r), o) for r, o in keys], [(_compile(o), r) for r, o in keys])
-           for family, keys in (("mae", MAE_KEYS), ("supervised", SUPERVISED_KEYS))}
+           for family, keys in (("mae", MAE_KEYS), ("supervised", SUPERVISED_KEYS), ("alpha", ALPHA_KEYS))}
 
 
 def _rename(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
@@ -127,6 +149,12 @@ def unwrap(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def layout_of(state: Mapping[str, Any]) -> Layout:
     """Which layout and family a bare state dict holds, told by its keys; an error if it is no CRATE layout."""
     for key in state:
+        if _RELEASED_ALPHA.match(key):
+            return Layout("released", "alpha", key)
+    for key in state:
+        if ".odl." in key:
+            return Layout("ours", "alpha", key)
+    for key in state:
         if key.startswith(_RELEASED_MAE):
             return Layout("released", "mae", key)
         if key.startswith(_RELEASED_SUPERVISED):
@@ -138,8 +166,8 @@ def layout_of(state: Mapping[str, Any]) -> Layout:
         if key.startswith(("patch_embed.proj.", "encoder.layers.")):
             return Layout("ours", "mae", key)
     first = next(iter(state), None)
-    raise ValueError(f"no CRATE layout: key {first!r} is none of ours, the released CRATE-MAE's or the released "
-                     f"supervised CRATE's" if first is not None else "the checkpoint holds no tensors")
+    raise ValueError(f"no CRATE layout: key {first!r} is none of ours, the released CRATE-MAE's, the released "
+                     f"supervised CRATE's or CRATE-α's" if first is not None else "the checkpoint holds no tensors")
 
 
 def _check_pos_table(key: str, table: torch.Tensor) -> None:
@@ -157,11 +185,11 @@ def _check_pos_table(key: str, table: torch.Tensor) -> None:
 
 
 def to_ours(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Our key names from a released (either family) or our own state dict (bare or wrapped, prefixes allowed).
+    """Our key names from a released (any family) or our own state dict (bare or wrapped, prefixes allowed).
 
     Released CRATE-MAE: keys renamed, `pos_embed` / `decoder_pos_embed` checked against the fixed sin-cos table
-    and dropped, `decoder_embed.*` dropped. Released supervised CRATE: keys renamed. A released-layout key that
-    fits nowhere is an error naming it.
+    and dropped, `decoder_embed.*` dropped. Released supervised CRATE and CRATE-α: keys renamed. A released-layout
+    key that fits nowhere is an error naming it.
     """
     state = unwrap(checkpoint)
     layout = layout_of(state) if state else Layout("ours", "mae", "")
@@ -175,8 +203,7 @@ def to_ours(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         elif not (layout.family == "mae" and key in UNUSED_KEYS):
             ours = _rename(key, to_ours_table)
             if ours is None:
-                name = "CRATE-MAE" if layout.family == "mae" else "supervised CRATE"
-                raise ValueError(f"unexpected key '{key}' in a released {name} checkpoint")
+                raise ValueError(f"unexpected key '{key}' in a released {_FAMILY_NAMES[layout.family]} checkpoint")
             out[ours] = value
     return out
 
@@ -187,7 +214,7 @@ def to_released(state: Mapping[str, torch.Tensor], *, grid: tuple[int, int] = (1
 
     CRATE-MAE: adds both position tables for `grid` (224 px / patch 16 → 14×14) and, if `with_decoder_embed`,
     an identity `decoder_embed` (their forward pass never uses it; their strict load needs it). Supervised
-    CRATE: renamed one to one (its learned table is stored already).
+    CRATE and CRATE-α (a classifier): renamed one to one (the learned table is stored already).
     """
     state = unwrap(state)
     family = layout_of(state).family
@@ -196,7 +223,8 @@ def to_released(state: Mapping[str, torch.Tensor], *, grid: tuple[int, int] = (1
     for key, value in state.items():
         released = _rename(key, table)
         if released is None:
-            raise ValueError(f"unexpected key '{key}' in a CRATE {'MAE' if family == 'mae' else 'classifier'} state dict")
+            raise ValueError(f"unexpected key '{key}' in a {_FAMILY_NAMES[family]} state dict that the authors' "
+                             f"layout can hold")
         out[released] = value
     if family == "mae":
         dim = out["cls_token"].shape[-1]

@@ -62,7 +62,9 @@ class Checkpoint:
         if self.layout.family == "supervised":
             what = "supervised CRATE"
         else:
-            what = "CRATE-MAE" if self.has_decoder else "CRATE-MAE " + ("classifier" if self.num_classes else "encoder")
+            name = "CRATE-MAE" if self.layout.family == "mae" else "CRATE-α"
+            what = ("CRATE-α MAE" if self.layout.family == "alpha" else name) if self.has_decoder else \
+                f"{name} " + ("classifier" if self.num_classes else "encoder")
         return f"our {what}" if self.layout.source == "ours" else f"a released {what}"
 
 
@@ -104,7 +106,7 @@ def shapes_of(state: Mapping[str, torch.Tensor], family: str) -> dict[str, Any]:
         out["encoder_depth"] = depth
     if (depth := _count_layers(state, "decoder.layers.")):
         out["decoder_depth"] = depth
-    if family == "mae" and "patch_embed.proj.weight" in state:
+    if family in ("mae", "alpha") and "patch_embed.proj.weight" in state:
         out["patch_size"] = int(state["patch_embed.proj.weight"].shape[-1])
     elif family == "supervised" and "patch_embed.pre_norm.weight" in state:
         out["patch_size"] = int(round((state["patch_embed.pre_norm.weight"].shape[0] / 3) ** 0.5))

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from crate_mae.config import FUNCTION_FIELDS, SIZE_FIELDS, ClassifierConfig, MAEConfig, ModelConfig
-from crate_mae.config.variants import FAMILIES, VARIANTS, match_variant
+from crate_mae.config.variants import FAMILIES, Variant, match_variant, variants_of
 from crate_mae.errors import CheckpointError, ConfigError
 from crate_mae.model.classifier import CrateClassifier
 from crate_mae.model.convert import HEAD_PREFIXES, MAE_ONLY_PREFIXES, layout_of, to_ours
@@ -39,8 +39,8 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
     For each field, in order: the value set in `cfg`; else the file's (our files' saved `model` section; for a
     released file, which records no config, what its tensor shapes tell: family, width, depths, patch, image
     size); else the `variant` row (`cfg`'s, else the file's, else the row matching the file's width and depth, else
-    base); else the family's default (η 0.1; λ 0.5 for mae, 0.1 for supervised); the family itself defaults to the
-    file's, else `default_family`. A classifier's `num_classes`, the one place it is decided: the value set, else
+    base; a variant names a row of the family's table, `variants_of`); else the family's default (η 0.1; λ 0.5 for
+    mae, 0.1 for supervised and alpha); the family itself defaults to the file's, else `default_family`. A classifier's `num_classes`, the one place it is decided: the value set, else
     `data_classes` (a stage's data, by its manifest), else the file's head, else `default_classes` (1000; a timm
     name's own).
 
@@ -58,9 +58,10 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
     saved = {k: v for k, v in saved.items() if v is not None and k in own and k in (*FUNCTION_FIELDS, "img_size")}
     given = {f: getattr(cfg, f) for f in (*FUNCTION_FIELDS, "img_size") if f in own and getattr(cfg, f) is not None}
     from_row: set[str] = set()
+    family = given.get("family") or saved.get("family") or default_family
     if cfg.variant is not None and "variant" not in saved:  # the row's sizes stand for the set variant
         from_row = {name for name in SIZE_FIELDS if name in own and name not in given}
-        given |= {name: getattr(VARIANTS[cfg.variant], name) for name in from_row}
+        given |= {name: getattr(_row(cfg.variant, family, where), name) for name in from_row}
     check = [f for f in FUNCTION_FIELDS if f in own] + (["img_size"] if resume else [])
     if source is not None and recorded is None:
         check = ["family"]  # a released file: its sizes are checked by the strict load, tensor by tensor
@@ -81,30 +82,42 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
 def _defaults(values: dict[str, Any], saved: dict[str, Any], own: set[str], where: str,
               default_family: str) -> dict[str, Any]:
     """`values` (set or the file's) completed: sizes from the variant row, the family and its η and λ, the variant."""
-    variant = values.get("variant")
+    variant, name = values.get("variant"), values.setdefault("family", default_family)
     if variant is None and "dim" in saved and "encoder_depth" in saved:  # a released file: its heads from the row
-        variant = match_variant(saved["dim"], saved["encoder_depth"])
+        variant = match_variant(saved["dim"], saved["encoder_depth"], name)
     if variant is None and saved and "heads" not in values:
         raise ConfigError(f"{where}model.heads: the checkpoint does not record its number of heads, and no row of the "
-                          f"size table has d={values.get('dim')} with {values.get('encoder_depth')} layers; set "
-                          f"model.heads (or model.variant)")
-    row = VARIANTS[variant or "base"]
-    values |= {name: getattr(row, name) for name in SIZE_FIELDS if name in own and name not in values}
-    family = FAMILIES[values.setdefault("family", default_family)]
+                          f"family {name}'s size table has d={values.get('dim')} with {values.get('encoder_depth')} "
+                          f"layers; set model.heads (or model.variant)")
+    row = _row(variant or "base", name, where)
+    values |= {field: getattr(row, field) for field in SIZE_FIELDS if field in own and field not in values}
+    family = FAMILIES[name]
     values.setdefault("eta", family.eta)
     values.setdefault("lambd", family.lambd)
     values["variant"] = variant if variant is not None else (None if saved else "base")
     return values
 
 
+def _row(variant: str, family: str, where: str) -> Variant:
+    """The size row `variant` names in `family`'s table; a ConfigError naming the key where it has none."""
+    rows = variants_of(family)
+    if variant not in rows:
+        raise ConfigError(f"{where}model.variant: family {family} has no variant {variant!r}; choose one of "
+                          f"{', '.join(rows)}")
+    return rows[variant]
+
+
 def _check_family(cfg: ModelConfig, source: Checkpoint | None) -> None:
-    """A CRATE-MAE needs a file with a decoder; a set family must be the file's. Errors name the key that tells."""
+    """A CRATE-MAE needs a family with one (mae, alpha) and a file of it; a set family must be the file's. Errors
+    name the key that tells."""
     is_mae = isinstance(cfg, MAEConfig)
+    masked = [name for name, parts in FAMILIES.items() if parts.masked]
+    if is_mae and cfg.family is not None and cfg.family not in masked:
+        raise ConfigError(f"model.family: a masked autoencoder has an encoder of family {' or '.join(masked)}, "
+                          f"got {cfg.family!r}")
     if source is None:
-        if is_mae and cfg.family not in (None, "mae"):
-            raise ConfigError(f"model.family: a CRATE-MAE is of family mae, got {cfg.family!r}")
         return
-    if is_mae and source.layout.family != "mae":
+    if is_mae and source.layout.family not in masked:
         raise CheckpointError(f"{source.path}: holds {source.describe()} (key '{source.layout.telltale}'), which has no "
                               f"decoder; reconstructions need a CRATE-MAE (final.pth, ckpt-*.pth or the released CRATE-MAE)")
     if cfg.family is not None and cfg.family != source.layout.family:
@@ -116,15 +129,19 @@ def build_model(cfg: ModelConfig) -> CrateMAE | CrateClassifier:
     """A freshly initialised model of a resolved config: its class called directly, with exactly the config's fields."""
     if not cfg.resolved:
         raise ConfigError("build_model: the model config is not resolved (crate_mae.model.hub.resolve_config)")
+    model: CrateMAE | CrateClassifier
     if isinstance(cfg, MAEConfig):
-        return CrateMAE(img_size=cfg.img_size, patch_size=cfg.patch_size, dim=cfg.dim, heads=cfg.heads,
-                        encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth, eta=cfg.eta, lambd=cfg.lambd,
-                        mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
-    if isinstance(cfg, ClassifierConfig):
-        return CrateClassifier(family=cfg.family, num_classes=cfg.num_classes, img_size=cfg.img_size,
-                               patch_size=cfg.patch_size, dim=cfg.dim, heads=cfg.heads, depth=cfg.encoder_depth,
-                               eta=cfg.eta, lambd=cfg.lambd, pool=cfg.pool, drop_path=cfg.drop_path)
-    raise TypeError(f"build_model: a MAEConfig or a ClassifierConfig, got {type(cfg).__name__}")
+        model = CrateMAE(family=cfg.family, img_size=cfg.img_size, patch_size=cfg.patch_size, dim=cfg.dim,
+                         heads=cfg.heads, encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth, eta=cfg.eta,
+                         lambd=cfg.lambd, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+    elif isinstance(cfg, ClassifierConfig):
+        model = CrateClassifier(family=cfg.family, num_classes=cfg.num_classes, img_size=cfg.img_size,
+                                patch_size=cfg.patch_size, dim=cfg.dim, heads=cfg.heads, depth=cfg.encoder_depth,
+                                eta=cfg.eta, lambd=cfg.lambd, pool=cfg.pool, drop_path=cfg.drop_path)
+    else:
+        raise TypeError(f"build_model: a MAEConfig or a ClassifierConfig, got {type(cfg).__name__}")
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
 
 
 def _strict(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], allow_missing: set[str]) -> None:
@@ -148,7 +165,8 @@ def checkpoint_filter(state: Mapping[str, torch.Tensor], model: nn.Module, *, ne
 
     - the family must be the model's (an error naming the key that tells);
     - a CrateClassifier sets the CRATE-MAE's decoder side aside; a CrateMAE needs it (an encoder export has none),
-      unless `fresh_decoder`: then a file without one fills the encoder and leaves the decoder side as initialised;
+      unless `fresh_decoder`: then a file without one (an encoder, or a classifier, whose head is set aside) fills
+      the encoder and leaves the decoder side as initialised;
     - a learned position table of another grid is resampled to the model's (bicubic, CLS row kept);
     - the head (LayerNorm + Linear) may be absent (an encoder); with `new_head` the file's Linear head is set aside
       (a dataset of another class count), otherwise one of another shape is an error;
@@ -156,12 +174,16 @@ def checkpoint_filter(state: Mapping[str, torch.Tensor], model: nn.Module, *, ne
     """
     own = model.state_dict()
     family = layout_of(state).family if state else "mae"
-    own_family = "mae" if isinstance(model, CrateMAE) else model.family
-    if family != own_family:
+    if family != model.family:
         raise CheckpointError(f"a {family} checkpoint (key '{layout_of(state).telltale}') cannot fill a "
-                              f"{own_family}-family model")
+                              f"{model.family}-family model")
+    state = dict(state)
+    if "pos.table" in state and hasattr(model.pos, "grid"):
+        state["pos.table"] = resample_table(state["pos.table"], model.pos.grid)
     if isinstance(model, CrateMAE):
         head = next((k for k in state if k.startswith(HEAD_PREFIXES)), None)
+        if head is not None and fresh_decoder and not any(k.startswith(MAE_ONLY_PREFIXES) for k in state):
+            state, head = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}, None  # a classifier
         if head is not None:
             raise CheckpointError(f"holds a classifier head (key '{head}'): a CRATE-MAE is filled from a CRATE-MAE "
                                   f"(final.pth, ckpt-*.pth, the released file) or an encoder (encoder.pth)")
@@ -171,15 +193,13 @@ def checkpoint_filter(state: Mapping[str, torch.Tensor], model: nn.Module, *, ne
             _strict(own, state, {k for k in own if k.startswith(MAE_ONLY_PREFIXES)})
         else:
             raise CheckpointError("holds no decoder (an exported encoder?); a CRATE-MAE needs final.pth or ckpt-*.pth")
-        return dict(state)
+        return state
     state = {k: v for k, v in state.items() if not k.startswith(MAE_ONLY_PREFIXES)}
     head_keys = {k for k in own if k.startswith(HEAD_PREFIXES)}
     allow = head_keys if not any(k.startswith(HEAD_PREFIXES) for k in state) else set()
     if new_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         allow = allow | {k for k in head_keys if k.startswith("head.")}
-    if "pos.table" in state and hasattr(model.pos, "grid"):
-        state["pos.table"] = resample_table(state["pos.table"], model.pos.grid)
     _strict(own, state, allow)
     return state
 

@@ -180,14 +180,14 @@ class LearnedPosition(nn.Module):
     """The supervised CRATE's learned table (1, 1 + N, d), CLS row first, added once after CLS is prepended.
 
     `table` is stored for the grid the model was built for; another grid gets it resampled on the fly
-    (`resample_table`), a strided one then sampled at its tokens' places (`resample_fine`). Initialised
-    standard normal, as released.
+    (`resample_table`), a strided one then sampled at its tokens' places (`resample_fine`). Initialised normal
+    with std `std`: 1 as the supervised CRATE is released, 0.02 as CRATE-α's training code starts it.
     """
 
-    def __init__(self, *, dim: int, grid: tuple[int, int]) -> None:
+    def __init__(self, *, dim: int, grid: tuple[int, int], std: float = 1.0) -> None:
         super().__init__()
         self.dim, self.grid = dim, tuple(grid)
-        self.table = nn.Parameter(torch.randn(1, 1 + grid[0] * grid[1], dim))
+        self.table = nn.Parameter(torch.randn(1, 1 + grid[0] * grid[1], dim) * std)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], fine: tuple[int, int] | None = None) -> torch.Tensor:
         """x (B, 1 + h·w, d) → x + table (B, 1 + h·w, d); with the strided token grid `fine` (h', w') of the image
@@ -309,22 +309,30 @@ class CrateStem(nn.Module):
     img (B, 3, H, W) → Normalize → patch embedding (B, N, d) → [masked patches replaced by a mask token] → CLS
     prepended → position table added → tokens (B, 1 + N, d). The family picks the parts (config/variants.py):
     `mae` the conv embedding and the fixed sin-cos table (CLS normal(0.02), as MAE); `supervised` the patchify →
-    LN → Linear → LN embedding and the learned table (CLS standard normal, as released). The parts keep the
-    top-level names `patch_embed.*`, `cls_token`, `pos.*` that checkpoints use.
+    LN → Linear → LN embedding and the learned table (CLS standard normal, as released); `alpha` the conv embedding
+    (Kaiming-uniform) and the learned table (normal(0.02); CLS normal(1e-6)), as CRATE-α's training code starts
+    them. The parts keep the top-level names `patch_embed.*`, `cls_token`, `pos.*` that checkpoints use.
     """
+
+    _CLS_STD = {"mae": 0.02, "supervised": 1.0, "alpha": 1e-6}
 
     def __init__(self, *, family: str, img_size: int, patch_size: int, dim: int) -> None:
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-        conv, grid = FAMILIES[family].stem == "conv", grid_size((img_size, img_size), patch_size)
+        parts, grid = FAMILIES[family], grid_size((img_size, img_size), patch_size)
         self.family, self.in_chans, self.embed_dim = family, 3, dim  # timm's attributes
         self.normalize = Normalize()  # uint8 pixels in; everything below sees normalised images
-        self.patch_embed = PatchEmbed(patch_size=patch_size, dim=dim) if conv else \
-            PatchifyEmbed(patch_size=patch_size, dim=dim)
+        if parts.stem == "conv":
+            self.patch_embed = PatchEmbed(patch_size=patch_size, dim=dim)
+            if family == "alpha":
+                nn.init.kaiming_uniform_(self.patch_embed.proj.weight)
+        else:
+            self.patch_embed = PatchifyEmbed(patch_size=patch_size, dim=dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.cls_token, std=0.02 if conv else 1.0)
-        self.pos = SinCosPosition(dim=dim, grid=grid) if conv else LearnedPosition(dim=dim, grid=grid)
+        nn.init.normal_(self.cls_token, std=self._CLS_STD[family])
+        self.pos = SinCosPosition(dim=dim, grid=grid) if parts.position == "sincos" else \
+            LearnedPosition(dim=dim, grid=grid, std=0.02 if family == "alpha" else 1.0)
 
     @property
     def patch_size(self) -> int:

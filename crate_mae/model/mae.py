@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from timm.layers import register_notrace_function
 
+from crate_mae.config.variants import FAMILIES
 from crate_mae.model.crate import Decoder, Encoder, xavier_linear
 from crate_mae.model.layers import CrateStem, grid_size, patchify, unpatchify
 from crate_mae.model.taps import EncoderTaps, feature_info
@@ -59,6 +60,8 @@ class CrateMAE(EncoderTaps, CrateStem):
     → Encoder → Decoder → `decoder_pred` Linear → pred without the CLS row.
     The encoder sees all 1 + N tokens (the released model's choice, unlike MAE's visible-only encoder).
     The released model's `decoder_embed` Linear is unused by its forward pass, so this one has none.
+    `family` is the encoder's (config/variants.py): `mae`, the released CRATE-MAE's; `alpha`, CRATE-α's (its stem,
+    learned table and layers, no final norm) before the same decoder, ours (no one has published it).
 
     timm's contract, for an image-to-image model: `forward_features` is the reconstruction (B, 3, H, W), so
     `num_features` = `head_hidden_size` = 3 (its channels) and `forward_head` is the identity (there is no classifier,
@@ -70,6 +73,7 @@ class CrateMAE(EncoderTaps, CrateStem):
     def __init__(
         self,
         *,
+        family: str = "mae",
         img_size: int = 224,
         patch_size: int = 16,
         dim: int,
@@ -81,7 +85,10 @@ class CrateMAE(EncoderTaps, CrateStem):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
     ) -> None:
-        super().__init__(family="mae", img_size=img_size, patch_size=patch_size, dim=dim)  # normalise, embed, CLS, table
+        if family in FAMILIES and not FAMILIES[family].masked:  # an unknown one: CrateStem's error
+            raise ValueError(f"family {family!r} has no masked autoencoder; one of "
+                             f"{', '.join(f for f, parts in FAMILIES.items() if parts.masked)}")
+        super().__init__(family=family, img_size=img_size, patch_size=patch_size, dim=dim)  # normalise, embed, CLS, table
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.reconstructs = True  # False once `prune_intermediate_layers` has removed the decoder side
         self.num_classes, self.num_prefix_tokens = 0, 1  # timm's attributes: no classifier; CLS before the patches
@@ -89,7 +96,9 @@ class CrateMAE(EncoderTaps, CrateStem):
         self.feature_info = feature_info(encoder_depth, dim, patch_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.encoder = Encoder(dim=dim, heads=heads, depth=encoder_depth, eta=eta, lambd=lambd)
+        parts = FAMILIES[family]
+        self.encoder = Encoder(dim=dim, heads=heads, depth=encoder_depth, eta=eta, lambd=lambd,
+                               final_norm=parts.final_norm, layer=parts.layer)
         self.decoder = Decoder(dim=dim, heads=heads, depth=decoder_depth)
         self.decoder_pred = xavier_linear(dim, 3 * patch_size * patch_size, bias=True)
 
@@ -131,7 +140,7 @@ class CrateMAE(EncoderTaps, CrateStem):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters kept free of weight decay besides norms and biases (timm's convention)."""
-        return {"cls_token", "mask_token"} & {name for name, _ in self.named_parameters()}
+        return {"cls_token", "mask_token", "pos.table"} & {name for name, _ in self.named_parameters()}
 
     def forward_masked(
         self, img: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None
@@ -170,9 +179,7 @@ class CrateMAE(EncoderTaps, CrateStem):
         mask = draw_mask(img, self.patch_size, self.mask_ratio) if self.training and self.reconstructs else None
         grid = grid_size((img.shape[-2], img.shape[-1]), self.patch_size)
         z = self.tokens(img, mask, self.mask_token if self.reconstructs else None)
-        for layer in self.encoder.layers:
-            z = layer(z)
-        return self._final(z, grid)
+        return self._final(self.encoder.forward_layers(z), grid)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The identity: the MAE has no classifier (timm's `forward_head` of a headless model)."""

@@ -10,6 +10,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 from timm.models._features import feature_take_indices
+from torch.utils.checkpoint import checkpoint
 
 Intermediate = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,7 +72,10 @@ class EncoderTaps:
         b, (h, w) = img.shape[0], self.token_grid((img.shape[-2], img.shape[-1]), stride)
         z, picked = self.tokens(img, stride=stride), []
         for i, layer in enumerate(layers[: last + 1] if stop_early or intermediates_only else layers):
-            z = layer(z)
+            if self.encoder.grad_checkpointing and not torch.jit.is_scripting():  # as LayerStack.forward_layers
+                z = checkpoint(layer, z, use_reentrant=False)
+            else:
+                z = layer(z)
             if i in take:
                 picked.append(self.encoder.norm(z) if norm else z)
         prefix = [y[:, : self.num_prefix_tokens] for y in picked]
@@ -97,6 +101,13 @@ class EncoderTaps:
         [(patches, cls)] = self.forward_intermediates(img, indices=[index - 1], return_prefix_tokens=True,
                                                       output_fmt="NLC", intermediates_only=True, stride=stride)
         return torch.cat([cls, patches], dim=1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing: every layer of the encoder (and of the decoder, where there is one)
+        recomputed in the backward pass (`LayerStack.forward_layers`)."""
+        for stack in (self.encoder, getattr(self, "decoder", None)):
+            if stack is not None:
+                stack.grad_checkpointing = enable
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

@@ -6,8 +6,11 @@
 | `crate_mae_encoder_<size>`            | a classifier on the CRATE-MAE's encoder (family mae)                   |
 | `crate_<size>`                        | the seed's supervised CRATE (family supervised)                        |
 | `crate_{small,base}_21k_patch8`       | the emergence notebooks' CRATE_small_21k / CRATE_base_21k              |
+| `crate_alpha_<asize>_patch{8,14,16,32}` | CRATE-α (family alpha), e.g. the released B/16 and L/14              |
+| `crate_alpha_mae_<size>`              | our CRATE-MAE with a CRATE-α encoder (ours, not the paper's)            |
 
-<size> is a row of the size table (nano, demo, tiny, small, base, large). Model keywords are `ModelConfig`
+<size> is a row of the size table (nano, demo, tiny, small, base, large; for α also huge, and α's tiny is 192
+wide); <asize> is one of CRATE-α's published tiny, small, base, large, huge. Model keywords are `ModelConfig`
 fields (num_classes, img_size, heads, lambd, ...), plus timm's `global_pool` ("token" | "avg"),
 `drop_path_rate`, `in_chans` (3) and `drop_rate` (0: there is no dropout). No weights are hosted: `pretrained=True` takes a local file of any layout `hub` reads,
 
@@ -22,6 +25,7 @@ every model offline.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -30,11 +34,12 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from crate_mae.config import ClassifierConfig, MAEConfig, ModelConfig
-from crate_mae.config.variants import IMAGE_MEAN, IMAGE_STD, VARIANTS
+from crate_mae.config.variants import ALPHA_VARIANTS, IMAGE_MEAN, IMAGE_STD, VARIANTS, variants_of
 from crate_mae.model.convert import to_ours
 from crate_mae.model.files import read_checkpoint
 from crate_mae.model.hub import checkpoint_filter, create_model
 
+_logger = logging.getLogger(__name__)
 _TIMM_POOL = {"token": "cls", "avg": "mean"}
 # timm's feature-extraction keywords, handed to its builder: features_only wraps the model in timm's FeatureGetterNet
 # over `forward_intermediates` (NCHW maps of the chosen encoder layers)
@@ -65,6 +70,12 @@ def _rows() -> dict[str, TimmRow]:
     # The emergence notebooks' ImageNet-21k models: CRATE_small_21k has the width of the tiny row.
     rows["crate_small_21k_patch8"] = TimmRow("classifier", "supervised", "tiny", {"patch_size": 8}, 21842)
     rows["crate_base_21k_patch8"] = TimmRow("classifier", "supervised", "base", {"patch_size": 8}, 21842)
+    # CRATE-α at its authors' sizes and patches (the released files: B/16 and L/14), and our MAE around its encoder
+    for variant in ("tiny", "small", "base", "large", "huge"):
+        for patch in (8, 14, 16, 32):
+            rows[f"crate_alpha_{variant}_patch{patch}"] = TimmRow("classifier", "alpha", variant, {"patch_size": patch})
+    for variant in ALPHA_VARIANTS:
+        rows[f"crate_alpha_mae_{variant}"] = TimmRow("mae", "alpha", variant, num_classes=0)
     return rows
 
 
@@ -72,7 +83,7 @@ MODELS: dict[str, TimmRow] = _rows()
 
 
 def _pretrained_cfg(row: TimmRow) -> dict[str, Any]:
-    size = VARIANTS[row.variant].img_size
+    size = variants_of(row.family)[row.variant].img_size
     return {"input_size": (3, size, size), "crop_pct": 0.875 if size >= 224 else 1.0, "interpolation": "bicubic",
             "mean": IMAGE_MEAN, "std": IMAGE_STD, "num_classes": row.num_classes,
             "first_conv": "patch_embed.proj", "classifier": "head" if row.kind == "classifier" else None,
@@ -82,14 +93,15 @@ def _pretrained_cfg(row: TimmRow) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({name: _pretrained_cfg(row) for name, row in MODELS.items()})
 
 
-def _config(row: TimmRow, kwargs: dict[str, Any]) -> ModelConfig:
+def _config(name: str, row: TimmRow, kwargs: dict[str, Any]) -> ModelConfig:
     """The (unresolved) config a row and timm's keywords ask for: timm's names translated to ours. A classifier's
     class count is the keyword's, else (`hub.resolve_config`) the head of the file loaded, else the row's."""
     kwargs = dict(kwargs)
     if row.kind == "mae" and "num_classes" in kwargs:  # timm's rule for a headless model: the keyword is dropped
         if kwargs.pop("num_classes"):
-            warnings.warn(f"crate_mae_{row.variant}: the CRATE-MAE has no classifier, so num_classes is ignored; "
-                          f"crate_mae_encoder_{row.variant} is the classifier on its encoder", stacklevel=4)
+            encoder = f"crate_alpha_{row.variant}_patch<p>" if row.family == "alpha" else f"crate_mae_encoder_{row.variant}"
+            warnings.warn(f"{name}: the CRATE-MAE has no classifier, so num_classes is ignored; {encoder} is the "
+                          f"classifier on its encoder", stacklevel=4)
     kwargs.pop("pretrained_model_args", None)  # timm's record of a local-dir file's keywords: passed already
     if "global_pool" in kwargs:
         pool = kwargs.pop("global_pool")
@@ -131,11 +143,14 @@ def _entrypoint(name: str, row: TimmRow) -> Callable[..., nn.Module]:
                                                                                          "hf_hub_id")):
             raise ValueError(f"{name}: no hosted weights; pass pretrained_cfg_overlay=dict(file='path/to/checkpoint')")
         try:
-            model, cfg = create_model(_config(row, kwargs), ckpt, default_classes=row.num_classes)
+            model, cfg = create_model(_config(name, row, kwargs), ckpt, default_classes=row.num_classes)
         except TypeError as err:
             raise TypeError(f"{name}: {err}") from None
         if ckpt is not None:  # the pretrained_cfg describes the model built: its head follows the keywords
             overlay["num_classes"] = getattr(cfg, "num_classes", 0)
+            if row.kind == "classifier" and ckpt.num_classes not in (None, cfg.num_classes):
+                _logger.warning(f"{name}: {ckpt.path} has a {ckpt.num_classes}-class head; it is set aside for a new "
+                                f"{cfg.num_classes}-class one (num_classes={cfg.num_classes})")
         # timm's builder calls the constructor (the model made above), loads only what timm fetches itself, and adds
         # its pretrained_cfg and feature wrapper; `img_size` is its record of the input size
         model = build_model_with_cfg(lambda **_: model, name, pretrained and ckpt is None,

@@ -84,7 +84,10 @@ def _run(run: StageRun) -> FinetuneResult:
         checkpointer.restore(run.resume, trainer)
     with run.logger(trainer.total_steps, trainer.state.step) as log:
         log.info(f"{run.run_dir}: CRATE {cfg.model.family} '{cfg.model.variant}' {classes} classes, "
-                 + (f"weights from {ft.checkpoint}" if ft.checkpoint else "from scratch")
+                 + (f"weights from {ft.checkpoint} ({run.weights.describe()}"
+                    + (f"; its {run.weights.num_classes}-class head reset" if run.weights.num_classes not in
+                       (None, classes) else "") + ")" if run.weights is not None else
+                    f"resumed from {run.resume.path}" if run.resume is not None else "from scratch")
                  + f"; {trainer.updates_per_epoch} steps/epoch × {trainer.epochs} epochs, global batch "
                  f"{trainer.global_batch}, peak lr {peak_lr(cfg.optim, trainer.global_batch):.3g}")
         for epoch in trainer.fit(loader, log=log, log_every=cfg.run.log_every, checkpointer=checkpointer):

@@ -122,12 +122,15 @@ def _say_what_runs(run: StageRun, trainer: Trainer, log: RunLogger) -> None:
     """The run's first line (rank 0): the model, the devices, the schedule, and where its weights come from."""
     cfg, model, weights = run.cfg, trainer.module, run.weights
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(f"{run.run_dir}: CRATE-MAE '{cfg.model.variant}' ({params:,} parameters) on {run.dist.world_size} × "
+    what = "CRATE-MAE" if cfg.model.family == "mae" else f"CRATE-MAE with a {cfg.model.family} encoder"
+    log.info(f"{run.run_dir}: {what} '{cfg.model.variant}' ({params:,} parameters) on {run.dist.world_size} × "
              f"{run.dist.device.type}, {trainer.precision}; {trainer.updates_per_epoch} steps/epoch × {trainer.epochs} "
              f"epochs, global batch {trainer.global_batch}, peak lr {peak_lr(cfg.optim, trainer.global_batch):.3g}"
              + (f"; resumed from {run.resume.path} at step {trainer.state.step}" if run.resume else "")
              + (f"; weights from {weights.path} ({weights.describe()}"
-                + ("" if weights.has_decoder else ": the decoder starts fresh") + "), optimiser and schedule new"
+                + ("" if weights.has_decoder else ": the decoder starts fresh"
+                   + (f", its {weights.num_classes}-class head set aside" if weights.num_classes else ""))
+                + "), optimiser and schedule new"
                 if weights else ""))
 
 

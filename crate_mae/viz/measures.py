@@ -66,7 +66,7 @@ def layer_measures(model: CrateClassifier, images: torch.Tensor, *, eps2: float 
         rows.append({"layer": i,
                      "rate_before_mssa": coding_rate(trace.mssa_in, weight, heads=heads, eps2=eps2).mean().item(),
                      "rate_after_mssa": coding_rate(trace.ista_in, weight, heads=heads, eps2=eps2).mean().item(),
-                     **sparsity(trace.out)})
+                     **sparsity(trace.code)})
     return rows
 
 

@@ -78,7 +78,7 @@ def test_without_a_file_the_row_and_the_family_fill_everything() -> None:
     sup = resolve_config(ClassifierConfig(variant="small"), default_family="supervised")
     assert (sup.family, sup.dim, sup.lambd, sup.num_classes) == ("supervised", 576, 0.1, 1000)
     assert sup.resolved and not ClassifierConfig().resolved
-    with pytest.raises(ConfigError, match="a CRATE-MAE is of family mae"):
+    with pytest.raises(ConfigError, match="a masked autoencoder has an encoder of family mae or alpha"):
         resolve_config(MAEConfig(family="supervised"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         mae.dim = 4  # type: ignore[misc]  (a resolved config is frozen: what was built cannot drift)

@@ -79,8 +79,8 @@ def test_layer_measures_follow_the_forward_pass() -> None:
     z = model.tokens(img)
     for layer in model.encoder.layers:
         trace = layer.trace(z)
-        assert_close(trace.out, layer(z))
-        z = trace.out
+        assert_close(trace.code, layer(z))
+        z = trace.code
 
 
 def test_commands_write_pictures_and_numbers(tmp_path: Path) -> None:
