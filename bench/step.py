@@ -3,6 +3,7 @@
     python bench/step.py                                              # CUDA if present, else CPU; demo sizes on CPU
     python bench/step.py --kind mae classifier --variant base --batch 128 256 --precision bf16 --compile both
     python bench/step.py --variant nano --batch 32 --device cpu --json step.json
+    python bench/step.py --family mae alpha --kind mae classifier     # CRATE-α's encoder beside CRATE-MAE's
 
 Each row is the real training step (crate_mae.engine.trainer.Trainer: autocast, backward, optimiser, schedule;
 fused AdamW on CUDA) on random pixels, after --warmup steps, timed over --steps with CUDA events (wall clock on
@@ -11,7 +12,9 @@ two-product form, backward = 2 × forward) × images/s ÷ the device's peak, whi
 a large matmul in the row's precision (so MFU is against what this card really does, as the speed issue's
 797 TFLOP/s for an H200 was). `--reference` adds rows of the plain path: explicit-softmax attention and
 three-product ISTA (the released model's), the reference forms the fast path is tested against.
-`--compile-mode reduce-overhead` replays the compiled step as CUDA graphs.
+`--compile-mode reduce-overhead` replays the compiled step as CUDA graphs. `--family` picks the encoder's family
+(mae, supervised: classifiers only, alpha); `--grad-checkpointing` recomputes each layer in the backward pass
+(`bench/memory.py` measures what it saves).
 
 `--profile N` runs N more steps of each row under the PyTorch profiler and prints where the time goes: the top
 ops or kernels (self time on the device on CUDA, on the host otherwise) and a split into matmul, attention,
@@ -31,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from crate_mae.config import ClassifierConfig, MAEConfig, OptimConfig
+from crate_mae.config.variants import FAMILIES
 from crate_mae.data import Batch
 from crate_mae.engine.dist import Dist, resolve_device
 from crate_mae.engine.optim import build_optimizer, build_scheduler
@@ -113,10 +117,11 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, to
 
 def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: bool, reference: bool,
               device: torch.device, steps: int, warmup: int, compile_mode: str = "default", profile: int = 0,
-              top: int = 15, trace: str | None = None) -> dict:
+              top: int = 15, trace: str | None = None, family: str = "mae", grad_checkpointing: bool = False) -> dict:
     if compile:
         torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape graph carried over from another batch
-    config = MAEConfig(variant=variant) if kind == "mae" else ClassifierConfig(variant=variant, num_classes=1000)
+    model_keys = dict(family=family, variant=variant, grad_checkpointing=grad_checkpointing)
+    config = MAEConfig(**model_keys) if kind == "mae" else ClassifierConfig(**model_keys, num_classes=1000)
     model, cfg = create_model(config)
     model = model.to(device)
     optim_cfg = OptimConfig(epochs=1, warmup_epochs=0)
@@ -129,7 +134,7 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
     micro = [Batch(images, labels, [])]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    set_fused(model, not reference)  # the reference forms: explicit softmax attention, three-product ISTA
+    set_fused(model, not reference)  # the reference forms: explicit softmax, three-product ISTA, ODL as written
     for _ in range(warmup):
         trainer.step(micro)
     sync(device)
@@ -149,9 +154,11 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
     profiled = profile_steps(lambda: trainer.step(micro), device, profile, top, trace) if profile else None
     trainer.check_finite()
     shape = dict(dim=cfg.dim, encoder_depth=cfg.encoder_depth, decoder_depth=getattr(cfg, "decoder_depth", 0),
-                 img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=None if kind == "mae" else 1000)
+                 img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=None if kind == "mae" else 1000,
+                 family=family)
     rate = batch * steps / seconds
-    return {"kind": kind, "variant": variant, "batch": batch, "precision": trainer.precision,
+    return {"kind": kind, "family": family, "grad_checkpointing": grad_checkpointing, "variant": variant,
+            "batch": batch, "precision": trainer.precision,
             "compile": compile_mode if compile else False, "profile": profiled,
             "path": "reference" if reference else "fast", "images_per_s": rate, "ms_per_step": 1000 * seconds / steps,
             "gflop_per_image": train_flops(**shape) / 1e9, "achieved_tflops": train_flops(**shape) * rate / 1e12,
@@ -171,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", nargs="+", default=["mae"], choices=["mae", "classifier"])
+    parser.add_argument("--family", nargs="+", default=["mae"], choices=["mae", "supervised", "alpha"],
+                        help="the encoder's family (supervised: classifier rows only)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in the backward")
     parser.add_argument("--variant", nargs="+", default=None, help="default: base on CUDA, demo on CPU")
     parser.add_argument("--batch", nargs="+", type=int, default=None, help="default: 128 on CUDA, 64 on CPU")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -202,23 +212,28 @@ def main(argv: list[str] | None = None) -> None:
     peak = measured_peak(device, precision)
     print(f"{name}: measured {precision} matmul peak {peak / 1e12:.1f} TFLOP/s; torch {torch.__version__}")
     rows = []
-    plan = [(k, v, b, c, False) for k in args.kind for v in variants for b in batches for c in compiles]
+    kinds = [(f, k) for f in args.family for k in args.kind if k == "classifier" or FAMILIES[f].masked]
+    plan = [(f, k, v, b, c, False) for f, k in kinds for v in variants for b in batches for c in compiles]
     if args.reference:
-        plan += [(k, v, b, False, True) for k in args.kind for v in variants for b in batches]
-    print(f"{'kind':<11}{'variant':<8}{'batch':>6} {'prec':<5}{'compiled':<16}{'path':<10}{'img/s':>9}{'ms/step':>9}"
+        plan += [(f, k, v, b, False, True) for f, k in kinds for v in variants for b in batches]
+    print(f"{'family':<11}{'kind':<11}{'variant':<8}{'batch':>6} {'prec':<5}{'compiled':<16}{'path':<10}{'img/s':>9}"
+          f"{'ms/step':>9}"
           f"{'GFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)
-    for kind, variant, batch, comp, ref in plan:
-        label = f"{kind}-{variant}-b{batch}-{'ref' if ref else 'fast'}-{args.compile_mode if comp else 'eager'}"
+    for family, kind, variant, batch, comp, ref in plan:
+        path, mode = "ref" if ref else "fast", args.compile_mode if comp else "eager"
+        label = f"{family}-{kind}-{variant}-b{batch}-{path}-{mode}"
         row = bench_row(kind=kind, variant=variant, batch=batch, precision=precision, compile=comp, reference=ref,
                         device=device, steps=args.steps, warmup=args.warmup, compile_mode=args.compile_mode,
                         profile=args.profile, top=args.top,
-                        trace=os.path.join(args.trace, f"{label}.json") if args.trace else None)
+                        trace=os.path.join(args.trace, f"{label}.json") if args.trace else None, family=family,
+                        grad_checkpointing=args.grad_checkpointing)
         row["mfu"] = row["achieved_tflops"] * 1e12 / peak
         rows.append(row)
         mem = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
-        print(f"{kind:<11}{variant:<8}{batch:>6} {row['precision']:<5}{row['compile'] or 'no':<16}{row['path']:<10}"
+        print(f"{family:<11}{kind:<11}{variant:<8}{batch:>6} {row['precision']:<5}{row['compile'] or 'no':<16}"
+              f"{row['path']:<10}"
               f"{row['images_per_s']:>9.1f}{row['ms_per_step']:>9.1f}{row['gflop_per_image']:>10.2f}"
               f"{row['achieved_tflops']:>9.2f}{row['mfu']:>7.3f}{mem:>9}")
         if row["profile"]:

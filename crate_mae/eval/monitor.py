@@ -292,8 +292,8 @@ def monitor_figure(history: list[dict[str, float]]) -> Figure:
          [("knn_cls_top1", "kNN, CLS", "C1"),
           ("knn_mean_top1", "kNN, mean of patches", "C2"), ("probe_top1", "online probe, CLS", "C3")])]
     for name, title, unit in (("rate_before_mssa", "$R^c$ before MSSA", "nats"), ("rate_after_mssa", "$R^c$ after MSSA",
-                              "nats"), ("zero_fraction", "ISTA output: fraction of zeros", "fraction"),
-                              ("l1_over_l2", "ISTA output: ℓ1/ℓ2 per token", "ℓ1/ℓ2")):
+                              "nats"), ("zero_fraction", "sparse code (ISTA; ODL z2): fraction of zeros", "fraction"),
+                              ("l1_over_l2", "sparse code: ℓ1/ℓ2 per token", "ℓ1/ℓ2")):
         panels.append((title, unit, [(f"layer{i}/{name}", f"layer {i}", ramp[i]) for i in range(depth)]))
     panels = [p for p in panels if any(key in row for key, _, _ in p[2] for row in history)]
     cols = min(3, len(panels))

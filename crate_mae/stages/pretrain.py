@@ -217,7 +217,7 @@ class MonitorHistory:
         knn = f", kNN top-1 {values['knn_cls_top1']:.2f} (CLS)" if "knn_cls_top1" in values else ""
         knn += f", online probe top-1 {values['probe_top1']:.2f}" if "probe_top1" in values else ""
         deep = [k for k in values if k.endswith("/zero_fraction")]
-        sparse = f", ISTA zeros (last layer) {values[deep[-1]]:.3f}" if deep else ""
+        sparse = f", code zeros (last layer) {values[deep[-1]]:.3f}" if deep else ""
         self.log.info(f"monitor after epoch {epoch} (step {step}): held-out loss {values['heldout_loss']:.4f}{knn}{sparse}")
 
     def catch_up(self) -> None:

@@ -34,7 +34,7 @@ COMMANDS = {
     "attention": "each head's CLS attention of one layer and its thresholded mask, over the image",
     "pca": "one PCA of a layer's patch features over all images: foreground and parts",
     "ncut": "the object from the normalised cut of a layer's patch-feature affinity (MaskCut)",
-    "layers": "per layer: coding rate before / after MSSA, sparsity of ISTA's output",
+    "layers": "per layer: coding rate before / after MSSA, sparsity of the code (ISTA's output; CRATE-α: ODL's z2)",
 }
 
 

@@ -1,4 +1,4 @@
-"""The white-box measures of CRATE, per encoder layer: the coding rate MSSA lowers, the sparsity ISTA makes.
+"""The white-box measures of CRATE, per encoder layer: the coding rate MSSA lowers, the sparsity ISTA (or ODL) makes.
 
 Legend: B images, N tokens, d width, H heads, p = d/H head width, K = H subspaces.
 
@@ -9,8 +9,9 @@ By Sylvester's identity logdet(I_N + α AᵀA) = logdet(I_p + α A Aᵀ) for A =
 is used; it is computed in float64 through a Cholesky factor (logdet = 2 Σ log diag L), which is stable for
 these symmetric positive-definite matrices. ε² = 0.5 unless set. MSSA is one gradient step that lowers it.
 
-Sparsity of ISTA's output (the non-negative sparse code): the fraction of exact zeros, and the ℓ1/ℓ2 ratio
-‖z‖₁/‖z‖₂ of each token (between 1 for a one-hot token and √d for a flat one; lower is sparser), averaged.
+Sparsity of the non-negative sparse code (`LayerTrace.code`: ISTA's output; for CRATE-α, ODL's overcomplete code
+z2, 4d wide, not its dense decoding): the fraction of exact zeros, and the ℓ1/ℓ2 ratio ‖z‖₁/‖z‖₂ of each token
+(between 1 for a one-hot token and √width for a flat one; lower is sparser), averaged.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def sparsity(z: torch.Tensor) -> dict[str, float]:
 def layer_measures(model: CrateClassifier, images: torch.Tensor, *, eps2: float = 0.5) -> list[dict[str, float]]:
     """For every encoder layer, over a batch of normalised images (B, 3, H, W): R^c before and after MSSA
     (of LN₁(z) and of LN₂(z + MSSA(LN₁ z)), the inputs of the two operators, so that scale does not enter),
-    and the sparsity of ISTA's output. Means over the images."""
+    and the sparsity of the layer's code (ISTA's output; ODL's z2 for CRATE-α). Means over the images."""
     model.eval()
     rows = []
     for i, (layer, z) in enumerate(zip(model.encoder.layers, model.layer_inputs(images))):
@@ -71,7 +72,8 @@ def layer_measures(model: CrateClassifier, images: torch.Tensor, *, eps2: float 
 
 
 def layers_figure(rows: list[dict[str, float]]) -> Figure:
-    """The seed's per-layer figure from `layer_measures` rows: R^c before / after MSSA (left), ISTA's sparsity (right)."""
+    """The seed's per-layer figure from `layer_measures` rows: R^c before / after MSSA (left), the code's sparsity
+    (right)."""
     plt = pyplot()
     layers = [r["layer"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -80,7 +82,7 @@ def layers_figure(rows: list[dict[str, float]]) -> Figure:
     left.set(xlabel="layer", ylabel="R^c (nats)", title="compression: coding rate against the heads' subspaces")
     left.legend(fontsize=8)
     zeros = right.plot(layers, [r["zero_fraction"] for r in rows], "o-", color="C2", label="fraction of zeros")
-    right.set(xlabel="layer", ylabel="fraction of zeros", title="sparsity of ISTA's output")
+    right.set(xlabel="layer", ylabel="fraction of zeros", title="sparsity of the code (ISTA; ODL's z2)")
     ratio_axis = right.twinx()
     ratio = ratio_axis.plot(layers, [r["l1_over_l2"] for r in rows], "s--", color="C3", label="ℓ1/ℓ2 per token")
     ratio_axis.set_ylabel("ℓ1/ℓ2 per token (lower: sparser)")

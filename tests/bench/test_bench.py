@@ -33,6 +33,19 @@ def test_step_bench_rows_mfu_and_profile(tmp_path: Path) -> None:
     assert len(list((tmp_path / "traces").glob("*.json"))) == 4
 
 
+def test_memory_bench_rows_with_and_without_checkpointing(tmp_path: Path) -> None:
+    """bench/memory.py: one fresh process per row, both settings of activation checkpointing, memory that adds up."""
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/memory.py"), "--model", "crate_alpha_mae_nano", "--batch", "2",
+                    "--steps", "2", "--json", str(out)], check=True, env=ENV, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["grad_checkpointing"]) for r in rows] == [("crate_alpha_mae_nano", False),
+                                                                      ("crate_alpha_mae_nano", True)]
+    for r in rows:
+        assert r["parameters"] == 172_144 and 0 < r["static_gib"] <= r["peak_gib"] and r["ms_per_step"] > 0
+        assert abs(r["peak_gib"] - r["static_gib"] - r["activations_gib"]) < 1e-9
+
+
 def test_e2e_bench_times_the_pretraining_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "e2e.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench/e2e.py"), "--num-images", "24", "--out", str(tmp_path / "set"),

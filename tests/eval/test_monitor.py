@@ -190,7 +190,7 @@ def test_figure_and_table_of_a_history(tmp_path: Path) -> None:
     fig = monitor_figure(history())
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["held-out loss (masked patches)", "kNN top-1", "$R^c$ before MSSA", "$R^c$ after MSSA",
-                      "ISTA output: fraction of zeros", "ISTA output: ℓ1/ℓ2 per token"]
+                      "sparse code (ISTA; ODL z2): fraction of zeros", "sparse code: ℓ1/ℓ2 per token"]
     assert [len(ax.lines) for ax in fig.axes[:6]] == [1, 2, 2, 2, 2, 2]  # one line per layer
     fig.savefig(tmp_path / "monitor.png")
     assert (tmp_path / "monitor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

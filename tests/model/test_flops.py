@@ -31,6 +31,18 @@ def test_classifier_forward_flops_match_the_counter() -> None:
     assert counted(build_classifier(ClassifierConfig(variant="nano", num_classes=10)), img) == 3 * expected
 
 
+@pytest.mark.parametrize("kind", ["mae", "classifier"])
+def test_alpha_forward_flops_match_the_counter(kind: str) -> None:
+    """CRATE-α's layer: ODL's four (d × 4d) products on top of MSSA, as counted by PyTorch on the real forward."""
+    img = torch.randn(2, 3, 32, 32)
+    shape = dict(dim=64, encoder_depth=3, decoder_depth=3 if kind == "mae" else 0, img_size=32, patch_size=4,
+                 family="alpha", num_classes=None if kind == "mae" else 10)
+    model = build_mae(MAEConfig(family="alpha", variant="nano")) if kind == "mae" else \
+        build_classifier(ClassifierConfig(family="alpha", variant="nano", num_classes=10))
+    assert counted(model, img) == 2 * forward_flops(**shape)
+    assert forward_flops(**shape) > forward_flops(**{**shape, "family": "mae"})
+
+
 def test_base_model_figures() -> None:
     base = dict(dim=768, encoder_depth=12, decoder_depth=12, img_size=224, patch_size=16)
     assert train_flops(**base) == 3 * forward_flops(**base)
