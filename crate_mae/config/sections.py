@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
-from crate_mae.config.variants import VARIANT_NAMES, variants_of
+from crate_mae.config.variants import FAMILIES, VARIANT_NAMES, variants_of
 from crate_mae.errors import ConfigError
 
 
@@ -90,6 +90,9 @@ class MAEConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        masked = [name for name, parts in FAMILIES.items() if parts.masked]
+        _require(self.family is None or self.family in masked, "model.family",
+                 f"a masked autoencoder has an encoder of family {' or '.join(masked)}, got", self.family)
         _require(0 < self.mask_ratio < 1, "model.mask_ratio", "must lie in (0, 1), got", self.mask_ratio)
 
 

@@ -122,7 +122,7 @@ def _say_what_runs(run: StageRun, trainer: Trainer, log: RunLogger) -> None:
     """The run's first line (rank 0): the model, the devices, the schedule, and where its weights come from."""
     cfg, model, weights = run.cfg, trainer.module, run.weights
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    what = "CRATE-MAE" if cfg.model.family == "mae" else f"CRATE-MAE with a {cfg.model.family} encoder"
+    what = "CRATE-MAE" if cfg.model.family == "mae" else "CRATE-MAE with a CRATE-α encoder"
     log.info(f"{run.run_dir}: {what} '{cfg.model.variant}' ({params:,} parameters) on {run.dist.world_size} × "
              f"{run.dist.device.type}, {trainer.precision}; {trainer.updates_per_epoch} steps/epoch × {trainer.epochs} "
              f"epochs, global batch {trainer.global_batch}, peak lr {peak_lr(cfg.optim, trainer.global_batch):.3g}"
