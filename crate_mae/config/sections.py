@@ -293,10 +293,10 @@ class MonitorConfig:
 class PretrainConfig:
     """Where pretraining starts."""
 
-    init_from: Optional[str] = _doc(None, "start a new run from these weights (our final.pth, encoder.pth — the "
-                                          "decoder then starts fresh —, a .safetensors export, the released "
-                                          "CRATE-MAE): the optimiser, schedule and step start anew (unlike "
-                                          "--resume, which continues a run)")
+    init_from: Optional[str] = _doc(None, "start a new run from these weights (our final.pth, encoder.pth or a "
+                                          "classifier — the decoder then starts fresh, a head is set aside —, a "
+                                          ".safetensors export, the released CRATE-MAE or CRATE-α): the optimiser, "
+                                          "schedule and step start anew (unlike --resume, which continues a run)")
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,22 @@ def test_a_file_that_disagrees_is_one_line(digits, tmp_path: Path, files: dict[s
                supervised)
     with pytest.raises(CheckpointError, match=r"supervised\.pth: holds our supervised CRATE .*which has no decoder"):
         run_pretrain(tiny(digits, tmp_path, f"pretrain.init_from={supervised}"))
-    classifier = tmp_path / "finetuned.pth"
-    torch.save({"model": build_classifier(ClassifierConfig(variant="nano", num_classes=10)).state_dict()}, classifier)
-    with pytest.raises(CheckpointError, match=r"finetuned\.pth: holds a classifier head \(key 'fc_norm\.weight'\)"):
-        run_pretrain(tiny(digits, tmp_path, f"pretrain.init_from={classifier}"))
     with pytest.raises(FileNotFoundError, match=r"nowhere\.pth: no such checkpoint file"):
         run_pretrain(tiny(digits, tmp_path, f"pretrain.init_from={tmp_path / 'nowhere.pth'}"))
     assert not (tmp_path / "t").exists() or not list((tmp_path / "t").glob("*.pth"))  # nothing written
+
+
+def test_a_classifier_fills_the_encoder_its_head_set_aside(digits, tmp_path: Path) -> None:
+    """A fine-tuned classifier (of a family with an MAE) starts pretraining as an encoder does: its head is set aside
+    and the decoder starts fresh, as for CRATE-α's released classifiers (tests/stages/test_alpha_stages.py)."""
+    classifier = tmp_path / "finetuned.pth"
+    state = build_classifier(ClassifierConfig(variant="nano", num_classes=10)).state_dict()
+    torch.save({"model": state}, classifier)
+    run = prepare(tiny(digits, tmp_path, f"pretrain.init_from={classifier}"), CPU, weights=str(classifier))
+    assert run.weights.describe() == "our CRATE-MAE classifier"
+    got = build_training(run.cfg, CPU, run.train, run.weights)[0].module.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith(("fc_norm.", "head.")))
+    assert not any(k.startswith(("fc_norm.", "head.")) for k in got)
 
 
 def test_a_resume_wins_over_init_from(digits, tmp_path: Path, files: dict[str, Path]) -> None:
