@@ -98,7 +98,7 @@ class MAEConfig(ModelConfig):
 
 @dataclass(frozen=True)
 class ClassifierConfig(ModelConfig):
-    """A CRATE classifier (either family): the shared encoder fields, its pooling, stochastic depth and head."""
+    """A CRATE classifier (any family): the shared encoder fields, its pooling, stochastic depth and head."""
 
     pool: Literal["cls", "mean"] = _doc("cls", "pooling: the CLS token, or the mean (of the patch tokens for family "
                                                "mae; of all tokens, CLS included, for supervised, as released)")

@@ -1,7 +1,7 @@
 """The released checkpoints' key names ↔ ours (docs/MODEL.md, "Key layouts"). Only names and tables here; reading a
 file is `crate_mae.model.files`', building and loading a model `crate_mae.model.hub`'s.
 
-    ours = to_ours(state_dict)                               # released (either family) or ours → our key names
+    ours = to_ours(state_dict)                               # released (any family) or ours → our key names
     released = to_released(model.state_dict())               # ours → the authors' layout of that family
     layout_of(state)                                         # Layout(source="released", family="supervised")
 
@@ -52,6 +52,18 @@ MAE_KEYS: list[tuple[str, str]] = [
     ("decoder_pred.weight", "decoder_pred.weight"),
     ("decoder_pred.bias", "decoder_pred.bias"),
 ]
+# The supervised CRATE and CRATE-α share their authors' ViT-style names for the table, CLS, norms, MSSA and head.
+_TABLE_AND_CLS = [("pos_embedding", "pos.table"), ("cls_token", "cls_token")]
+_NORMS_AND_MSSA = [
+    ("transformer.layers.{i}.0.norm.weight", "encoder.layers.{i}.norm1.weight"),
+    ("transformer.layers.{i}.0.norm.bias", "encoder.layers.{i}.norm1.bias"),
+    ("transformer.layers.{i}.0.fn.qkv.weight", "encoder.layers.{i}.attn.U.weight"),
+    ("transformer.layers.{i}.0.fn.to_out.0.weight", "encoder.layers.{i}.attn.proj.weight"),
+    ("transformer.layers.{i}.1.norm.weight", "encoder.layers.{i}.norm2.weight"),
+    ("transformer.layers.{i}.1.norm.bias", "encoder.layers.{i}.norm2.bias"),
+]
+_HEAD = [("mlp_head.0.weight", "fc_norm.weight"), ("mlp_head.0.bias", "fc_norm.bias"),
+         ("mlp_head.1.weight", "head.weight"), ("mlp_head.1.bias", "head.bias")]
 SUPERVISED_KEYS: list[tuple[str, str]] = [
     ("to_patch_embedding.1.weight", "patch_embed.pre_norm.weight"),
     ("to_patch_embedding.1.bias", "patch_embed.pre_norm.bias"),
@@ -59,38 +71,20 @@ SUPERVISED_KEYS: list[tuple[str, str]] = [
     ("to_patch_embedding.2.bias", "patch_embed.proj.bias"),
     ("to_patch_embedding.3.weight", "patch_embed.post_norm.weight"),
     ("to_patch_embedding.3.bias", "patch_embed.post_norm.bias"),
-    ("pos_embedding", "pos.table"),
-    ("cls_token", "cls_token"),
-    ("transformer.layers.{i}.0.norm.weight", "encoder.layers.{i}.norm1.weight"),
-    ("transformer.layers.{i}.0.norm.bias", "encoder.layers.{i}.norm1.bias"),
-    ("transformer.layers.{i}.0.fn.qkv.weight", "encoder.layers.{i}.attn.U.weight"),
-    ("transformer.layers.{i}.0.fn.to_out.0.weight", "encoder.layers.{i}.attn.proj.weight"),
+    *_TABLE_AND_CLS,
+    *_NORMS_AND_MSSA,
     ("transformer.layers.{i}.0.fn.to_out.0.bias", "encoder.layers.{i}.attn.proj.bias"),
-    ("transformer.layers.{i}.1.norm.weight", "encoder.layers.{i}.norm2.weight"),
-    ("transformer.layers.{i}.1.norm.bias", "encoder.layers.{i}.norm2.bias"),
     ("transformer.layers.{i}.1.fn.weight", "encoder.layers.{i}.ista.D"),
-    ("mlp_head.0.weight", "fc_norm.weight"),
-    ("mlp_head.0.bias", "fc_norm.bias"),
-    ("mlp_head.1.weight", "head.weight"),
-    ("mlp_head.1.bias", "head.bias"),
+    *_HEAD,
 ]
-ALPHA_KEYS: list[tuple[str, str]] = [
+ALPHA_KEYS: list[tuple[str, str]] = [  # MSSA's output Linear has no bias
     ("conv1.weight", "patch_embed.proj.weight"),
     ("conv1.bias", "patch_embed.proj.bias"),
-    ("pos_embedding", "pos.table"),
-    ("cls_token", "cls_token"),
-    ("transformer.layers.{i}.0.norm.weight", "encoder.layers.{i}.norm1.weight"),
-    ("transformer.layers.{i}.0.norm.bias", "encoder.layers.{i}.norm1.bias"),
-    ("transformer.layers.{i}.0.fn.qkv.weight", "encoder.layers.{i}.attn.U.weight"),
-    ("transformer.layers.{i}.0.fn.to_out.0.weight", "encoder.layers.{i}.attn.proj.weight"),
-    ("transformer.layers.{i}.1.norm.weight", "encoder.layers.{i}.norm2.weight"),
-    ("transformer.layers.{i}.1.norm.bias", "encoder.layers.{i}.norm2.bias"),
+    *_TABLE_AND_CLS,
+    *_NORMS_AND_MSSA,
     ("transformer.layers.{i}.1.fn.D", "encoder.layers.{i}.odl.D"),
     ("transformer.layers.{i}.1.fn.D1", "encoder.layers.{i}.odl.D1"),
-    ("mlp_head.0.weight", "fc_norm.weight"),
-    ("mlp_head.0.bias", "fc_norm.bias"),
-    ("mlp_head.1.weight", "head.weight"),
-    ("mlp_head.1.bias", "head.bias"),
+    *_HEAD,
 ]
 _FAMILY_NAMES = {"mae": "CRATE-MAE", "supervised": "supervised CRATE", "alpha": "CRATE-α"}
 POS_TABLE_KEYS = ("pos_embed", "decoder_pos_embed")  # both hold the fixed table; the forward adds the second
