@@ -9,7 +9,8 @@ The patches are a graph: the affinity of patches i, j is their cosine similarity
 with degrees D = diag(A·1). Normalised cut (Shi & Malik) relaxes to the generalised eigenproblem (D − A) x = λ D x;
 with y = D^½ x it is the symmetric L = I − D^-½ A D^-½, whose eigenvectors `torch.linalg.eigh` gives in float64.
 The second smallest one, x = D^-½ y, is the cut: patches above its mean form one side. The side that holds the
-most-attended patch (CLS attention) is the object.
+most-attended patch (CLS attention) is the object. `affinity` and `fiedler_vector` also take a batch of images
+(leading dimensions), as MaskCut on a data set does (crate_mae/eval/maskcut.py).
 """
 from __future__ import annotations
 
@@ -24,22 +25,35 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def affinity(features: torch.Tensor, *, tau: float = 0.15, eps: float = 1e-5) -> torch.Tensor:
-    """features (N, d) → the binarised cosine affinity A (N, N) in float64 (module docstring)."""
-    f = F.normalize(features.double(), dim=-1)
-    return torch.where(f @ f.T > tau, 1.0, eps).to(torch.float64)
+def affinity(features: torch.Tensor, *, tau: float = 0.15, eps: float = 1e-5, normalize: bool = True) -> torch.Tensor:
+    """features (..., N, d) → the binarised cosine affinity A (..., N, N) in float64 (module docstring), one graph
+    per leading index (a batch of images at once).
+
+    `normalize=False` thresholds the raw inner products ⟨f_i, f_j⟩ instead of the cosines. A zero feature row (a
+    patch masked out, as MaskCut does) has similarity 0 with every patch, its own self included: with τ ≥ 0 its
+    row and column are all ε.
+    """
+    f = features.double()
+    if normalize:
+        f = F.normalize(f, dim=-1)  # a zero row stays zero
+    return torch.where(f @ f.transpose(-1, -2) > tau, 1.0, eps).to(torch.float64)
 
 
 def fiedler_vector(a: torch.Tensor) -> torch.Tensor:
     """The relaxed normalised cut of a symmetric affinity A (N, N): the generalised eigenvector x (N,) of
-    (D − A) x = λ D x with the second smallest λ, signed so that its largest-magnitude entry is positive."""
-    if a.shape[0] < 2:
-        raise ValueError(f"a normalised cut needs two patches or more, got {a.shape[0]}")
-    inv_sqrt = a.sum(1).rsqrt()  # D^-½ (diagonal)
-    laplacian = torch.eye(a.shape[0], dtype=a.dtype, device=a.device) - inv_sqrt[:, None] * a * inv_sqrt[None, :]
+    (D − A) x = λ D x with the second smallest λ, signed so that its largest-magnitude entry is positive.
+
+    A batch of affinities (..., N, N) gives one cut per graph (..., N): `torch.linalg.eigh` solves them all in one
+    call (on the device the affinities are on).
+    """
+    n = a.shape[-1]
+    if n < 2:
+        raise ValueError(f"a normalised cut needs two patches or more, got {n}")
+    inv_sqrt = a.sum(-1).rsqrt()  # D^-½ (diagonal), (..., N)
+    laplacian = torch.eye(n, dtype=a.dtype, device=a.device) - inv_sqrt[..., :, None] * a * inv_sqrt[..., None, :]
     _, vectors = torch.linalg.eigh(laplacian)  # ascending eigenvalues
-    x = vectors[:, 1] * inv_sqrt
-    return x * x[x.abs().argmax()].sign()
+    x = vectors[..., :, 1] * inv_sqrt
+    return x * x.gather(-1, x.abs().argmax(-1, keepdim=True)).sign()  # eigh's sign is arbitrary: fix it
 
 
 def normalized_cut(features: torch.Tensor, seed: int, *, tau: float = 0.15,
