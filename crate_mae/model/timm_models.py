@@ -84,10 +84,14 @@ MODELS: dict[str, TimmRow] = _rows()
 
 def _pretrained_cfg(row: TimmRow) -> dict[str, Any]:
     size = variants_of(row.family)[row.variant].img_size
-    return {"input_size": (3, size, size), "crop_pct": 0.875 if size >= 224 else 1.0, "interpolation": "bicubic",
-            "mean": IMAGE_MEAN, "std": IMAGE_STD, "num_classes": row.num_classes,
-            "first_conv": "patch_embed.proj", "classifier": "head" if row.kind == "classifier" else None,
-            "fixed_input_size": False, "license": "mit"}
+    patch = row.overrides.get("patch_size") or variants_of(row.family)[row.variant].patch_size
+    cfg = {"input_size": (3, size, size), "crop_pct": 0.875 if size >= 224 else 1.0, "interpolation": "bicubic",
+           "mean": IMAGE_MEAN, "std": IMAGE_STD, "num_classes": row.num_classes,
+           "first_conv": "patch_embed.proj", "classifier": "head" if row.kind == "classifier" else None,
+           "fixed_input_size": False, "license": "mit"}
+    if size % 32 == 0 and 32 % patch:  # patch 14: timm's tools shrink an input to 96 or 128 px, which it does not
+        cfg["min_input_size"] = (3, 8 * patch, 8 * patch)  # divide; this is the smaller size they take instead
+    return cfg
 
 
 default_cfgs = generate_default_cfgs({name: _pretrained_cfg(row) for name, row in MODELS.items()})
