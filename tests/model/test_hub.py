@@ -121,6 +121,8 @@ def test_timm_pretrained_cfg_of_every_row() -> None:
         assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["first_conv"] == "patch_embed.proj"
         assert cfg["classifier"] == ("head" if row.kind == "classifier" else None)
         assert cfg["num_classes"] == (0 if row.kind == "mae" else 21842 if "21k" in name else 1000)
+        # timm's tools shrink an input to 96 or 128 px unless a smaller size is given: patch 14 divides neither
+        assert cfg.get("min_input_size") == ((3, 112, 112) if name.endswith("patch14") else None), name
     for name, side in (("crate_demo", 32), ("crate_mae_encoder_nano", 32), ("crate_mae_base", 224), ("crate_tiny", 224)):
         data = timm.data.resolve_model_data_config(timm.create_model(name))
         assert data["input_size"] == (3, side, side) and data["crop_pct"] == (1.0 if side == 32 else 0.875)
