@@ -34,7 +34,7 @@ from crate_mae.errors import InputError
 from crate_mae.model.classifier import CrateClassifier
 from crate_mae.model.crate import MSSA
 from crate_mae.model.mae import CrateMAE
-from crate_mae.viz.attention import mssa_view
+from crate_mae.viz.attention import mssa_views
 
 # ImageNet's statistics: timm's default where a ViT's pretrained_cfg names none
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -112,28 +112,34 @@ def _vit_grid(model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _vit_view(model: nn.Module, images: torch.Tensor, layer: int) -> LayerView:
-    """`layer_view` for a timm VisionTransformer: block `layer`'s attention input caught by a pre-hook on its
-    `attn` module during `forward_intermediates` (stopping after that block), then its own qkv projection, q/k
+def _vit_views(model: nn.Module, images: torch.Tensor, layers: list[int]) -> dict[int, LayerView]:
+    """`layer_views` for a timm VisionTransformer: each chosen block's attention input caught by a pre-hook on its
+    `attn` module during one `forward_intermediates` (stopping after the deepest), then its own qkv projection, q/k
     norms and scale applied to it, so any block layout (pre-norm, post-norm, layer scale) is read as it runs."""
     from timm.layers import Attention
 
     if not getattr(model, "has_class_token", False):
         raise _no_attention(model, "it has no CLS token (class_token=False), so no CLS attention")
-    block = model.blocks[layer]
-    attn = getattr(block, "attn", None)
-    if type(attn) is not Attention:  # a subclass (or DiffAttention, RoPE ...) may compute something else
-        kind = type(attn).__name__ if attn is not None else "no attn module"
-        raise _no_attention(model, f"block {layer} has {kind}, not timm's standard Attention")
+    for layer in layers:
+        attn = getattr(model.blocks[layer], "attn", None)
+        if type(attn) is not Attention:  # a subclass (or DiffAttention, RoPE ...) may compute something else
+            kind = type(attn).__name__ if attn is not None else "no attn module"
+            raise _no_attention(model, f"block {layer} has {kind}, not timm's standard Attention")
     grid = _vit_grid(model, (images.shape[-2], images.shape[-1]))
     pixels = _vit_pixels(model, images)
-    caught: list[torch.Tensor] = []
-    handle = attn.register_forward_pre_hook(lambda _module, args: caught.append(args[0]))
+    caught: dict[int, torch.Tensor] = {}
+    handles = [model.blocks[layer].attn.register_forward_pre_hook(
+        lambda _module, args, layer=layer: caught.__setitem__(layer, args[0])) for layer in layers]
     try:
-        model.forward_intermediates(pixels, indices=[layer], stop_early=True, intermediates_only=True)
+        model.forward_intermediates(pixels, indices=[max(layers)], stop_early=True, intermediates_only=True)
     finally:
-        handle.remove()
-    x = caught[0]  # (B, T + N, d): what the block's attention reads
+        for handle in handles:
+            handle.remove()
+    return {layer: _vit_read(model, model.blocks[layer].attn, caught[layer], grid) for layer in layers}
+
+
+def _vit_read(model: nn.Module, attn: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> LayerView:
+    """One block's LayerView from what its attention reads, x (B, T + N, d)."""
     b, n, _ = x.shape
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T+N, p)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
@@ -154,11 +160,20 @@ def layer_view(model: nn.Module, images: torch.Tensor, layer: int = -1) -> Layer
     The model is put in eval mode (no dropout, no drop path). Returns `LayerView` with cls_attention (B, H, h, w),
     each map summing to one over the grid.
     """
+    return layer_views(model, images, [layer])[layer]
+
+
+def layer_views(model: nn.Module, images: torch.Tensor, layers: list[int]) -> dict[int, LayerView]:
+    """`layer_view` of several layers (negative: from the end) from one pass of the model: {layer as given: view}.
+    Scoring every layer so costs one forward pass, not one per layer."""
     if _is_crate(model):
-        index = _absolute(layer, len(model.encoder.layers))
-        view = mssa_view(model, images.to(next(model.parameters()).device), index)
-        return LayerView(view.cls_attention, view.features, view.grid)
+        index = {layer: _absolute(layer, len(model.encoder.layers)) for layer in layers}
+        views = mssa_views(model, images.to(next(model.parameters()).device), sorted(set(index.values())))
+        return {layer: LayerView(views[i].cls_attention, views[i].features, views[i].grid)
+                for layer, i in index.items()}
     if _is_vit(model):
         model.eval()
-        return _vit_view(model, images, _absolute(layer, len(model.blocks)))
+        index = {layer: _absolute(layer, len(model.blocks)) for layer in layers}
+        views = _vit_views(model, images, sorted(set(index.values())))
+        return {layer: views[i] for layer, i in index.items()}
     raise _no_attention(model, "layer_view reads our CRATE models (MSSA) and timm VisionTransformers")

@@ -29,6 +29,14 @@ class MSSAView(NamedTuple):
     grid: tuple[int, int]  # (h, w), the token grid
 
 
+def _view(block: torch.nn.Module, tokens: torch.Tensor, grid: tuple[int, int]) -> MSSAView:
+    """One layer's MSSAView from the tokens (B, 1 + N, d) entering it (module docstring)."""
+    z = block.norm1(tokens)  # MSSA's input LN₁(z), (B, 1 + N, d)
+    cls_row = block.attn.attention(z, queries=1)[:, :, 0, 1:]  # (B, H, N)
+    cls_row = cls_row / cls_row.sum(-1, keepdim=True)
+    return MSSAView(block.attn.U(z)[:, 1:], cls_row.reshape(tokens.shape[0], -1, *grid), grid)
+
+
 @torch.no_grad()
 def mssa_view(model: CrateClassifier, images: torch.Tensor, layer: int = -1, stride: int | None = None) -> MSSAView:
     """Encoder layer `layer` (negative: from the end) of `model` on images (B, 3, H, W), at `stride` (None: the
@@ -38,12 +46,17 @@ def mssa_view(model: CrateClassifier, images: torch.Tensor, layer: int = -1, str
     renormalised, so that each head's map is a distribution over the patch grid.
     """
     model.eval()
-    block = model.encoder.layers[layer]
-    z = block.norm1(model.layer_input(images, layer, stride=stride))  # MSSA's input LN₁(z), (B, 1 + N, d)
-    cls_row = block.attn.attention(z, queries=1)[:, :, 0, 1:]  # (B, H, N)
-    cls_row = cls_row / cls_row.sum(-1, keepdim=True)
     grid = model.token_grid((images.shape[-2], images.shape[-1]), stride)
-    return MSSAView(block.attn.U(z)[:, 1:], cls_row.reshape(images.shape[0], -1, *grid), grid)
+    return _view(model.encoder.layers[layer], model.layer_input(images, layer, stride=stride), grid)
+
+
+@torch.no_grad()
+def mssa_views(model: CrateClassifier, images: torch.Tensor, layers: list[int]) -> dict[int, MSSAView]:
+    """`mssa_view` of several encoder layers (indices 0..L-1) from one pass: {layer: MSSAView}."""
+    model.eval()
+    grid = model.token_grid((images.shape[-2], images.shape[-1]))
+    inputs = model.layer_inputs(images)  # every layer's input, one pass
+    return {layer: _view(model.encoder.layers[layer], inputs[layer], grid) for layer in layers}
 
 
 def cls_attention(model: CrateClassifier, images: torch.Tensor, layer: int = -1,

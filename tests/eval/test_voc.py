@@ -14,7 +14,7 @@ from PIL import Image
 
 from crate_mae.config import ClassifierConfig, MAEConfig
 from crate_mae.errors import DataError, InputError, MissingFileError
-from crate_mae.eval.heads import LayerView, layer_view, num_layers
+from crate_mae.eval.heads import LayerView, layer_view, layer_views, num_layers
 from crate_mae.eval.voc import (DIGIT_CLASSES, IGNORE_INDEX, PAPER_FIGURES, VOC_CLASSES, VOCScore, head_masks,
                                 read_pair, read_split, save_label_png, upsample, voc_palette, write_demo_voc)
 from crate_mae.model.hub import create_model
@@ -297,6 +297,23 @@ def test_vit_view_is_the_blocks_own_attention(reg_tokens: int) -> None:
     keys = caught["qkv"][:, prefix:, 192:384]  # (B, N, d): the middle third is K, heads concatenated
     torch.testing.assert_close(view.features, keys)
     assert num_layers(model) == 2
+
+
+def test_every_layer_from_one_pass_equals_each_layer_alone() -> None:
+    """`layer_views` reads several layers from one forward pass (what `--layers all` costs): each equals `layer_view`
+    of that layer alone, for a CRATE model and a ViT, negative indices included."""
+    torch.manual_seed(0)
+    crate = create_model(ClassifierConfig(family="alpha", variant="nano", num_classes=0))[0]
+    vit = tiny_vit(reg_tokens=1, dynamic_img_size=True)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for model, layers in ((crate, [0, 1, -1]), (vit, [0, -1])):
+        views = layer_views(model, images, layers)
+        assert list(views) == layers
+        for layer in layers:
+            alone = layer_view(model, images, layer)
+            torch.testing.assert_close(views[layer].cls_attention, alone.cls_attention)
+            torch.testing.assert_close(views[layer].features, alone.features)
+            assert views[layer].grid == alone.grid
 
 
 def test_vit_sizes_and_attentionless_models() -> None:
