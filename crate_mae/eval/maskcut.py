@@ -27,8 +27,8 @@ Where CutLER's code and the papers leave a choice, this module takes (each noted
 - the sign of x. CutLER's rule of step 4 depends on it: with scipy's arbitrary sign, the rule flips to the side of
   s whenever s's side is not the initial fg, *even when s's side holds the corners*. `fiedler_vector` fixes the
   sign so that x_s > 0, hence s ∈ fg at step 3 and the rule reads "the side of the largest |x_i|, unless it holds
-  3 or more corners": the corner rule as the CutLER paper words it (the object does not hold the corners). It
-  agrees with CutLER's code whenever the side of s holds ≤ 2 corners;
+  3 or more corners" (CutLER's paper asks the object to hold fewer than two corners; its code, and so ours, turns
+  the cut only at three or more). It agrees with CutLER's code whenever the side of s holds ≤ 2 corners;
 - normalisation: cosines (`normalize=True`) as CutLER's code always does; the emergence paper's M is the raw inner
   product, on which τ = 0.15 has no scale (`normalize=False` keeps it, for a study);
 - rejected cuts leave an empty mask in place (slot t is always cut t) and paint nothing, so the next cut sees the

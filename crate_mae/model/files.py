@@ -42,7 +42,8 @@ class Checkpoint:
     layout: Layout
     config: dict[str, Any] | None  # our files' whole saved config (sections model, data, optim, run, ...); else None
     shapes: dict[str, Any]  # what the tensors tell: family, dim, depths, patch_size (img_size for learned tables)
-    num_classes: int | None  # classes of the head it holds; None: no head (a CRATE-MAE or an encoder)
+    num_classes: int | None  # classes of the head it holds (0: its norm without a Linear); None: no head (a CRATE-MAE
+    # or an encoder)
     payload: Mapping[str, Any] = field(default_factory=dict)  # a run checkpoint's entries (optimizer, state, rng, ...)
 
     @property
@@ -156,9 +157,10 @@ def checkpoint_of(stored: Any, path: str, config: dict[str, Any] | None = None) 
         family = (config.get("model") or {}).get("family") or "mae"
         layout, state = Layout("ours", family, "config"), raw
     head = state.get("head.weight")
+    # a head's classes; 0 for a classifier saved without its Linear (num_classes=0: the head's norm alone)
+    classes = int(head.shape[0]) if head is not None else 0 if "fc_norm.weight" in state else None
     payload = {k: v for k, v in stored.items() if k not in ("model", "config")} if "model" in stored else {}
-    return Checkpoint(path, state, layout, config, shapes_of(state, layout.family),
-                      int(head.shape[0]) if head is not None else None, payload)
+    return Checkpoint(path, state, layout, config, shapes_of(state, layout.family), classes, payload)
 
 
 def saved_size(obj: Any) -> int:

@@ -72,7 +72,8 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
                               f"config{how}; leave it unset to use the checkpoint's value")
     values = _defaults({**saved, **given}, saved, own, where, default_family)
     if isinstance(cfg, ClassifierConfig) and cfg.num_classes is None:
-        values["num_classes"] = data_classes or (source.num_classes if source is not None else 0) or default_classes
+        held = source.num_classes if source is not None else None  # 0: a classifier saved without its Linear
+        values["num_classes"] = data_classes or (held if held is not None else default_classes)
     try:
         return dataclasses.replace(cfg, **values)
     except ConfigError as err:

@@ -295,3 +295,17 @@ def test_stage_style_config_records_what_was_built(tmp_path: Path) -> None:
     _, final, _ = _ours(tmp_path, heads=2)
     _, cfg = hub.create_model(ClassifierConfig(num_classes=10), final)
     assert cfg.resolved and (cfg.variant, cfg.heads, cfg.num_classes, cfg.family) == ("nano", 2, 10, "mae")
+
+
+def test_a_headless_classifier_file_reloads_headless(tmp_path: Path) -> None:
+    """A classifier saved with num_classes=0 (its head's norm, no Linear) is built again headless when the class count
+    is left unset, and gets a new head when one is asked for."""
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig(family="alpha", variant="nano", num_classes=0))
+    torch.save({"model": model.state_dict()}, tmp_path / "headless.pth")
+    again, cfg = hub.create_model(ClassifierConfig(), tmp_path / "headless.pth")
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert cfg.num_classes == 0 and read_checkpoint(tmp_path / "headless.pth").num_classes == 0
+    torch.testing.assert_close(again.eval()(images), model.eval()(images))  # the pooled, normed features
+    ten, cfg = hub.create_model(ClassifierConfig(num_classes=10), tmp_path / "headless.pth")
+    assert cfg.num_classes == 10 and ten(images).shape == (2, 10)
