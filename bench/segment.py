@@ -6,7 +6,7 @@ at the paper's size, with the small patch-8 CRATE (fresh weights), projected to 
 
 Each figure is the wall time of the command in-process (the model built, the images read and resized, the partial
 file written: everything but Python's start-up), on `--n` images for voc-seg's last layer, `--n-all` for every layer
-(`layer_view` runs the encoder up to each layer it reads: L layers cost L(L+1)/2 layer passes, 78 for 12), and
+(read from one forward pass, `heads.layer_views`: the extra cost is each layer's masks and scores), and
 `--maskcut-n` for maskcut's last layer (3 normalised cuts per image, each a dense N × N float64 eigenproblem,
 N = 3,600 at 480 px). Images per second are projected to VOC12 val (1,449 images) and COCO val2017 (5,000).
 The images are smooth random 500 × 375 pictures with two labelled blobs, as VOC's and COCO's sizes are.
