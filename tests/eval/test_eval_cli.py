@@ -339,3 +339,27 @@ def test_help_answers_without_importing_torch() -> None:
              "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60, capture_output=True, text=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("family", ["supervised", "alpha", "vit"])
+def test_maskcut_takes_every_family_and_the_vit_baseline(family: str, checkpoints: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """maskcut end to end for the other families (family mae above) and a timm ViT from a weights file: valid
+    predictions at each image's own size and AP figures for boxes and masks."""
+    import timm
+
+    images, annotations = write_coco(tmp_path)
+    if family == "vit":
+        torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), tmp_path / "vit.pth")
+        model = ["--model", "vit_tiny_patch16_224", "--weights", tmp_path / "vit.pth", "--img-size", 64]
+    else:
+        model = ["--checkpoint", checkpoints[family], "--img-size", 32]
+    out, preds = tmp_path / "mc.json", tmp_path / "preds.json"
+    status, _, _ = run(capsys, ["maskcut", "--images", images, "--annotations", annotations, *model, "--out", out,
+                                "--save-predictions", preds])
+    assert status == 0
+    entries = json.loads(preds.read_text())
+    assert len(entries) >= 2 and {e["image_id"]: tuple(e["segmentation"]["size"]) for e in entries} == \
+        {4: (48, 32), 9: (40, 56)}
+    headline = json.loads(out.read_text())["headline"]
+    assert all(0 <= headline[t][k] <= 100 for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75"))
