@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--classes", choices=("voc", "digits"), default="voc",
                      help="class names: VOC's 21 (default) or the digits demo set's 11")
     voc.add_argument("--save-masks", metavar="DIR",
-                     help="write each image's mask of the head best over the whole set (deepest scored layer) as a "
-                          "palette PNG at the image's size: 1 = the head's mask, 0 = the rest (not a class)")
+                     help="write, for the deepest scored layer, one palette PNG per image at its size in VOC's label "
+                          "indices: each ground-truth class's best head's mask painted with that class (the masks "
+                          "the score was taken from, for re-scoring), 0 elsewhere")
     voc.add_argument("--demo", action="store_true",
                      help="offline: the digits in VOC's layout, runs/demo/encoder.pth (or --checkpoint) against a "
                           "random model of its shape, at its image size, every layer")

@@ -428,22 +428,32 @@ def head_mask_images(model: nn.Module, images: torch.Tensor, layer: int, head: i
     return head_masks(layer_view(model, images, layer).cls_attention, protocol.keep, protocol.rule)[:, head]
 
 
-def save_masks(model: nn.Module, root: Path, names: Sequence[str], protocol: VOCProtocol, head: int, folder: Path,
-               *, batch: int, device: torch.device) -> None:
-    """One palette PNG per image, `folder/<name>.png` at the image's own size: the head's token mask
-    nearest-upsampled to it (the grid covers the whole image, as the square resize made it), 1 on 0."""
+def save_masks(model: nn.Module, root: Path, names: Sequence[str], protocol: VOCProtocol,
+               records: Sequence[Sequence[tuple[int, float, int]]], folder: Path, *, batch: int,
+               device: torch.device) -> None:
+    """One palette PNG per image, `folder/<name>.png` at the image's own size, in VOC's label indices: the masks the
+    headline layer's score was taken from, each ground-truth class's best head (`records`, VOCScore's (class, IoU,
+    head) per image) nearest-upsampled and painted with that class; 0 elsewhere (a later class over an earlier one
+    where two overlap). The heads are chosen with the ground truth, as the protocol chooses them: these are the
+    scored masks, for re-scoring with another tool, not a prediction."""
     size, num_classes = protocol.img_size, len(protocol.class_names)
+    done = 0
     with progress(len(names), 0, "masks") as bar:
         for items, chunk in zip(prefetched(chunked(list(names), batch),
                                            lambda name: voc_item(root, name, size, num_classes)),
                                 chunked(list(names), batch)):
-            masks = head_mask_images(model, torch.stack([it.image for it in items]).to(device), protocol.headline,
-                                     head, protocol)
-            for name, item, mask in zip(chunk, items, masks):
-                full = upsample(mask[None, None], item.size)[0, 0]
-                save_label_png(folder / f"{name}.png", full.to(torch.uint8).cpu())
+            images = torch.stack([it.image for it in items]).to(device)
+            masks = head_masks(layer_view(model, images, protocol.headline).cls_attention, protocol.keep,
+                               protocol.rule)  # (B, H, h, w)
+            for name, item, heads, record in zip(chunk, items, masks, records[done:done + len(items)]):
+                label = torch.zeros(item.size, dtype=torch.uint8)
+                for cls, _, head in record:
+                    label[upsample(heads[head][None, None], item.size)[0, 0].cpu()] = cls
+                save_label_png(folder / f"{name}.png", label)
+            done += len(items)
             bar.update(len(items))
-    print(f"{len(names)} masks of head {head}, layer {protocol.headline}: {folder}/")
+    print(f"{len(names)} masks of layer {protocol.headline} in VOC's label indices (each class's best head): "
+          f"{folder}/")
 
 
 def layers_figure(curves: dict[str, dict[int, float | None]], path: Path, *, title: str,
@@ -532,14 +542,11 @@ def run_voc(args: argparse.Namespace) -> int:
     if not complete:
         print(f"scored {state.done} of {len(names)} images ({partial}); the same command without --limit goes on")
         if args.save_masks:
-            print("no mask written yet: the head written is the best over the whole set, once it is all scored")
+            print("no mask written yet: they are written once the whole set is scored")
         return 0
     if args.save_masks:
-        best = best_single_head(state)
-        if best is None:
-            print("no mask written: no image had a class to score")
-        else:
-            save_masks(model, root, names, protocol, best[0], Path(args.save_masks), batch=args.batch, device=device)
+        save_masks(model, root, names, protocol, state.scores[protocol.headline].records, Path(args.save_masks),
+                   batch=args.batch, device=device)
     partial.unlink(missing_ok=True)
     return 0
 

@@ -103,10 +103,18 @@ def test_voc_seg_scores_every_layer_and_writes_masks(family: str, voc: Path, che
     assert not out.with_name("results.partial.json").exists()  # removed once complete
     pngs = sorted(masks.glob("*.png"))
     assert [p.stem for p in pngs] == [f"digits_{i:04d}" for i in range(N_IMAGES)]
+    rescored = []  # the masks re-scored from the PNGs alone, from the IoU's definition: they give the run's mIoU
     for png in pngs:
         with Image.open(png) as img:
             assert img.mode == "P" and img.size == (32, 32)  # the image's own size
-            assert set(np.unique(np.asarray(img)).tolist()) <= {0, 1}
+            mask = np.asarray(img)
+        with Image.open(voc / "SegmentationClass" / png.name) as gt:
+            label = np.asarray(gt)
+        valid, cls = label != 255, int(np.setdiff1d(np.unique(label), [0, 255])[0])  # one digit per image
+        assert set(np.unique(mask).tolist()) <= {0, cls}  # VOC's label indices: the image's own class
+        pred, truth = (mask == cls) & valid, (label == cls) & valid
+        rescored.append((pred & truth).sum() / (pred | truth).sum())
+    assert 100 * np.mean(rescored) == pytest.approx(record["layers"]["2"]["miou"], abs=1e-9)
 
 
 def test_voc_seg_takes_our_timm_names_with_a_weights_file(voc: Path, tmp_path: Path,
