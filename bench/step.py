@@ -14,7 +14,9 @@ a large matmul in the row's precision (so MFU is against what this card really d
 three-product ISTA (the released model's), the reference forms the fast path is tested against.
 `--compile-mode reduce-overhead` replays the compiled step as CUDA graphs. `--family` picks the encoder's family
 (mae, supervised: classifiers only, alpha); `--grad-checkpointing` recomputes each layer in the backward pass
-(`bench/memory.py` measures what it saves).
+(`bench/memory.py` measures what it saves). `--visible-only` builds the MAE rows with `model.visible_only` (MAE's
+encoder of the visible patches alone; not the paper's model): their FLOPs count the encoder at 1 + int(N·(1 − r))
+tokens, and each row records `visible_only`.
 
 `--profile N` runs N more steps of each row under the PyTorch profiler and prints where the time goes: the top
 ops or kernels (self time on the device on CUDA, on the host otherwise) and a split into matmul, attention,
@@ -42,7 +44,7 @@ from crate_mae.engine.trainer import Trainer
 from crate_mae.model import create_model
 from crate_mae.model.classifier import ClassifierObjective
 from crate_mae.model.crate import set_fused
-from crate_mae.model.flops import train_flops
+from crate_mae.model.flops import forward_flops, train_flops
 from crate_mae.model.mae import MaskedObjective
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -115,13 +117,34 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, to
                     for e in ranked]}
 
 
+def visible_train_flops(mask_ratio: float, **shape: int | str | None) -> int:
+    """Training FLOPs per image of the MAE with `visible_only`: `train_flops(**shape)` with each encoder layer taken
+    at T' = 1 + int(N·(1 − r)) tokens instead of T = 1 + N.
+
+    flops.py counts an encoder layer as f(T) = c·T·d² + 4·T²·d (c by the family's layer); f(T) is read back from
+    `forward_flops` as the cost of one layer over none, c·d² = (f(T) − 4·T²·d) / T, and f(T') follows. The patch
+    embedding (all N patches), the decoder and the head (all 1 + N tokens) are as counted there.
+    """
+    n = (int(shape["img_size"]) // int(shape["patch_size"])) ** 2
+    t, t_visible, d = n + 1, int(n * (1 - mask_ratio)) + 1, int(shape["dim"])
+    bare = {**shape, "decoder_depth": 0, "num_classes": 0}  # patch embedding + encoder layers (+ a 0-class head)
+    layer = forward_flops(**{**bare, "encoder_depth": 1}) - forward_flops(**{**bare, "encoder_depth": 0})
+    linear = (layer - 4 * t * t * d) // t  # c·d²
+    saved = int(shape["encoder_depth"]) * (layer - (linear * t_visible + 4 * t_visible * t_visible * d))
+    return train_flops(**shape) - 3 * saved
+
+
 def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: bool, reference: bool,
               device: torch.device, steps: int, warmup: int, compile_mode: str = "default", profile: int = 0,
-              top: int = 15, trace: str | None = None, family: str = "mae", grad_checkpointing: bool = False) -> dict:
+              top: int = 15, trace: str | None = None, family: str = "mae", grad_checkpointing: bool = False,
+              visible_only: bool = False) -> dict:
+    """One row: `kind` (mae | classifier) of `family` and `variant`; `visible_only` applies to an MAE only."""
     if compile:
         torch._dynamo.reset()  # each row compiles afresh: no dynamic-shape graph carried over from another batch
+    visible_only = visible_only and kind == "mae"
     model_keys = dict(family=family, variant=variant, grad_checkpointing=grad_checkpointing)
-    config = MAEConfig(**model_keys) if kind == "mae" else ClassifierConfig(**model_keys, num_classes=1000)
+    config = MAEConfig(**model_keys, visible_only=visible_only) if kind == "mae" else \
+        ClassifierConfig(**model_keys, num_classes=1000)
     model, cfg = create_model(config)
     model = model.to(device)
     optim_cfg = OptimConfig(epochs=1, warmup_epochs=0)
@@ -157,11 +180,12 @@ def bench_row(*, kind: str, variant: str, batch: int, precision: str, compile: b
                  img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=None if kind == "mae" else 1000,
                  family=family)
     rate = batch * steps / seconds
-    return {"kind": kind, "family": family, "grad_checkpointing": grad_checkpointing, "variant": variant,
-            "batch": batch, "precision": trainer.precision,
+    flops = visible_train_flops(cfg.mask_ratio, **shape) if visible_only else train_flops(**shape)
+    return {"kind": kind, "family": family, "grad_checkpointing": grad_checkpointing, "visible_only": visible_only,
+            "variant": variant, "batch": batch, "precision": trainer.precision,
             "compile": compile_mode if compile else False, "profile": profiled,
             "path": "reference" if reference else "fast", "images_per_s": rate, "ms_per_step": 1000 * seconds / steps,
-            "gflop_per_image": train_flops(**shape) / 1e9, "achieved_tflops": train_flops(**shape) * rate / 1e12,
+            "gflop_per_image": flops / 1e9, "achieved_tflops": flops * rate / 1e12,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
@@ -181,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", nargs="+", default=["mae"], choices=["mae", "supervised", "alpha"],
                         help="the encoder's family (supervised: classifier rows only)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in the backward")
+    parser.add_argument("--visible-only", action="store_true",
+                        help="MAE rows with model.visible_only: the encoder sees the visible patches alone (ours)")
     parser.add_argument("--variant", nargs="+", default=None, help="default: base on CUDA, demo on CPU")
     parser.add_argument("--batch", nargs="+", type=int, default=None, help="default: 128 on CUDA, 64 on CPU")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -223,16 +249,17 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(args.trace, exist_ok=True)
     for family, kind, variant, batch, comp, ref in plan:
         path, mode = "ref" if ref else "fast", args.compile_mode if comp else "eager"
-        label = f"{family}-{kind}-{variant}-b{batch}-{path}-{mode}"
+        shown = f"{kind}-vis" if args.visible_only and kind == "mae" else kind  # the MAE of the visible-only encoder
+        label = f"{family}-{shown}-{variant}-b{batch}-{path}-{mode}"
         row = bench_row(kind=kind, variant=variant, batch=batch, precision=precision, compile=comp, reference=ref,
                         device=device, steps=args.steps, warmup=args.warmup, compile_mode=args.compile_mode,
                         profile=args.profile, top=args.top,
                         trace=os.path.join(args.trace, f"{label}.json") if args.trace else None, family=family,
-                        grad_checkpointing=args.grad_checkpointing)
+                        grad_checkpointing=args.grad_checkpointing, visible_only=args.visible_only)
         row["mfu"] = row["achieved_tflops"] * 1e12 / peak
         rows.append(row)
         mem = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "-"
-        print(f"{family:<11}{kind:<11}{variant:<8}{batch:>6} {row['precision']:<5}{row['compile'] or 'no':<16}"
+        print(f"{family:<11}{shown:<11}{variant:<8}{batch:>6} {row['precision']:<5}{row['compile'] or 'no':<16}"
               f"{row['path']:<10}"
               f"{row['images_per_s']:>9.1f}{row['ms_per_step']:>9.1f}{row['gflop_per_image']:>10.2f}"
               f"{row['achieved_tflops']:>9.2f}{row['mfu']:>7.3f}{mem:>9}")

@@ -46,9 +46,10 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
 
     Checked, each an error naming the field (and the file): a field that changes the function of what `cfg` builds
     (`FUNCTION_FIELDS`, the decoder's depth for a CRATE-MAE only), set in `cfg` and recorded otherwise in the file;
-    with `resume`, the image size too (the data is cut to it). A set `variant` stands for its row's sizes only
-    against a file that names no variant (a released one); against our files the variant itself is compared, and a
-    size the user did not set takes the file's value.
+    with `resume`, the image size too (the data is cut to it), and a CRATE-MAE's `visible_only` (the run's model;
+    otherwise it resolves as the other fields: set, else the file's, else false). A set `variant` stands for its
+    row's sizes only against a file that names no variant (a released one); against our files the variant itself is
+    compared, and a size the user did not set takes the file's value.
     """
     where = f"{source.path}: " if source is not None else ""
     _check_family(cfg, source)
@@ -71,6 +72,8 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
             raise ConfigError(f"{where}model.{name} is {saved[name]!r} in the checkpoint but {given[name]!r} in the "
                               f"config{how}; leave it unset to use the checkpoint's value")
     values = _defaults({**saved, **given}, saved, own, where, default_family)
+    if isinstance(cfg, MAEConfig):
+        values["visible_only"] = _visible_only(cfg.visible_only, recorded, resume, where)
     if isinstance(cfg, ClassifierConfig) and cfg.num_classes is None:
         held = source.num_classes if source is not None else None  # 0: a classifier saved without its Linear
         values["num_classes"] = data_classes or (held if held is not None else default_classes)
@@ -78,6 +81,21 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
         return dataclasses.replace(cfg, **values)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
+
+
+def _visible_only(given: bool | None, recorded: Mapping[str, Any] | None, resume: bool, where: str) -> bool:
+    """`MAEConfig.visible_only` resolved: the value set, else the file's (false for a released file and for ours
+    written before the option: their encoder saw every token), else false. The weights are the same either way, so a
+    new run from a file (init_from, a probe, the viz commands) may set either; a resume may not flip it (the run
+    would change its model mid-way): a ConfigError naming the key."""
+    held = bool(recorded.get("visible_only") or False) if recorded is not None else False
+    if given is None:
+        return held
+    if resume and given != held:
+        raise ConfigError(f"{where}model.visible_only is {str(held).lower()} in the checkpoint but "
+                          f"{str(given).lower()} in the config: a resume continues the run's model; leave it unset to "
+                          f"continue, or start a new run from this file (pretrain.init_from)")
+    return given
 
 
 def _defaults(values: dict[str, Any], saved: dict[str, Any], own: set[str], where: str,
@@ -129,7 +147,8 @@ def build_model(cfg: ModelConfig) -> CrateMAE | CrateClassifier:
     if isinstance(cfg, MAEConfig):
         model = CrateMAE(family=cfg.family, img_size=cfg.img_size, patch_size=cfg.patch_size, dim=cfg.dim,
                          heads=cfg.heads, encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth, eta=cfg.eta,
-                         lambd=cfg.lambd, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+                         lambd=cfg.lambd, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
+                         visible_only=bool(cfg.visible_only))
     elif isinstance(cfg, ClassifierConfig):
         model = CrateClassifier(family=cfg.family, num_classes=cfg.num_classes, img_size=cfg.img_size,
                                 patch_size=cfg.patch_size, dim=cfg.dim, heads=cfg.heads, depth=cfg.encoder_depth,
