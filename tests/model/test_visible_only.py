@@ -356,3 +356,55 @@ def test_two_process_gloo_ddp_ranks_end_identical(digits, free_port: int, tmp_pa
     assert r0["steps"] == r1["steps"] == 1497 // (64 * 2) and r0["visible_only"] and r1["visible_only"]
     for key, value in r0["model"].items():
         assert torch.equal(value, r1["model"][key]), key
+
+
+class _FixedNoiseLoss(torch.nn.Module):
+    """The masked loss of given images under given noise: what a rank's step computes, its mask reproducible."""
+
+    def __init__(self, mae: CrateMAE) -> None:
+        super().__init__()
+        self.model = mae
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_masked(images, noise=noise).loss
+
+
+def _one_step(rank: int, world: int, port: int, out: str) -> None:
+    """One SGD step of a visible-only nano MAE on 8 fixed images and masks: the whole batch on 1 process, or half of
+    it on each of 2 gloo ranks under DDP."""
+    import torch.distributed as torch_dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    if world > 1:
+        torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    mae = build_mae(MAEConfig(variant="nano", visible_only=True))
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    noise = torch.rand(8, 64, generator=gen)
+    part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    step = _FixedNoiseLoss(mae)
+    module = DistributedDataParallel(step) if world > 1 else step
+    optimizer = torch.optim.SGD(mae.parameters(), lr=0.5)
+    module(images[part], noise[part]).backward()
+    optimizer.step()
+    torch.save(mae.state_dict(), Path(out) / f"world{world}-rank{rank}.pt")
+    if world > 1:
+        torch_dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_take_the_step_one_process_takes(free_port: int, tmp_path: Path) -> None:
+    """2 ranks equal 1: each rank gathers its own images' visible patches, and since every image keeps the same
+    number of patches the mean of the ranks' losses is the whole batch's, so DDP's averaged gradient is the single
+    process's and so are the weights after the step."""
+    _one_step(0, 1, free_port, str(tmp_path))
+    spawn(_one_step, args=(2, free_port, str(tmp_path)), nprocs=2)
+    one = torch.load(tmp_path / "world1-rank0.pt", weights_only=True)
+    torch.manual_seed(0)
+    initial = build_mae(MAEConfig(variant="nano", visible_only=True)).state_dict()
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"world2-rank{rank}.pt", weights_only=True)
+        for key, value in one.items():
+            assert_close(two[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(one["encoder.layers.0.ista.D"], initial["encoder.layers.0.ista.D"])  # the step moved it
