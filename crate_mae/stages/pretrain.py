@@ -123,6 +123,7 @@ def _say_what_runs(run: StageRun, trainer: Trainer, log: RunLogger) -> None:
     cfg, model, weights = run.cfg, trainer.module, run.weights
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = "CRATE-MAE" if cfg.model.family == "mae" else "CRATE-MAE with a CRATE-α encoder"
+    what += ", its encoder on the visible patches only (model.visible_only)" if cfg.model.visible_only else ""
     log.info(f"{run.run_dir}: {what} '{cfg.model.variant}' ({params:,} parameters) on {run.dist.world_size} × "
              f"{run.dist.device.type}, {trainer.precision}; {trainer.updates_per_epoch} steps/epoch × {trainer.epochs} "
              f"epochs, global batch {trainer.global_batch}, peak lr {peak_lr(cfg.optim, trainer.global_batch):.3g}"
