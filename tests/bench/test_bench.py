@@ -92,3 +92,23 @@ def test_monitor_bench_rows(tmp_path: Path) -> None:
     assert row["ms_per_heldout_image"] > row["ms_per_heldout_image_loss_only"] and not row["skipped"]
     assert {"heldout", "features/val", "features/bank", "knn", "layers"} <= set(row["parts_s"])
 
+
+def test_mae_side_by_side_rows_and_flops(tmp_path: Path) -> None:
+    """bench/mae_side_by_side.py: CRATE-MAE, its visible_only twin, an MAE ViT, timed in one process; FLOPs counted."""
+    out = tmp_path / "side.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/mae_side_by_side.py"), "--sizes", "demo", "--batch-demo", "8",
+                    "--rounds", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)],
+                   check=True, env=ENV, capture_output=True, timeout=600, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["crate-mae", "crate-mae-visible", "mae-vit"] and result["skipped"] == []
+    for r in rows.values():
+        assert r["batch"] == 8 and len(r["ms_rounds"]) == 2 and all(ms > 0 for ms in r["ms_rounds"])
+        assert r["ms_per_step"] > 0 and abs(r["images_per_s"] * r["ms_per_step"] / 1000 - 8) < 1e-6
+        assert r["forward_gflop_per_image"] > 0
+        assert r["train_gflop_per_image"] == pytest.approx(3 * r["forward_gflop_per_image"])
+    ours = rows["crate-mae"]
+    # the counter sees what flops.py models (matrix products; attention through SDPA's math backend)
+    assert abs(ours["forward_gflop_per_image"] / ours["analytic_forward_gflop_per_image"] - 1) < 0.01
+    assert ours["forward_gflop_per_image"] > rows["crate-mae-visible"]["forward_gflop_per_image"]
+    assert rows["crate-mae-visible"]["flop_ratio_to_crate_mae"] < 1 and ours["flop_ratio_to_crate_mae"] == 1
