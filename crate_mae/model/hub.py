@@ -40,9 +40,10 @@ def resolve_config(cfg: ModelConfig, source: Checkpoint | None = None, *, defaul
     released file, which records no config, what its tensor shapes tell: family, width, depths, patch, image
     size); else the `variant` row (`cfg`'s, else the file's, else the row matching the file's width and depth, else
     base; a variant names a row of the family's table, `variants_of`); else the family's default (η 0.1; λ 0.5 for
-    mae, 0.1 for supervised and alpha); the family itself defaults to the file's, else `default_family`. A classifier's `num_classes`, the one place it is decided: the value set, else
-    `data_classes` (a stage's data, by its manifest), else the file's head, else `default_classes` (1000; a timm
-    name's own).
+    mae, 0.1 for supervised and alpha); the family itself defaults to the file's, else `default_family`. A
+    classifier's `num_classes`, the one place it is decided: the value set, else `data_classes` (a stage's data, by
+    its manifest), else the file's head (0 for a head's norm without its Linear), else `default_classes` (1000; a
+    timm name's own).
 
     Checked, each an error naming the field (and the file): a field that changes the function of what `cfg` builds
     (`FUNCTION_FIELDS`, the decoder's depth for a CRATE-MAE only), set in `cfg` and recorded otherwise in the file;
