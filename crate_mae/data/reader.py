@@ -17,11 +17,13 @@ import logging
 import random
 import signal
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -134,13 +136,17 @@ class ShardStream(IterableDataset):
         role, replayed = worker_role(worker, workers, self.replay)
         slot, slots = self.rank * workers + role, self.world_size * workers
         rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, role))
+        global_seed = mix_seed(self.seed, self.epoch, self.rank, role, "global")
+        transform: Any = self.transform
         if get_worker_info() is not None:  # timm's transforms draw from the global generators: seeded in workers
-            seed_everything(mix_seed(self.seed, self.epoch, self.rank, role, "global"))
+            seed_everything(global_seed)
+        elif threading.current_thread() is threading.main_thread():  # in the training loop's thread (no workers):
+            transform = OwnGenerators(transform, global_seed)  # its own generators, apart from the model's draws
         steps = self.steps_per_epoch or 0  # training: this role's share of the rank's batches; evaluation: all
         take = (steps // workers + (role < steps % workers)) * data.batch_size if self.train else None
         order, by_sample = shard_order(urls, train=self.train, resample=data.resample, slot=slot, slots=slots,
                                        seed=self.seed, epoch=self.epoch, rng=rng)
-        decode = functools.partial(decode_sample, transform=self.transform, rng=rng, labels=self.labels,
+        decode = functools.partial(decode_sample, transform=transform, rng=rng, labels=self.labels,
                                    num_classes=self.num_classes, classes_of=self.classes_of)
         return wds.DataPipeline(
             lambda: order,
@@ -165,6 +171,51 @@ class ShardStream(IterableDataset):
             yield None, count.hand_over()
         except (DataError, ShardError) as err:
             yield err, count.hand_over()
+
+
+class OwnGenerators:
+    """A transform run in the training process (`data.num_workers: 0`) with generator states of its own.
+
+    timm's augmentations draw from the global Python, NumPy and torch generators, which the model draws from too
+    (stochastic depth). In a worker they are the worker's own, seeded per epoch; here the transform's draws get a
+    state of their own, seeded the same way, swapped in around each call and out after it. So the training's draws
+    never interleave with the transform's, and a resume, whose replay runs the replayed samples' transforms without
+    the steps between them, leaves both where an unbroken run has them. Only in the training loop's own thread: a
+    background thread (pretraining's prefetch) swapping the global states would race the step's draws.
+    """
+
+    def __init__(self, transform: Callable, seed: int) -> None:
+        self.transform = transform
+        outside = _generator_states()
+        seed_everything(seed)
+        self.state = _generator_states()
+        _set_generator_states(outside)
+
+    def _run(self, fn: Callable, *args: Any) -> Any:
+        outside = _generator_states()
+        _set_generator_states(self.state)
+        try:
+            return fn(*args)
+        finally:
+            self.state = _generator_states()
+            _set_generator_states(outside)
+
+    def __call__(self, data: Any, rng: random.Random) -> Any:
+        return self._run(self.transform, data, rng)
+
+    def draw(self, data: Any, rng: random.Random) -> Any:
+        """A replayed sample's draws only (`decode_sample`'s dry run), from the same states."""
+        return self._run(getattr(self.transform, "draw", self.transform), data, rng)
+
+
+def _generator_states() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_generator_states(states: tuple) -> None:
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
 
 
 def _ignore_stop_signals(numbers: list[int], worker: int) -> None:

@@ -223,3 +223,30 @@ def test_evaluation_is_exact_over_2_gloo_ranks(digits, free_port: int, tmp_path:
                       dist.Dist(0, 1, 0, torch.device("cpu")))
     assert r0 == r1 and r0["samples"] == 300 == single["samples"]
     assert abs(r0["top1"] - single["top1"]) < 1e-9 and abs(r0["top5"] - single["top5"]) < 1e-9
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_cut_finetune_resumes_bit_identical_with_or_without_workers(digits, tmp_path: Path, workers: int) -> None:
+    """timm's augmentations draw from the global generators, which the model's stochastic depth also uses. With
+    data.num_workers 0 the transform runs in the training process on generators of its own (reader.OwnGenerators),
+    so the resume's replay of the cut epoch's samples leaves the model's draws where an unbroken run has them."""
+    import contextlib
+    import io
+    import shutil
+
+    from crate_mae.model import read_checkpoint
+
+    def cfg(name: str, *extra: str):
+        return load_config(ROOT / "configs/finetune/demo.yaml", [
+            "model.family=supervised", "model.variant=nano", "model.drop_path=0.2", "finetune.checkpoint=null",
+            f"data.train_shards={digits[1]}", f"data.val_shards={digits[1]}", f"data.num_workers={workers}",
+            "data.batch_size=32", "optim.epochs=1", "optim.warmup_epochs=0", "run.ckpt_every=4",
+            f"run.out_dir={tmp_path}", f"run.name={name}", *extra], stage="finetune")
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_finetune(cfg("whole"))
+        (tmp_path / "cut").mkdir()
+        shutil.copy(tmp_path / "whole" / "ckpt-00000004.pth", tmp_path / "cut")
+        run_finetune(cfg("cut", "run.resume=auto"))
+    whole, cut = (read_checkpoint(tmp_path / name / "final.pth").state for name in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
