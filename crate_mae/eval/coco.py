@@ -89,17 +89,22 @@ def coco_from(dataset: dict[str, Any]) -> COCO:
     return coco
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON held by `path`, a `what`; a missing or unreadable file is one line naming it."""
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such {what}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a readable {what} ({err})") from None
+
+
 def load_coco(path: str | Path, *, agnostic: bool = True) -> COCO:
     """The COCO instances file at `path` as a pycocotools index, class-agnostic (`class_agnostic`) unless
     `agnostic` is False."""
     _pycocotools()  # say what to install before reading a large file
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such COCO annotation file")
-    try:
-        dataset = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a readable COCO JSON file ({err})") from None
+    dataset = _read_json(path, "COCO annotation file")
     if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
         raise DataError(f"{path}: not a COCO instances file (no list of images)")
     dataset.setdefault("annotations", [])
@@ -156,12 +161,7 @@ def evaluate(gt: str | Path | COCO, detections: list[dict] | str | Path, iou_typ
         coco_gt = coco_from(class_agnostic(coco_gt.dataset))
     if isinstance(detections, (str, Path)):
         path = Path(detections)
-        if not path.is_file():
-            raise MissingFileError(f"{path}: no such results file")
-        try:
-            detections = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"{path}: not a readable COCO results file ({err})") from None
+        detections = _read_json(path, "COCO results file")
         if not isinstance(detections, list):
             raise DataError(f"{path}: not a COCO results file (not a list of results)")
     drop = "segmentation" if iou_type == "bbox" else "bbox"  # loadRes decides the type by the keys (module docstring)
